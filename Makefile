@@ -1,0 +1,48 @@
+# kubetune — the two commands are `make demo` and `make test`; both set themselves up.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV    := .venv
+PYTHON  := $(VENV)/bin/python
+# This clone's sources come first, even when .venv is shared with another clone.
+export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/trainer_image:$(CURDIR)/kernels:$(CURDIR)
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+TINY_MODEL := .cache/models/tiny-llama
+
+.PHONY: help setup test test-unit test-trainer demo crds k8s-binaries cluster-up cluster-down clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+setup: ## Python environment from the lock file (cached by its hash) and the tiny model
+	@bash scripts/setup-venv.sh
+	@test -f $(TINY_MODEL)/model.safetensors || $(PYTHON) -m kubetune_operator.cli tiny-model $(TINY_MODEL)
+
+test: setup ## the whole suite: unit, trainer, cluster (builds Kubernetes once), e2e, gpu
+	@bash scripts/run-tests.sh
+
+test-unit: setup ## only the unit tier (seconds)
+	@$(PYTHON) -m pytest -m unit tests
+
+test-trainer: setup ## only the trainer tier
+	@$(PYTHON) -m pytest -m trainer tests
+
+demo: setup ## fine-tune the tiny model from a FineTuneJob manifest and ask the adapter a question
+	@bash scripts/demo.sh
+
+crds: setup ## regenerate crds/ and the chart's copy from the API models
+	@$(PYTHON) -m kubetune_operator.cli crds --write crds
+	@$(PYTHON) -m kubetune_operator.cli crds --write helm/kubetune/crds
+
+k8s-binaries: ## build etcd, kube-apiserver, ..., kwok, helm, kind from the Go module proxy (cached)
+	@bash scripts/k8s-build.sh
+
+cluster-up: k8s-binaries ## start a local control plane with kwok GPU nodes; kubeconfig at .cache/cluster/kubeconfig
+	@python3 tests/cluster/harness.py up
+
+cluster-down: ## stop it
+	@python3 tests/cluster/harness.py down
+
+clean: ## remove this clone's caches (the shared environment in ~/.cache/kubetune stays)
+	rm -rf .cache .pytest_cache $(VENV)

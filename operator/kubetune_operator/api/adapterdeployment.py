@@ -1,0 +1,149 @@
+"""AdapterDeployment: a base model served behind an OpenAI-compatible endpoint with hot-swapped adapters."""
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from .common import (
+    DNS_LABEL,
+    MAX_NAME,
+    MAX_URI,
+    ApiModel,
+    Condition,
+    ModelSource,
+    Quantity,
+    Rule,
+    Toleration,
+    conditions_field,
+    section,
+)
+from .finetunejob import ObjectMeta
+
+
+class AdapterRef(ApiModel):
+    """One adapter to serve: from a FineTuneJob in this namespace, or from a URI."""
+
+    name: str = Field(
+        pattern=DNS_LABEL,
+        max_length=63,
+        description="The name clients put in the OpenAI `model` field to use this adapter.",
+    )
+    from_job: str | None = Field(
+        default=None,
+        max_length=MAX_NAME,
+        description="A FineTuneJob in this namespace; served once it has Succeeded, from its status.adapter.uri.",
+    )
+    uri: str | None = Field(default=None, max_length=MAX_URI, description="pvc://CLAIM/PATH, s3://BUCKET/PATH or hf://ORG/NAME.")
+
+    cel_rules: ClassVar = (
+        Rule(
+            cel="has(self.fromJob) != has(self.uri)",
+            message="each adapter needs exactly one of fromJob or uri",
+            check=lambda a: (a.from_job is None) != (a.uri is None),
+        ),
+    )
+
+
+class ServingResources(ApiModel):
+    """What each serving replica asks for, and where it may run."""
+
+    gpus_per_replica: int = Field(default=1, ge=0, le=16, description="GPUs per replica; 0 serves on CPU (builtin runtime).")
+    gpu_resource: str = Field(default="nvidia.com/gpu", max_length=MAX_NAME, description="Extended resource name of the GPUs.")
+    cpu: Quantity | None = Field(default=None, description="CPU request and limit per replica.")
+    memory: Quantity | None = Field(default=None, description="Memory request and limit per replica.")
+    node_selector: dict[str, str] = Field(
+        default_factory=dict,
+        description="Node labels the replicas require.",
+        json_schema_extra={"additionalProperties": {"type": "string", "maxLength": MAX_NAME}, "maxProperties": 64},
+    )
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Tolerations for tainted GPU pools.")
+
+
+class ServiceSpec(ApiModel):
+    """The Service in front of the replicas."""
+
+    port: int = Field(default=8000, ge=1, le=65535, description="Port of the OpenAI-compatible API.")
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field(default="ClusterIP", description="Service type.")
+
+
+class AdapterDeploymentSpec(ApiModel):
+    """The base model, the runtime, and the adapters to keep loaded."""
+
+    base_model: ModelSource = Field(description="The base model every adapter was trained on.")
+    runtime: Literal["builtin", "vllm"] = Field(
+        default="builtin", description="builtin (transformers + PEFT, CPU or GPU) or vllm (GPU)."
+    )
+    replicas: int = Field(default=1, ge=0, le=256, description="Serving replicas.")
+    adapters: list[AdapterRef] = Field(
+        default_factory=list,
+        max_length=256,
+        description="Adapters to serve. Adding or removing one loads or unloads it on every replica without a restart.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    max_adapters: int = Field(default=8, ge=1, le=256, description="Adapters resident per replica.")
+    max_lora_rank: int = Field(default=64, ge=1, le=1024, description="Largest adapter rank accepted (vLLM's max_lora_rank).")
+    resources: ServingResources = section(ServingResources, "Replicas' GPUs and placement.")
+    service: ServiceSpec = section(ServiceSpec, "The Service.")
+    image: str | None = Field(default=None, max_length=1024, description="Serving image; the operator's default when empty.")
+
+    cel_rules: ClassVar = (
+        Rule(
+            cel="size(self.adapters) <= self.maxAdapters",
+            message="more adapters than maxAdapters: raise maxAdapters or remove adapters",
+            check=lambda s: len(s.adapters) <= s.max_adapters,
+            field_path=".adapters",
+        ),
+        Rule(
+            cel="self.runtime != 'vllm' || self.resources.gpusPerReplica >= 1",
+            message="runtime vllm needs resources.gpusPerReplica of at least 1; use runtime builtin on CPU",
+            check=lambda s: s.runtime != "vllm" or s.resources.gpus_per_replica >= 1,
+        ),
+        Rule(
+            cel="self.baseModel == oldSelf.baseModel",
+            message="spec.baseModel is immutable: adapters are tied to their base; create a new AdapterDeployment",
+            field_path=".baseModel",
+        ),
+    )
+
+
+AdapterState = Literal["Pending", "Loading", "Loaded", "Failed", "Unloading"]
+
+
+class AdapterStatus(ApiModel):
+    """Per-adapter state across the replicas."""
+
+    name: str = Field(max_length=63, description="The adapter's name.")
+    uri: str | None = Field(default=None, max_length=MAX_URI, description="Where it is loaded from.")
+    sha256: str | None = Field(default=None, max_length=64, description="Digest of the adapter weights.")
+    loaded_replicas: int | None = Field(default=None, description="Ready replicas that have it loaded.")
+    state: AdapterState = Field(description="Pending, Loading, Loaded, Failed or Unloading.")
+    message: str | None = Field(default=None, max_length=32768, description="Why, when Failed or Pending.")
+
+
+class AdapterDeploymentStatus(ApiModel):
+    """Observed state, written by the operator only."""
+
+    observed_generation: int | None = Field(default=None, description="The generation the status reflects.")
+    conditions: list[Condition] = conditions_field()
+    replicas: int | None = Field(default=None, description="Replicas that exist.")
+    ready_replicas: int | None = Field(default=None, description="Replicas ready with every adapter loaded.")
+    endpoint: str | None = Field(default=None, max_length=MAX_URI, description="Base URL of the OpenAI-compatible API.")
+    adapters: list[AdapterStatus] = Field(
+        default_factory=list,
+        max_length=256,
+        description="State of each adapter.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    adapters_ready: str | None = Field(default=None, max_length=32, description='"loaded/wanted", for printer columns.')
+
+
+class AdapterDeployment(ApiModel):
+    """A served base model with hot-swapped LoRA adapters behind an OpenAI-compatible endpoint."""
+
+    model_config = {**ApiModel.model_config, "extra": "allow"}
+    api_version: Literal["kubetune.io/v1alpha1"] = "kubetune.io/v1alpha1"
+    kind: Literal["AdapterDeployment"] = "AdapterDeployment"
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: AdapterDeploymentSpec
+    status: AdapterDeploymentStatus | None = None
+

@@ -1,0 +1,211 @@
+"""Building blocks shared by every kubetune API type.
+
+Every field is defined once, here and in the kind modules. The CRD YAML is generated from these
+models (see `crdgen`), the operator parses objects with them and the trainer parses its config
+with them, so a field cannot mean two things in two places.
+"""
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated, Any, Callable, ClassVar, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "kubetune.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# Bounds on strings and lists keep the API server's CEL cost estimate finite: without a
+# maxLength every rule that compares whole objects is rejected as too expensive.
+MAX_URI = 2048
+MAX_NAME = 253
+MAX_SHORT = 63
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A cross-field rule written once for two enforcers.
+
+    `cel` is emitted into the CRD as an `x-kubernetes-validations` rule, which the API server
+    evaluates at admission; `check` evaluates the same condition in Python so that
+    `kubetune validate`, the operator and the trainer reject the same objects offline with the
+    same words. A rule without `check` uses `oldSelf` (a transition rule such as immutability)
+    and can only be enforced by the API server.
+    """
+
+    cel: str
+    message: str
+    check: Callable[[Any], bool] | None = None
+    field_path: str | None = None
+    # Optional CEL that builds the message from the object, and the Python twin that builds the
+    # same text; a cluster test asserts the two agree.
+    message_expression: str | None = None
+    describe: Callable[[Any], str] | None = None
+
+    def to_crd(self) -> dict[str, str]:
+        out = {"rule": self.cel, "message": self.message}
+        if self.message_expression:
+            out["messageExpression"] = self.message_expression
+        if self.field_path:
+            out["fieldPath"] = self.field_path
+        return out
+
+    def user_message(self, obj: Any) -> str:
+        return self.describe(obj) if self.describe else self.message
+
+
+class ApiModel(BaseModel):
+    """Base for every API struct: camelCase on the wire, unknown fields rejected (as the API
+    server's strict field validation does), cross-field rules checked after parsing."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", use_attribute_docstrings=False
+    )
+    cel_rules: ClassVar[tuple[Rule, ...]] = ()
+
+    @model_validator(mode="after")
+    def _check_cel_rules(self):
+        for rule in type(self).cel_rules:
+            if rule.check is not None and not rule.check(self):
+                raise ValueError(rule.user_message(self))
+        return self
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema, handler):
+        schema = handler(core_schema)
+        if cls.cel_rules:
+            target = handler.resolve_ref_schema(schema)
+            target["x-kubernetes-validations"] = [rule.to_crd() for rule in cls.cel_rules]
+        return schema
+
+    def to_wire(self) -> dict[str, Any]:
+        """The object as the API server stores it: camelCase, unset optionals left out."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def section(model: type[ApiModel], description: str) -> Any:
+    """A nested block whose fields all have defaults: present (as `{}`) when omitted, so the
+    API server applies the nested defaults and CEL rules can read them without `has()`."""
+    return Field(default_factory=model, description=description, json_schema_extra={"default": {}})
+
+
+# --- Quantities -------------------------------------------------------------------------------
+
+QUANTITY_RE = re.compile(
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+
+
+def _check_quantity(value: int | str) -> int | str:
+    if isinstance(value, str) and not QUANTITY_RE.match(value):
+        raise ValueError(f"{value!r} is not a Kubernetes quantity (examples: 8, 500m, 64Gi)")
+    return value
+
+
+Quantity = Annotated[
+    int | str,
+    AfterValidator(_check_quantity),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "pattern": QUANTITY_RE.pattern,
+            "x-kubernetes-int-or-string": True,
+        }
+    ),
+]
+
+_BINARY_SUFFIX = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+_DECIMAL_SUFFIX = {"n": 1e-9, "u": 1e-6, "m": 1e-3, "": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18}
+
+
+def parse_quantity(value: int | str) -> float:
+    """A Kubernetes quantity as a number (bytes for memory, cores for CPU)."""
+    if isinstance(value, int):
+        return float(value)
+    match = re.match(r"^([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)([a-zA-Z]*)$", value)
+    if not match:
+        raise ValueError(f"{value!r} is not a Kubernetes quantity")
+    number, suffix = float(match.group(1)), match.group(2)
+    if suffix in _BINARY_SUFFIX:
+        return number * _BINARY_SUFFIX[suffix]
+    if suffix in _DECIMAL_SUFFIX:
+        return number * _DECIMAL_SUFFIX[suffix]
+    raise ValueError(f"{value!r} has an unknown suffix {suffix!r}")
+
+
+# --- Types shared by both kinds ----------------------------------------------------------------
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+
+class SecretRef(ApiModel):
+    """A Secret in the object's namespace whose keys become environment variables of the pods
+    (for example HF_TOKEN, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL)."""
+
+    name: str = Field(description="Name of the Secret.", pattern=DNS_SUBDOMAIN, max_length=MAX_NAME)
+
+
+class ModelSource(ApiModel):
+    """Where the base model's weights and tokenizer are read from."""
+
+    uri: str = Field(
+        description=(
+            "hf://ORG/NAME (Hugging Face Hub), pvc://CLAIM/PATH (a PersistentVolumeClaim in the "
+            "namespace, mounted read-only), s3://BUCKET/PATH, or file:///PATH (local runs only)."
+        ),
+        min_length=1,
+        max_length=MAX_URI,
+    )
+    revision: str | None = Field(
+        default=None, description="Branch, tag or commit for hf:// models (default: main).", max_length=MAX_NAME
+    )
+    secret_ref: SecretRef | None = Field(default=None, description="Credentials for private models or buckets.")
+
+
+class Toleration(ApiModel):
+    """A toleration copied onto the pods, as in core/v1 (GPU pools are usually tainted)."""
+
+    key: str | None = Field(default=None, max_length=MAX_NAME, description="Taint key; empty matches all keys.")
+    operator: Literal["Exists", "Equal"] | None = Field(default=None, description="Exists or Equal (default Equal).")
+    value: str | None = Field(default=None, max_length=MAX_SHORT, description="Taint value for Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to match; empty matches all effects."
+    )
+    toleration_seconds: int | None = Field(
+        default=None, ge=0, description="For NoExecute: how long the pod stays bound after the taint appears."
+    )
+
+
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+
+class Condition(ApiModel):
+    """An observation of one aspect of the object's state, following the Kubernetes API conventions."""
+
+    type: str = Field(description="Condition type, e.g. Admitted, Running, Succeeded.", max_length=316)
+    status: ConditionStatus = Field(description="True, False or Unknown.")
+    reason: str = Field(
+        default="",
+        description="One CamelCase word a program can switch on.",
+        max_length=1024,
+        pattern=r"^([A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?)?$",
+    )
+    message: str = Field(default="", description="What happened, for a person.", max_length=32768)
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="The .metadata.generation this condition was computed from."
+    )
+    last_transition_time: datetime | None = Field(
+        default=None, description="When status last changed."
+    )
+
+
+def conditions_field() -> Any:
+    return Field(
+        default_factory=list,
+        description="The truth about the object's state; `phase` only summarises it.",
+        max_length=16,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )

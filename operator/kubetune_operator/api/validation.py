@@ -1,0 +1,144 @@
+"""Semantic validation: what the CRD's schema and CEL rules cannot express.
+
+`validate()` is the one place these checks live; the CLI, the operator (at admission) and the
+trainer (before loading anything) all call it. Each Problem names the field and says how to fix it.
+"""
+
+import difflib
+import re
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from .adapterdeployment import AdapterDeployment
+from .common import DNS_LABEL
+from .finetunejob import FineTuneJob, FineTuneJobSpec
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+MODEL_SCHEMES = ("hf", "pvc", "s3", "file")
+DATASET_SCHEMES = ("hf", "pvc", "s3", "https", "http", "configmap", "file")
+OUTPUT_SCHEMES = ("pvc", "s3", "file")
+ADAPTER_SCHEMES = ("hf", "pvc", "s3", "file")
+
+# Linear-layer names of the architectures people fine-tune (Llama, Mistral, Qwen, Gemma, Phi,
+# GPT-2/NeoX/Falcon, Mixtral experts, ...). A name outside this list is almost always a typo that
+# PEFT would only report after the model has been downloaded.
+KNOWN_TARGET_MODULES = frozenset(
+    {
+        "all-linear",
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+        "qkv_proj", "gate_up_proj", "dense", "fc1", "fc2", "out_proj",
+        "c_attn", "c_proj", "c_fc", "query_key_value", "dense_h_to_4h", "dense_4h_to_h",
+        "query", "key", "value", "Wqkv", "W_pack", "w1", "w2", "w3", "wo", "wi", "wq", "wk", "wv",
+        "in_proj", "x_proj", "lm_head", "embed_tokens",
+    }
+)
+
+
+def validate(obj: FineTuneJob | AdapterDeployment, local: bool = False) -> list[Problem]:
+    """Problems with an already-parsed object. `local` is True for `kubetune train` on this
+    machine, where file:// URIs are allowed."""
+    if isinstance(obj, FineTuneJob):
+        return validate_finetunejob(obj.spec, local)
+    return validate_adapterdeployment(obj, local)
+
+
+def validate_finetunejob(spec: FineTuneJobSpec, local: bool = False) -> list[Problem]:
+    problems = [
+        *check_uri("spec.model.uri", spec.model.uri, MODEL_SCHEMES, local),
+        *check_uri("spec.dataset.uri", spec.dataset.uri, DATASET_SCHEMES, local),
+        *check_uri("spec.output.uri", spec.output.uri, OUTPUT_SCHEMES, local),
+    ]
+    if spec.dataset.validation and spec.dataset.validation.uri:
+        problems += check_uri("spec.dataset.validation.uri", spec.dataset.validation.uri, DATASET_SCHEMES, local)
+    method = spec.method
+    if method.type in ("lora", "qlora", "dora"):
+        problems += check_target_modules("spec.method.lora.targetModules", method.effective_lora().target_modules)
+    if method.adalora:
+        problems += check_target_modules("spec.method.adalora.targetModules", method.adalora.target_modules)
+    if method.ia3:
+        problems += check_target_modules("spec.method.ia3.targetModules", method.ia3.target_modules)
+    if method.type == "prefixTuning" and method.virtual_tokens and method.virtual_tokens.init_text:
+        problems.append(
+            Problem("spec.method.virtualTokens.initText", "initText only applies to promptTuning; remove it for prefixTuning")
+        )
+    lr = spec.hyperparameters.lr
+    if not 0 < lr <= 1:
+        problems.append(
+            Problem("spec.hyperparameters.learningRate", f"{lr:g} is outside (0, 1]; typical values are 1e-5 (full) to 2e-4 (LoRA)")
+        )
+    if spec.resources.gpus_per_node == 0 and spec.hyperparameters.precision == "fp16":
+        problems.append(
+            Problem("spec.hyperparameters.precision", "fp16 needs a GPU; use bf16 or fp32 when resources.gpusPerNode is 0")
+        )
+    if spec.resources.gpus_per_node == 0 and spec.distributed.strategy == "fsdp" and spec.distributed.offload == "cpu":
+        problems.append(Problem("spec.distributed.offload", "offload cpu means nothing without GPUs; set offload none"))
+    return problems
+
+
+def validate_adapterdeployment(obj: AdapterDeployment, local: bool = False) -> list[Problem]:
+    spec = obj.spec
+    problems = check_uri("spec.baseModel.uri", spec.base_model.uri, MODEL_SCHEMES, local)
+    for index, adapter in enumerate(spec.adapters):
+        if adapter.uri:
+            problems += check_uri(f"spec.adapters[{index}].uri", adapter.uri, ADAPTER_SCHEMES, local)
+        if adapter.from_job and not re.match(DNS_LABEL, adapter.from_job.split(".")[0]):
+            problems.append(Problem(f"spec.adapters[{index}].fromJob", f"{adapter.from_job!r} is not a FineTuneJob name"))
+    return problems
+
+
+def check_uri(path: str, uri: str, schemes: tuple[str, ...], local: bool) -> list[Problem]:
+    parsed = urlparse(uri)
+    scheme = parsed.scheme
+    if scheme not in schemes:
+        allowed = ", ".join(f"{s}://" for s in schemes if s != "file")
+        return [Problem(path, f"{uri!r}: scheme must be one of {allowed} (file:// for local runs)")]
+    if scheme == "file":
+        if not local:
+            return [
+                Problem(
+                    path,
+                    f"{uri!r}: file:// only works with `kubetune train` on your machine; in a cluster use pvc:// or s3://",
+                )
+            ]
+        if parsed.netloc in ("", "localhost") and parsed.path.startswith("/"):
+            return []
+        return [Problem(path, f"{uri!r}: file:// needs an absolute path, with three slashes (file:///data/x)")]
+    if not parsed.netloc:
+        return [Problem(path, f"{uri!r}: missing the {_host_word(scheme)} after {scheme}://")]
+    if scheme == "pvc":
+        if not re.match(DNS_LABEL, parsed.netloc) or len(parsed.netloc) > 63:
+            return [Problem(path, f"{uri!r}: {parsed.netloc!r} is not a valid PersistentVolumeClaim name")]
+    if scheme == "s3" and not re.match(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", parsed.netloc):
+        return [Problem(path, f"{uri!r}: {parsed.netloc!r} is not a valid S3 bucket name")]
+    if scheme == "configmap" and not parsed.path.strip("/"):
+        return [Problem(path, f"{uri!r}: name the key too, configmap://NAME/KEY")]
+    return []
+
+
+def _host_word(scheme: str) -> str:
+    return {"pvc": "claim name", "s3": "bucket", "hf": "organisation or repository", "configmap": "ConfigMap name"}.get(
+        scheme, "host"
+    )
+
+
+def check_target_modules(path: str, modules: list[str]) -> list[Problem]:
+    problems = []
+    if "all-linear" in modules and len(modules) > 1:
+        problems.append(Problem(path, "all-linear already covers every linear layer; list it alone"))
+    for name in modules:
+        if name not in KNOWN_TARGET_MODULES:
+            close = difflib.get_close_matches(name, sorted(KNOWN_TARGET_MODULES), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            problems.append(
+                Problem(path, f"unknown module {name!r}; {hint}use all-linear or names like q_proj, v_proj, down_proj")
+            )
+    return problems

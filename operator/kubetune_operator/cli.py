@@ -1,0 +1,126 @@
+"""The `kubetune` command.
+
+Each subcommand imports what it needs when it runs: `kubetune validate` works with only the base
+install, `kubetune train` needs the [trainer] extra, `kubetune operator` the [operator] extra.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import __version__
+
+
+def cmd_crds(args: argparse.Namespace) -> int:
+    from .api import crdgen
+
+    if args.check:
+        stale = crdgen.stale(Path(args.check))
+        for name in stale:
+            print(f"{args.check}/{name} is stale: run `kubetune crds --write {args.check}`", file=sys.stderr)
+        return 1 if stale else 0
+    if args.write:
+        for path in crdgen.write(Path(args.write)):
+            print(f"wrote {path}")
+        return 0
+    sys.stdout.write(crdgen.render_all())
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .api.manifest import check_file
+
+    failed = 0
+    for file in args.filename:
+        try:
+            results = check_file(Path(file), local=args.local)
+        except (OSError, ValueError) as error:  # unreadable file, or YAML syntax error
+            print(f"{file}: {error}", file=sys.stderr)
+            failed += 1
+            continue
+        if not results:
+            print(f"{file}: no objects found", file=sys.stderr)
+            failed += 1
+        for checked in results:
+            label = f"{file}: {checked.kind}/{checked.name}"
+            if checked.ok:
+                print(f"{label}: valid")
+                continue
+            failed += 1
+            print(f"{label}: invalid", file=sys.stderr)
+            for problem in checked.problems:
+                print(f"  {problem}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from kubetune_trainer.tiny_model import TinyModelConfig, build_tiny_model
+
+    out = build_tiny_model(Path(args.out), TinyModelConfig(arch=args.arch, seed=args.seed, vocab_size=args.vocab_size))
+    print(f"wrote tiny {args.arch} model to {out}")
+    return 0
+
+
+def cmd_not_yet(args: argparse.Namespace) -> int:
+    print(
+        f"kubetune {args.command}: not available in this version yet ({args.pending}).",
+        file=sys.stderr,
+    )
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kubetune",
+        description="Kubernetes-native fine-tuning: validate manifests, train locally, serve adapters, run the operator.",
+    )
+    parser.add_argument("--version", action="version", version=f"kubetune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    crds = sub.add_parser("crds", help="print the CustomResourceDefinitions generated from the API models")
+    crds.add_argument("--write", metavar="DIR", help="write one file per CRD into DIR instead of printing")
+    crds.add_argument("--check", metavar="DIR", help="exit 1 if the CRDs in DIR differ from the models")
+    crds.set_defaults(func=cmd_crds)
+
+    validate = sub.add_parser(
+        "validate",
+        help="validate manifests offline (schema, CEL rules, semantic checks)",
+        description="Validate FineTuneJob and AdapterDeployment manifests without a cluster. Exit 1 when any is invalid.",
+    )
+    validate.add_argument("-f", "--filename", action="append", required=True, help="manifest file (repeatable)")
+    validate.add_argument("--local", action="store_true", help="allow file:// URIs, as `kubetune train` does")
+    validate.set_defaults(func=cmd_validate)
+
+    tiny = sub.add_parser(
+        "tiny-model",
+        help="write a tiny random Llama-style model + tokenizer (trains on CPU in seconds)",
+        description="Build a small causal LM with a byte-level BPE tokenizer trained offline on bundled text, "
+        "saved as an ordinary Hugging Face folder. Deterministic for a given seed.",
+    )
+    tiny.add_argument("out", help="output folder")
+    tiny.add_argument("--arch", default="llama", choices=["llama"], help="architecture (default llama)")
+    tiny.add_argument("--seed", type=int, default=0, help="seed for weights and tokenizer (default 0)")
+    tiny.add_argument("--vocab-size", type=int, default=1024, help="tokenizer vocabulary size (default 1024)")
+    tiny.set_defaults(func=cmd_tiny_model)
+
+    pending = {
+        "train": ("run a FineTuneJob manifest on this machine", "the trainer"),
+        "plan": ("print the memory and parallelism plan of a FineTuneJob", "the trainer's planner"),
+        "serve": ("serve a base model with hot-swappable adapters (OpenAI-compatible)", "the serving runtime"),
+        "operator": ("run the operator against the current kubeconfig", "the operator"),
+    }
+    for name, (help_text, part) in pending.items():
+        command = sub.add_parser(name, help=f"{help_text} [coming: {part}]", description=help_text)
+        if name in ("train", "plan"):
+            command.add_argument("-f", "--filename", required=True, help="FineTuneJob manifest")
+        command.set_defaults(func=cmd_not_yet, pending=f"{part} lands in a later release")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
