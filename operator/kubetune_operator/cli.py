@@ -61,6 +61,37 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from kubetune_trainer.launch import quiet_libraries, train_main
+
+    quiet_libraries()
+    argv = ["train", "-f", args.filename, "--metrics-port", str(args.metrics_port)]
+    return train_main(Path(args.filename), args.nproc_per_node, args.metrics_port, argv)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from kubetune_trainer.launch import load_config, quiet_libraries
+    from kubetune_trainer.plan import plan_for_config
+
+    quiet_libraries()
+    print(plan_for_config(load_config(Path(args.filename))).summary())
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from kubetune_trainer.generate import answer, load_for_inference
+    from kubetune_trainer.launch import local_cache, quiet_libraries
+    from kubetune_trainer.storage import resolve_input
+
+    quiet_libraries()
+    cache = local_cache() / "inputs"
+    model_dir = resolve_input(args.model, cache_dir=cache, local=True)
+    adapter_dir = resolve_input(args.adapter, cache_dir=cache, local=True) if args.adapter else None
+    model, tokenizer = load_for_inference(model_dir, adapter_dir)
+    print(answer(model, tokenizer, args.prompt, args.max_new_tokens))
+    return 0
+
+
 def cmd_not_yet(args: argparse.Namespace) -> int:
     print(
         f"kubetune {args.command}: not available in this version yet ({args.pending}).",
@@ -103,16 +134,34 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--vocab-size", type=int, default=1024, help="tokenizer vocabulary size (default 1024)")
     tiny.set_defaults(func=cmd_tiny_model)
 
+    train = sub.add_parser(
+        "train",
+        help="run a FineTuneJob manifest (or the operator's trainer config) on this machine",
+        description="Train as the pods do: resumes from the newest checkpoint in the output, writes the adapter and "
+        "report.json atomically. With --nproc-per-node N, runs N processes under torchrun.",
+    )
+    train.add_argument("-f", "--filename", required=True, help="FineTuneJob manifest or trainer config")
+    train.add_argument("--nproc-per-node", type=int, default=1, help="local processes (torchrun); default 1")
+    train.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)")
+    train.set_defaults(func=cmd_train)
+
+    plan = sub.add_parser("plan", help="print the memory and parallelism plan of a FineTuneJob")
+    plan.add_argument("-f", "--filename", required=True, help="FineTuneJob manifest")
+    plan.set_defaults(func=cmd_plan)
+
+    generate = sub.add_parser("generate", help="answer a prompt with a base model and an adapter (greedy)")
+    generate.add_argument("--model", required=True, help="base model URI (file://, pvc://, hf://, s3://)")
+    generate.add_argument("--adapter", help="adapter URI (a FineTuneJob's output/adapter)")
+    generate.add_argument("--max-new-tokens", type=int, default=64, help="default 64")
+    generate.add_argument("prompt", help="the user message")
+    generate.set_defaults(func=cmd_generate)
+
     pending = {
-        "train": ("run a FineTuneJob manifest on this machine", "the trainer"),
-        "plan": ("print the memory and parallelism plan of a FineTuneJob", "the trainer's planner"),
         "serve": ("serve a base model with hot-swappable adapters (OpenAI-compatible)", "the serving runtime"),
         "operator": ("run the operator against the current kubeconfig", "the operator"),
     }
     for name, (help_text, part) in pending.items():
         command = sub.add_parser(name, help=f"{help_text} [coming: {part}]", description=help_text)
-        if name in ("train", "plan"):
-            command.add_argument("-f", "--filename", required=True, help="FineTuneJob manifest")
         command.set_defaults(func=cmd_not_yet, pending=f"{part} lands in a later release")
     return parser
 

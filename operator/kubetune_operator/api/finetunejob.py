@@ -67,7 +67,8 @@ class DatasetSpec(ApiModel):
     validation: ValidationSplit | None = Field(default=None, description="Evaluation split; none by default.")
     max_seq_length: int = Field(default=2048, ge=16, le=131072, description="Longer examples are truncated.")
     packing: bool = Field(
-        default=False, description="Pack several short examples into one sequence (faster; attention stays per example)."
+        default=False,
+        description="Pack several short examples into one sequence (fewer pad tokens; attention stays within each example).",
     )
     chat_template: Literal["tokenizer", "chatml", "llama3"] = Field(
         default="tokenizer",

@@ -1,0 +1,135 @@
+"""Memory and parallelism planning: pure arithmetic, shared by the operator (at admission) and the trainer.
+
+The estimate follows the usual accounting for mixed-precision AdamW training: frozen weights in
+their storage dtype, and for every trainable parameter a gradient, two fp32 moments and (for full
+fine-tunes) an fp32 master copy. Sharded strategies divide the sharded parts by the world size;
+CPU offload moves optimizer state to host memory. Activations are estimated per decoder layer.
+It is an estimate, meant to reject jobs that cannot fit and to pick a strategy, not to predict
+the last gigabyte.
+"""
+
+import math
+from dataclasses import dataclass
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    total_params: int
+    hidden_size: int
+    num_layers: int
+    vocab_size: int = 32000
+
+
+@dataclass(frozen=True)
+class Plan:
+    world_size: int
+    strategy: str
+    micro_batch: int
+    grad_accumulation: int
+    trainable_params: int
+    total_params: int
+    estimated_gpu_memory_gib: float | None  # None when training on CPU
+    fits: bool
+    advice: str = ""
+
+    def summary(self) -> str:
+        return (
+            f"world size {self.world_size}, strategy {self.strategy}, micro-batch {self.micro_batch} x "
+            f"accumulation {self.grad_accumulation}, trainable {self.trainable_params:,} / {self.total_params:,} "
+            f"params, " + (f"~{self.estimated_gpu_memory_gib:.1f} GiB per GPU" if self.estimated_gpu_memory_gib is not None else "on CPU")
+        )
+
+
+def weight_bytes_per_param(method: str, precision: str, quant_bits: int = 4) -> float:
+    if method == "qlora":
+        return quant_bits / 8 + 0.07  # block-wise constants, double-quantised
+    return 4.0 if precision == "fp32" else 2.0
+
+
+def estimate_gib(
+    shape: ModelShape,
+    trainable: int,
+    method: str,
+    precision: str,
+    strategy: str,
+    world_size: int,
+    micro_batch: int,
+    seq_len: int,
+    gradient_checkpointing: bool,
+    offload: bool,
+) -> float:
+    """Peak memory per GPU in GiB for one strategy."""
+    weights = shape.total_params * weight_bytes_per_param(method, precision)
+    grads = trainable * (4 if precision == "fp32" else 2)
+    optimizer = trainable * (8 + (4 if method == "full" and precision != "fp32" else 0))
+    if strategy in ("fsdp", "deepspeed-zero3"):
+        weights, grads, optimizer = weights / world_size, grads / world_size, optimizer / world_size
+    elif strategy == "deepspeed-zero2":
+        grads, optimizer = grads / world_size, optimizer / world_size
+    if offload:
+        optimizer = 0
+        if strategy == "deepspeed-zero3":
+            weights = 0.1 * weights  # only the layers being computed stay resident
+    per_layer = (2 if gradient_checkpointing else 34) * micro_batch * seq_len * shape.hidden_size
+    logits = 4 * micro_batch * seq_len * shape.vocab_size  # fp32 logits for the loss
+    activations = per_layer * shape.num_layers + logits
+    overhead = 1.0 * GIB  # CUDA context, allocator fragmentation, communication buffers
+    return (weights + grads + optimizer + activations + overhead) / GIB
+
+
+STRATEGY_ORDER = ("ddp", "fsdp", "deepspeed-zero3")
+
+
+def make_plan(
+    shape: ModelShape,
+    trainable: int,
+    *,
+    method: str,
+    precision: str,
+    strategy: str,
+    offload: bool,
+    nodes: int,
+    gpus_per_node: int,
+    global_batch: int,
+    micro_batch: int,
+    seq_len: int,
+    gradient_checkpointing: bool,
+    gpu_memory_gib: float | None,
+) -> Plan:
+    """Resolve `auto`, derive accumulation, and say whether the job fits in `gpu_memory_gib`
+    (None: unknown, or CPU training, where nothing is rejected)."""
+    world = nodes * max(gpus_per_node, 1)
+    accumulation = max(1, global_batch // (micro_batch * world))
+
+    def estimate(candidate: str, with_offload: bool) -> float:
+        return estimate_gib(
+            shape, trainable, method, precision, candidate, world, micro_batch, seq_len, gradient_checkpointing, with_offload
+        )
+
+    chosen = strategy
+    if strategy == "auto":
+        candidates = [s for s in STRATEGY_ORDER if world > 1 or s == "ddp"]
+        budget = gpu_memory_gib or math.inf
+        chosen = next((s for s in candidates if estimate(s, offload) <= budget), candidates[-1])
+    need = estimate(chosen, offload)
+    fits = gpus_per_node == 0 or gpu_memory_gib is None or need <= gpu_memory_gib
+    advice = "" if fits else _advice(shape, trainable, method, precision, world, micro_batch, seq_len, gradient_checkpointing, gpu_memory_gib)
+    memory = round(need, 1) if gpus_per_node else None
+    return Plan(world, chosen, micro_batch, accumulation, trainable, shape.total_params, memory, fits, advice)
+
+
+def _advice(shape, trainable, method, precision, world, micro_batch, seq_len, checkpointing, budget) -> str:
+    """What would fit instead, tried in the order a user would reach for."""
+    options = []
+    if estimate_gib(shape, trainable, method, precision, "deepspeed-zero3", world, micro_batch, seq_len, checkpointing, True) <= budget:
+        options.append("distributed strategy deepspeed-zero3 with offload cpu")
+    lora_trainable = max(1, shape.total_params // 200)
+    if method != "qlora" and estimate_gib(shape, lora_trainable, "qlora", precision, "ddp", 1, micro_batch, seq_len, True, False) <= budget:
+        options.append("method qlora on one GPU")
+    for gpus in (2, 4, 8, 16, 32, 64):
+        if gpus > world and estimate_gib(shape, trainable, method, precision, "fsdp", gpus, micro_batch, seq_len, checkpointing, False) <= budget:
+            options.append(f"fsdp over {gpus} GPUs")
+            break
+    return "; ".join(options) if options else "no configuration up to 64 GPUs fits; reduce maxSeqLength or microBatchSize"

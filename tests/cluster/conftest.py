@@ -1,0 +1,67 @@
+"""The `cluster` fixture: a real control plane (tests/cluster/harness.py) for tests marked `cluster`.
+
+If a cluster started with `python3 tests/cluster/harness.py up` is running (same clone), the
+session reuses it and leaves it running (KUBETUNE_CLUSTER_FRESH=1: never reuse); otherwise it
+starts one (~4 s) and stops it at the end.
+Without built binaries every cluster test is skipped with a loud "cluster tier NOT RUN" reason.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location("kubetune_cluster_harness", Path(__file__).with_name("harness.py"))
+harness = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = harness
+_spec.loader.exec_module(harness)
+
+_NOT_RUN: list[str] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "cluster: needs the local Kubernetes control plane (tests/cluster/harness.py)")
+
+
+def _not_run(reason: str) -> None:
+    # tests/conftest.py collects reasons containing "NOT RUN" into its loud end-of-run summary.
+    msg = f"cluster tier NOT RUN: {reason}"
+    _NOT_RUN.append(msg)
+    pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """A LocalCluster: `.kubeconfig`, `.kubectl(*args)`, pod helpers (succeed_pod, fail_pod, evict_pod ...)."""
+    if _NOT_RUN:
+        pytest.skip(_NOT_RUN[0])
+    try:
+        c = harness.LocalCluster()
+    except harness.ClusterBinariesMissing as e:
+        _not_run(str(e))
+    if os.environ.get("KUBETUNE_CLUSTER_FRESH") != "1":
+        try:
+            c.attach()
+            print(f"\ncluster: reusing the running cluster {c.server} (harness.py up)", file=sys.stderr)
+            yield c
+            return
+        except harness.ClusterError:
+            pass
+    c.start()  # binaries present but no cluster: a failure here is an error, not a skip
+    print(f"\ncluster: started {c.server} in {c._state.get('ready_s')} s", file=sys.stderr)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+def namespace(cluster):
+    """A fresh namespace (its default service account exists), deleted afterwards."""
+    ns = cluster.create_namespace("t-")
+    yield ns
+    cluster.delete_namespace(ns)

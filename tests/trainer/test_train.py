@@ -1,0 +1,186 @@
+"""Real training on CPU of the tiny model: learning, reloading, resuming, reporting, every method."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+pytestmark = pytest.mark.trainer
+
+torch = pytest.importorskip("torch", reason="NOT RUN: trainer tier needs the [trainer] extra (make setup)")
+
+from kubetune_operator.api.trainerconfig import RuntimeSettings, TrainerConfig  # noqa: E402
+from kubetune_trainer import train  # noqa: E402
+from kubetune_trainer.distributed import DistEnv  # noqa: E402
+from kubetune_trainer.tiny_model import build_tiny_model  # noqa: E402
+from tests.conftest import REPO  # noqa: E402
+
+DATA = REPO / "examples" / "data" / "support-chat.jsonl"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+def make_config(tiny_model, out, *, steps=30, method=None, every_save=10, metrics_port=0, **hyper):
+    spec = {
+        "model": {"uri": f"file://{tiny_model}"},
+        "dataset": {"uri": f"file://{DATA}", "format": "chat", "validation": {"fraction": 0.1}, "maxSeqLength": 96},
+        "method": method or {"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
+        "hyperparameters": {"maxSteps": steps, "learningRate": "1e-2", "warmupRatio": 0.0, "globalBatchSize": 8,
+                            "microBatchSize": 4, "precision": "fp32", "gradientCheckpointing": False, **hyper},
+        "resources": {"gpusPerNode": 0},
+        "checkpointing": {"everySteps": every_save, "keep": 2},
+        "evaluation": {"everySteps": 10},
+        "output": {"uri": f"file://{out}/output"},
+    }
+    runtime = RuntimeSettings(local=True, cache_dir=str(out / "cache"), metrics_port=metrics_port,
+                              termination_message_path=str(out / "termination-log"))
+    return TrainerConfig.model_validate({"spec": spec, "runtime": runtime.to_wire()})
+
+
+def write_config(config: TrainerConfig, path):
+    path.write_text(json.dumps(config.to_wire()))
+    return path
+
+
+def adapter_weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "output" / "adapter" / "adapter_model.safetensors"))
+
+
+def test_lora_learns_and_the_saved_adapter_reproduces_the_model(tiny_model, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    config = make_config(tiny_model, tmp_path, steps=40)
+    run = train.setup(config, DistEnv(0, 1, 0))
+    before = train.evaluate(run)
+    train.fit(run)
+    evals = [entry["eval_loss"] for entry in run.state.history if entry.get("eval_loss") is not None]
+    assert evals == sorted(evals, reverse=True), f"eval loss should fall at every evaluation: {evals}"
+    assert evals[-1] < before * 0.7, (before, evals)
+    train.save_outputs(run)
+
+    batch = {"input_ids": torch.tensor([run.train_set[0].input_ids])}
+    run.model.eval()
+    expected = run.model(**batch).logits
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "output" / "adapter")
+    assert torch.allclose(reloaded.eval()(**batch).logits, expected, atol=1e-5)
+
+
+def test_result_report_and_termination_message(tiny_model, tmp_path):
+    config = make_config(tiny_model, tmp_path, steps=12)
+    assert train.run_training(config) == 0
+    message = (tmp_path / "termination-log").read_text()
+    assert len(message.encode()) < 4096
+    result = json.loads(message)
+    assert result["phase"] == "Succeeded" and result["steps"] == 12
+    assert result["adapter"]["uri"].endswith("/output/adapter")
+    assert len(result["adapter"]["sha256"]) == 64 and result["adapter"]["sizeBytes"] > 0
+    assert 0 < result["trainableParams"] < result["totalParams"]
+    report = json.loads((tmp_path / "output" / "report.json").read_text())
+    assert [entry["step"] for entry in report["history"]] == list(range(1, 13))
+    assert report["data"]["fingerprint"] == result["data"]["fingerprint"]
+    checkpoints = sorted(p.name for p in (tmp_path / "output" / "checkpoints").iterdir() if not p.name.startswith("."))
+    assert checkpoints == ["step-00000010"]
+
+
+def test_sigterm_checkpoints_and_the_rerun_ends_where_an_unbroken_run_ends(tiny_model, tmp_path):
+    unbroken = tmp_path / "unbroken"
+    assert train.run_training(make_config(tiny_model, unbroken, steps=30)) == 0
+
+    broken = tmp_path / "broken"
+    path = write_config(make_config(tiny_model, broken, steps=30, every_save=1000), tmp_path / "broken.json")
+    command = [sys.executable, "-m", "kubetune_operator.cli", "train", "-f", str(path)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in process.stdout:  # wait until training is under way, then preempt
+        if '"event": "step"' in line and json.loads(line)["step"] == 12:
+            process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == train.EXIT_PREEMPTED
+    saved = sorted(p.name for p in (broken / "output" / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert len(saved) == 1 and 12 <= int(saved[0].split("-")[1]) < 30
+
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert '"event": "resumed"' in resumed.stdout
+    expected, got = adapter_weights(unbroken), adapter_weights(broken)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.allclose(expected[name], got[name], atol=1e-5), name
+
+
+def test_two_processes_match_one(tiny_model, tmp_path):
+    single = tmp_path / "single"
+    assert train.run_training(make_config(tiny_model, single, steps=8)) == 0
+    double = tmp_path / "double"
+    path = write_config(make_config(tiny_model, double, steps=8), tmp_path / "ddp.json")
+    result = subprocess.run(
+        [sys.executable, "-m", "kubetune_operator.cli", "train", "-f", str(path), "--nproc-per-node", "2"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '"summary": "world size 2, strategy ddp' in result.stdout
+    for name, tensor in adapter_weights(single).items():
+        assert torch.allclose(tensor, adapter_weights(double)[name], atol=1e-4), name
+
+
+def test_metrics_endpoint_is_scrapable_while_training(tiny_model, tmp_path):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    path = write_config(make_config(tiny_model, tmp_path, steps=400, every_save=1000, metrics_port=port), tmp_path / "m.json")
+    process = subprocess.Popen([sys.executable, "-m", "kubetune_operator.cli", "train", "-f", str(path)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        text = ""
+        deadline = time.monotonic() + 120
+        while "kubetune_train_step" not in text or "kubetune_train_step 0.0" in text:
+            assert time.monotonic() < deadline, "metrics never appeared"
+            time.sleep(0.5)
+            try:
+                text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+            except OSError:
+                continue
+        samples = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("kubetune_train_")}
+        assert samples["kubetune_train_total_steps"] == 400
+        assert samples["kubetune_train_step"] >= 1 and samples["kubetune_train_loss"] > 0
+        assert samples["kubetune_train_tokens_per_second"] > 0
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+METHODS = {
+    "lora": {"type": "lora"},
+    "dora": {"type": "dora", "lora": {"r": 4, "targetModules": ["q_proj", "v_proj"]}},
+    "qlora": {"type": "qlora", "quantization": {"computeDtype": "float32"}},
+    "ia3": {"type": "ia3"},
+    "adalora": {"type": "adalora", "adalora": {"initR": 6, "targetR": 4, "tinit": 1, "tfinal": 1, "deltaT": 1}},
+    "promptTuning": {"type": "promptTuning", "virtualTokens": {"numVirtualTokens": 4, "initText": "Answer as Acme support:"}},
+    "prefixTuning": {"type": "prefixTuning", "virtualTokens": {"numVirtualTokens": 4}},
+    "full": {"type": "full"},
+}
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_trains_and_saves(name, tiny_model, tmp_path):
+    config = make_config(tiny_model, tmp_path, steps=6, method=METHODS[name], every_save=1000, learningRate="1e-3")
+    assert train.run_training(config) == 0
+    result = json.loads((tmp_path / "termination-log").read_text())
+    history = json.loads((tmp_path / "output" / "report.json").read_text())["history"]
+    assert all(entry["loss"] == entry["loss"] for entry in history), "NaN loss"
+    adapter = tmp_path / "output" / "adapter"
+    if name == "full":
+        assert (adapter / "model.safetensors").exists() and result["trainableParams"] == result["totalParams"]
+    else:
+        assert (adapter / "adapter_config.json").exists() and result["trainableParams"] < result["totalParams"]

@@ -1,0 +1,85 @@
+"""Checkpoints: everything needed to continue a run exactly where it stopped.
+
+A checkpoint holds the trainable parameters (the adapter, or every weight for a full fine-tune),
+the optimizer and scheduler, each rank's random number generators and the trainer state (step,
+data fingerprint). The data position needs no saving: the order of examples is a pure function of
+(seed, epoch, step), so resuming at step N reads exactly the batches an unbroken run would have.
+Checkpoints are written into a staging folder and published atomically by the storage layer.
+"""
+
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class TrainerState:
+    step: int
+    fingerprint: str
+    global_batch_size: int
+    history: list[dict] = field(default_factory=list)  # one entry per logged step: step, loss, lr, ...
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINTS}/step-{step:08d}"
+
+
+def step_of(name: str) -> int:
+    return int(name.rsplit("step-", 1)[1])
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_rank_files(folder: Path, rank: int) -> None:
+    """What differs per rank: its random number generators (dropout masks)."""
+    torch.save(rng_state(), folder / f"rng-rank{rank}.pt")
+
+
+def save_shared_files(folder: Path, model, optimizer, scheduler, state: TrainerState) -> None:
+    """What all ranks share in data-parallel training; written by rank 0 only."""
+    save_file(trainable_state(model), str(folder / "trainable.safetensors"))
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+    (folder / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
+
+
+def load(folder: Path, model, optimizer, scheduler, rank: int) -> TrainerState:
+    """Restore a checkpoint into already-built objects; returns the trainer state."""
+    weights = load_file(str(folder / "trainable.safetensors"))
+    parameters = dict(model.named_parameters())
+    missing = [name for name in weights if name not in parameters]
+    if missing:
+        raise ValueError(f"checkpoint {folder} does not match the model (unknown parameters {missing[:3]})")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            parameters[name].copy_(tensor)
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
+    rng_file = folder / f"rng-rank{rank}.pt"
+    if rng_file.exists():  # absent when resuming with more ranks than before
+        restore_rng(torch.load(rng_file, weights_only=False))
+    return TrainerState(**json.loads((folder / "trainer_state.json").read_text()))

@@ -1,0 +1,445 @@
+"""The training recipe: config in, adapter + report out, resumable at every checkpoint.
+
+Read top to bottom, as in a torchtune recipe: set up (process group, model, data, optimizer),
+resume if a checkpoint exists, loop over optimizer steps, save. Each optimizer step consumes
+exactly `globalBatchSize` sequences in an order fixed by (seed, epoch), split over ranks and
+micro-batches; the loss is the mean over every trainable token of that global batch, so the
+result does not depend on how the batch was split (world size, accumulation).
+"""
+
+import contextlib
+import json
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from kubetune_operator.api.trainerconfig import TrainerConfig
+from kubetune_operator.planning import ModelShape, Plan, make_plan
+
+from . import checkpoint, data, methods, storage
+from .distributed import DistEnv
+from .metrics import TrainingMetrics
+from .report import log, write_termination_message
+
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: not a success, so the Job retries and the run resumes
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint was written."""
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by `setup`."""
+
+    config: TrainerConfig
+    env: DistEnv
+    device: torch.device
+    model: torch.nn.Module
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    train_set: list
+    eval_set: list | None
+    data_report: data.DataReport
+    plan: Plan
+    output: storage.OutputLocation
+    metrics: TrainingMetrics
+    total_steps: int
+    steps_per_epoch: int
+    state: checkpoint.TrainerState
+    scaler: torch.amp.GradScaler | None = None  # fp16 only: bf16 and fp32 need no loss scaling
+    stop_requested: bool = False
+    timings: dict = field(default_factory=dict)
+
+
+# --- set-up ------------------------------------------------------------------------------------
+
+
+def setup(config: TrainerConfig, env: DistEnv) -> Run:
+    spec, runtime = config.spec, config.runtime
+    cache = Path(runtime.cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    device = env.device()
+    torch.manual_seed(spec.hyperparameters.seed)
+
+    model_dir = _on_main_first(env, lambda: storage.resolve_input(spec.model.uri, cache_dir=cache, revision=spec.model.revision, local=runtime.local))
+    data_path = _on_main_first(env, lambda: storage.resolve_input(spec.dataset.uri, cache_dir=cache, local=runtime.local))
+    validation = spec.dataset.validation
+    validation_path = None
+    if validation and validation.uri:
+        validation_path = _on_main_first(env, lambda: storage.resolve_input(validation.uri, cache_dir=cache, local=runtime.local))
+
+    tokenizer = methods.load_tokenizer(model_dir)
+    train_set, eval_set, data_report = data.build_datasets(
+        spec.dataset, data_path, tokenizer, seed=spec.hyperparameters.seed, validation_path=validation_path
+    )
+    steps_per_epoch = max(1, len(train_set) // spec.hyperparameters.global_batch_size)
+    total_steps = spec.hyperparameters.max_steps or steps_per_epoch * spec.hyperparameters.epochs
+
+    base = methods.load_base_model(model_dir, spec, on_gpu=device.type == "cuda")
+    model = methods.apply_method(base, spec, total_steps, model_dir)
+    if spec.method.type != "qlora":
+        model.to(device)
+    trainable, total = methods.count_parameters(model)
+    plan = _plan(config, env, base.config, trainable, total)
+
+    if env.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=spec.hyperparameters.lr,
+        weight_decay=spec.hyperparameters.weight_decay,
+    )
+    scheduler = _scheduler(optimizer, spec.hyperparameters, total_steps)
+    output = storage.open_output(spec.output.uri, cache_dir=cache, local=runtime.local)
+    state = checkpoint.TrainerState(step=0, fingerprint=data_report.fingerprint, global_batch_size=spec.hyperparameters.global_batch_size)
+    scaler = torch.amp.GradScaler("cuda") if spec.hyperparameters.precision == "fp16" and device.type == "cuda" else None
+    return Run(config, env, device, model, tokenizer, optimizer, scheduler, train_set, eval_set, data_report, plan,
+               output, TrainingMetrics(), total_steps, steps_per_epoch, state, scaler)
+
+
+def _on_main_first(env: DistEnv, fetch):
+    """Rank 0 downloads, the others wait and then find the completed cache entry."""
+    if env.is_main:
+        result = fetch()
+        env.barrier()
+        return result
+    env.barrier()
+    return fetch()
+
+
+def _plan(config: TrainerConfig, env: DistEnv, model_config, trainable: int, total: int) -> Plan:
+    spec = config.spec
+    h, r = spec.hyperparameters, spec.resources
+    shape = ModelShape(total, model_config.hidden_size, model_config.num_hidden_layers, model_config.vocab_size)
+    gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
+    nodes, gpus = (r.nodes, r.gpus_per_node) if not config.runtime.local else (1, env.world_size if torch.cuda.is_available() else 0)
+    plan = make_plan(
+        shape, trainable, method=spec.method.type, precision=h.precision, strategy=spec.distributed.strategy,
+        offload=spec.distributed.offload == "cpu", nodes=nodes, gpus_per_node=gpus, global_batch=h.global_batch_size,
+        micro_batch=h.micro_batch_size, seq_len=spec.dataset.max_seq_length, gradient_checkpointing=h.gradient_checkpointing,
+        gpu_memory_gib=gpu_gib,
+    )
+    # The data order is fixed by the global batch; this process count decides the accumulation.
+    accumulation = h.global_batch_size // (h.micro_batch_size * env.world_size)
+    return Plan(env.world_size, "ddp", plan.micro_batch, accumulation,
+                trainable, total, plan.estimated_gpu_memory_gib, plan.fits, plan.advice)
+
+
+def _scheduler(optimizer, h, total_steps: int):
+    from transformers import get_scheduler
+
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[h.scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=int(h.warmup_ratio * total_steps), num_training_steps=total_steps)
+
+
+# --- resume, data order ------------------------------------------------------------------------
+
+
+def resume_if_possible(run: Run) -> None:
+    """Continue from the newest complete checkpoint in the output location, if there is one."""
+    names = run.output.list_complete(checkpoint.CHECKPOINTS)
+    if not names:
+        return
+    newest = names[-1] if "/" in names[-1] else f"{checkpoint.CHECKPOINTS}/{names[-1]}"
+    folder = run.output.fetch_dir(newest, Path(run.config.runtime.cache_dir) / "resume" / Path(newest).name)
+    state = checkpoint.load(folder, _unwrap(run.model), run.optimizer, run.scheduler, run.env.rank)
+    if state.fingerprint != run.data_report.fingerprint:
+        raise ValueError(
+            f"checkpoint {newest} was trained on other data (fingerprint {state.fingerprint[:12]} != "
+            f"{run.data_report.fingerprint[:12]}); write to a new output URI or delete the checkpoints"
+        )
+    run.state = state
+    log("resumed", checkpoint=newest, step=state.step)
+
+
+def micro_batches(run: Run, step: int) -> list[list[int]]:
+    """Indices of this rank's micro-batches for optimizer step `step` (0-based): a pure function
+    of (seed, epoch, step), which is what makes resume exact."""
+    h = run.config.spec.hyperparameters
+    epoch, position = divmod(step, run.steps_per_epoch)
+    generator = torch.Generator().manual_seed(h.seed * 1_000_003 + epoch)
+    order = torch.randperm(len(run.train_set), generator=generator).tolist()
+    start = position * h.global_batch_size
+    global_batch = [order[(start + i) % len(order)] for i in range(h.global_batch_size)]
+    per_rank = h.global_batch_size // run.env.world_size
+    mine = global_batch[run.env.rank * per_rank : (run.env.rank + 1) * per_rank]
+    return [mine[i : i + h.micro_batch_size] for i in range(0, len(mine), h.micro_batch_size)]
+
+
+# --- the step ----------------------------------------------------------------------------------
+
+
+def token_loss_sum(model, batch: dict, packed: bool = False) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over trainable tokens, and how many there were."""
+    labels = batch.pop("labels")
+    if _is_prompt_learning(model):
+        batch.pop("position_ids", None)  # virtual tokens shift positions; PEFT builds its own
+    if packed:
+        # transformers keeps packed examples apart (a block-diagonal mask built from the
+        # restarting position_ids) only when no attention_mask is given; right padding makes
+        # dropping it safe, since no real token attends to the pads after it.
+        batch.pop("attention_mask")
+    logits = model(**batch, use_cache=False).logits
+    logits = logits[:, -labels.shape[1] :]  # prompt tuning prepends virtual-token logits
+    shifted = labels[:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=-100, reduction="sum")
+    return loss, int((shifted != -100).sum())
+
+
+def train_step(run: Run, step: int) -> dict:
+    h = run.config.spec.hyperparameters
+    batches = [data.collate([run.train_set[i] for i in indices], run.tokenizer.pad_token_id) for indices in micro_batches(run, step)]
+    local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    global_tokens = max(1.0, run.env.sum(local_tokens))
+    autocast = _autocast(run)
+    loss_sum = 0.0
+    for index, batch in enumerate(batches):
+        batch = {k: v.to(run.device) for k, v in batch.items()}
+        sync = index == len(batches) - 1
+        with _no_sync(run.model, not sync), autocast:
+            loss, _ = token_loss_sum(run.model, batch, packed=run.config.spec.dataset.packing)
+            # DDP averages gradients over ranks; scaling by world size turns that into a sum, so
+            # the gradient is that of the mean over the whole global batch's tokens.
+            scaled = loss * run.env.world_size / global_tokens
+            (run.scaler.scale(scaled) if run.scaler else scaled).backward()
+        loss_sum += loss.item()
+    if run.scaler:
+        run.scaler.unscale_(run.optimizer)
+    if h.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), h.max_grad_norm)
+    if run.scaler:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.scheduler.step()
+    _adalora_update(run, step)  # reads this step's gradients, so before they are cleared
+    run.optimizer.zero_grad(set_to_none=True)
+    input_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    return {"loss": run.env.sum(loss_sum) / global_tokens, "tokens": run.env.sum(input_tokens)}
+
+
+def evaluate(run: Run) -> float | None:
+    if not run.eval_set:
+        return None
+    model = run.model
+    model.eval()
+    mine = run.eval_set[run.env.rank :: run.env.world_size]
+    loss_sum, tokens = 0.0, 0
+    with torch.no_grad(), _autocast(run):
+        for start in range(0, len(mine), run.config.spec.hyperparameters.micro_batch_size):
+            batch = data.collate(mine[start : start + run.config.spec.hyperparameters.micro_batch_size], run.tokenizer.pad_token_id)
+            batch = {k: v.to(run.device) for k, v in batch.items()}
+            loss, count = token_loss_sum(model, batch, packed=run.config.spec.dataset.packing)
+            loss_sum, tokens = loss_sum + loss.item(), tokens + count
+    model.train()
+    return run.env.sum(loss_sum) / max(1.0, run.env.sum(tokens))
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+
+def fit(run: Run) -> None:
+    spec = run.config.spec
+    every_eval, every_save = spec.evaluation.every_steps, spec.checkpointing.every_steps
+    run.model.train()
+    started, tokens_seen = time.monotonic(), 0.0
+    first_step = run.state.step
+    while run.state.step < run.total_steps:
+        result = train_step(run, run.state.step)
+        run.state.step += 1
+        step = run.state.step
+        tokens_seen += result["tokens"]
+        elapsed = time.monotonic() - started
+        entry = {"step": step, "loss": round(result["loss"], 5), "lr": run.scheduler.get_last_lr()[0]}
+        if every_eval and step % every_eval == 0 and step < run.total_steps:
+            entry["eval_loss"] = evaluate(run)
+        run.state.history.append(entry)
+        _publish_metrics(run, entry, tokens_seen / elapsed, (step - first_step) / elapsed)
+        if run.env.is_main:
+            log("step", **entry, tokens_per_second=round(tokens_seen / elapsed, 1), total_steps=run.total_steps)
+        if run.stop_requested:
+            save_checkpoint(run)
+            raise Preempted()
+        if step % every_save == 0 and step < run.total_steps:
+            save_checkpoint(run)
+    final_eval = evaluate(run)
+    if final_eval is not None:
+        run.state.history[-1]["eval_loss"] = final_eval
+        run.metrics.set(eval_loss=final_eval)
+    run.timings["train_seconds"] = round(time.monotonic() - started, 2)
+    run.timings["tokens_per_second"] = round(tokens_seen / max(1e-9, time.monotonic() - started), 1)
+
+
+def _publish_metrics(run: Run, entry: dict, tokens_per_second: float, steps_per_second: float) -> None:
+    remaining = run.total_steps - entry["step"]
+    memory = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    run.metrics.set(
+        step=entry["step"], total_steps=run.total_steps, epoch=entry["step"] / run.steps_per_epoch, loss=entry["loss"],
+        eval_loss=entry.get("eval_loss"), learning_rate=entry["lr"], tokens_per_second=tokens_per_second,
+        samples_per_second=steps_per_second * run.config.spec.hyperparameters.global_batch_size,
+        eta_seconds=remaining / steps_per_second if steps_per_second else None, gpu_memory_bytes=memory,
+    )
+
+
+def save_checkpoint(run: Run) -> None:
+    """Every rank writes its own files into one staging folder; rank 0 publishes it atomically and
+    prunes old checkpoints. In multi-node runs the staging folder lives on the shared output volume."""
+    step = run.state.step
+    staging = _shared_staging(run, f"step-{step:08d}")
+    checkpoint.save_rank_files(staging, run.env.rank)
+    if run.env.is_main:
+        checkpoint.save_shared_files(staging, _unwrap(run.model), run.optimizer, run.scheduler, run.state)
+    run.env.barrier()
+    if run.env.is_main:
+        uri = run.output.publish_dir(staging, checkpoint.checkpoint_name(step))
+        shutil.rmtree(staging, ignore_errors=True)
+        kept = run.output.list_complete(checkpoint.CHECKPOINTS)
+        for old in kept[: -run.config.spec.checkpointing.keep]:
+            run.output.delete(old if "/" in old else f"{checkpoint.CHECKPOINTS}/{old}")
+        log("checkpoint", step=step, uri=uri)
+    run.env.barrier()
+
+
+def _shared_staging(run: Run, name: str) -> Path:
+    root = run.output.local_dir() / ".staging"
+    folder = root / name
+    if run.env.is_main:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+    run.env.barrier()
+    return folder
+
+
+# --- output ------------------------------------------------------------------------------------
+
+
+def save_outputs(run: Run) -> dict:
+    """Adapter (+ tokenizer) and optionally the merged model, each published atomically; returns
+    the artifact description for the report and the termination message."""
+    spec = run.config.spec
+    model = _unwrap(run.model)
+    staging = Path(tempfile.mkdtemp(prefix="adapter-", dir=run.config.runtime.cache_dir))
+    model.save_pretrained(staging, safe_serialization=True)
+    run.tokenizer.save_pretrained(staging)
+    weights = next(iter(sorted(staging.glob("*.safetensors"))))
+    artifact = {"uri": None, "sizeBytes": weights.stat().st_size, "sha256": storage.sha256_of(weights)}
+    artifact["uri"] = run.output.publish_dir(staging, "adapter")
+    shutil.rmtree(staging, ignore_errors=True)
+    if spec.output.merge_weights and spec.method.is_adapter:
+        merged_dir = Path(tempfile.mkdtemp(prefix="merged-", dir=run.config.runtime.cache_dir))
+        model.merge_and_unload().save_pretrained(merged_dir, safe_serialization=True)
+        run.tokenizer.save_pretrained(merged_dir)
+        artifact["mergedUri"] = run.output.publish_dir(merged_dir, "merged")
+        shutil.rmtree(merged_dir, ignore_errors=True)
+    return artifact
+
+
+def build_result(run: Run, artifact: dict) -> dict:
+    last = run.state.history[-1] if run.state.history else {}
+    return {
+        "phase": "Succeeded",
+        "adapter": artifact,
+        "metrics": {"trainLoss": last.get("loss"), "evalLoss": last.get("eval_loss"), "tokensPerSecond": run.timings.get("tokens_per_second")},
+        "steps": run.state.step,
+        "trainableParams": run.plan.trainable_params,
+        "totalParams": run.plan.total_params,
+        "plan": {"worldSize": run.plan.world_size, "strategy": run.plan.strategy, "microBatch": run.plan.micro_batch,
+                 "gradAccumulation": run.plan.grad_accumulation},
+        "data": {"fingerprint": run.data_report.fingerprint, "badRows": run.data_report.bad_rows},
+    }
+
+
+# --- entry point -------------------------------------------------------------------------------
+
+
+def run_training(config: TrainerConfig) -> int:
+    """Train, checkpoint, resume, report. Returns the process exit code."""
+    env = DistEnv.from_env()
+    env.init()
+    run = None
+    try:
+        run = setup(config, env)
+        _handle_sigterm(run)
+        if env.is_main:
+            run.metrics.set(trainable_parameters=run.plan.trainable_params, total_parameters=run.plan.total_params, total_steps=run.total_steps)
+            run.metrics.serve(config.runtime.metrics_port)
+            log("plan", summary=run.plan.summary(), total_steps=run.total_steps, data=vars(run.data_report))
+        resume_if_possible(run)
+        fit(run)
+        env.barrier()
+        if not env.is_main:
+            return 0
+        artifact = save_outputs(run)
+        result = build_result(run, artifact)
+        _write_report(run, result)
+        write_termination_message(config.runtime.termination_message_path, result)
+        log("done", **result)
+        return 0
+    except Preempted:
+        log("preempted", step=run.state.step)
+        return EXIT_PREEMPTED
+    finally:
+        if run is not None:
+            run.metrics.stop()
+        env.shutdown()
+
+
+def _write_report(run: Run, result: dict) -> None:
+    report = {**result, "config": run.config.to_wire(), "data": vars(run.data_report), "history": run.state.history,
+              "timings": run.timings, "versions": _versions()}
+    path = Path(run.config.runtime.cache_dir) / "report.json"
+    path.write_text(json.dumps(report, indent=1, default=str))
+    run.output.publish_file(path, "report.json")
+
+
+def _versions() -> dict:
+    import peft
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def _handle_sigterm(run: Run) -> None:
+    """Kubernetes sends SIGTERM before killing a pod (preemption, drain): finish the step, save."""
+
+    def request_stop(signum, frame):
+        run.stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+
+
+def _unwrap(model):
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _is_prompt_learning(model) -> bool:
+    config = getattr(_unwrap(model), "peft_config", {}).get("default")
+    return bool(config and getattr(config, "is_prompt_learning", False))
+
+
+def _no_sync(model, skip: bool):
+    if skip and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def _autocast(run: Run):
+    precision = run.config.spec.hyperparameters.precision
+    if precision == "fp32":
+        return torch.autocast(run.device.type, enabled=False)
+    return torch.autocast(run.device.type, dtype=methods.DTYPES[precision])
+
+
+def _adalora_update(run: Run, step: int) -> None:
+    model = _unwrap(run.model)
+    if run.config.spec.method.type == "adalora":
+        model.base_model.update_and_allocate(step)
+
