@@ -65,3 +65,25 @@ def namespace(cluster):
     ns = cluster.create_namespace("t-")
     yield ns
     cluster.delete_namespace(ns)
+
+
+@pytest.fixture(scope="session")
+def crds(cluster):
+    """The kubetune CRDs (crds/) applied with `kubectl apply --server-side`, Established and served.
+
+    Returns the CRD names. A rejected CRD fails every test that needs it with the API server's own
+    words. The CRDs are left installed (a reused `harness.py up` cluster keeps them)."""
+    applied = cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(harness.REPO / "crds"),
+                              "-o", "name", check=False)
+    if applied.returncode != 0:
+        pytest.fail(f"the API server rejected crds/:\n{applied.stderr.strip()}", pytrace=False)
+    names = [line.split("/", 1)[1] for line in applied.stdout.split()]
+    for name in names:
+        cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
+        crd = cluster.get("crd", name)
+        group, plural = crd["spec"]["group"], crd["spec"]["names"]["plural"]
+        for version in (v["name"] for v in crd["spec"]["versions"] if v.get("served")):
+            # The REST endpoint can lag the Established condition by a moment.
+            cluster.wait_for(lambda: cluster.api("GET", f"/apis/{group}/{version}/{plural}?limit=1")[0] == 200,
+                             f"/apis/{group}/{version}/{plural} served")
+    return names

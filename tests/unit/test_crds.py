@@ -95,7 +95,8 @@ def test_cross_field_cel_rules_are_in_the_crd():
 
 def test_defaults_reach_the_crd():
     props = schema(FINETUNEJOB)["properties"]["spec"]["properties"]
-    assert props["method"]["default"] == {}
+    assert props["method"]["default"] == {"type": "lora"}
+    assert props["distributed"]["default"] == {"strategy": "auto", "offload": "none"}
     assert props["method"]["properties"]["type"]["default"] == "lora"
     assert props["resources"]["properties"]["gpuResource"]["default"] == "nvidia.com/gpu"
     assert props["hyperparameters"]["properties"]["learningRate"]["default"] == "2e-4"

@@ -78,7 +78,7 @@ class AdapterDeploymentSpec(ApiModel):
         default_factory=list,
         max_length=256,
         description="Adapters to serve. Adding or removing one loads or unloads it on every replica without a restart.",
-        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+        json_schema_extra={"default": [], "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
     max_adapters: int = Field(default=8, ge=1, le=256, description="Adapters resident per replica.")
     max_lora_rank: int = Field(default=64, ge=1, le=1024, description="Largest adapter rank accepted (vLLM's max_lora_rank).")

@@ -81,14 +81,31 @@ class ApiModel(BaseModel):
         return schema
 
     def to_wire(self) -> dict[str, Any]:
-        """The object as the API server stores it: camelCase, unset optionals left out."""
+        """The object in its wire format: camelCase, unset optionals left out (defaults kept)."""
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
 def section(model: type[ApiModel], description: str) -> Any:
-    """A nested block whose fields all have defaults: present (as `{}`) when omitted, so the
-    API server applies the nested defaults and CEL rules can read them without `has()`."""
-    return Field(default_factory=model, description=description, json_schema_extra={"default": {}})
+    """A nested block whose fields all have defaults: present when omitted, so CEL rules can read
+    its fields without `has()`. The CRD default spells out every nested default, because the API
+    server checks a default against the block's own rules as written, before nested defaulting."""
+    defaults = {key: value for key, value in model().to_wire().items() if value not in ({}, [])}
+    return Field(default_factory=model, description=description, json_schema_extra={"default": defaults})
+
+
+def rule_field_path(message: str) -> str | None:
+    """The fieldPath of the rule that produced `message` (offline errors name the same field as
+    the API server does)."""
+    return _rule_paths().get(message)
+
+
+def _rule_paths() -> dict[str, str]:
+    paths, pending = {}, list(ApiModel.__subclasses__())
+    while pending:
+        model = pending.pop()
+        pending.extend(model.__subclasses__())
+        paths.update({rule.message: rule.field_path for rule in model.cel_rules if rule.field_path})
+    return paths
 
 
 # --- Quantities -------------------------------------------------------------------------------

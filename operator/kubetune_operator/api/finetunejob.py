@@ -423,10 +423,11 @@ class FineTuneJobSpec(ApiModel):
             cel=f"self.hyperparameters.globalBatchSize % (self.hyperparameters.microBatchSize * {_WORLD_SIZE_CEL}) == 0",
             message="hyperparameters.globalBatchSize must be a multiple of microBatchSize x world size (resources.nodes x resources.gpusPerNode)",
             check=_batch_divides,
+            # format() rather than string concatenation: the API server's cost estimator rejects
+            # `'...' + string(x)` in a messageExpression as far over budget (Kubernetes 1.34).
             message_expression=(
-                "'hyperparameters.globalBatchSize (' + string(self.hyperparameters.globalBatchSize) + "
-                "') must be a multiple of microBatchSize (' + string(self.hyperparameters.microBatchSize) + "
-                f"') x world size (' + string({_WORLD_SIZE_CEL}) + ')'"
+                "'hyperparameters.globalBatchSize (%d) must be a multiple of microBatchSize (%d) x world size (%d)'"
+                f".format([self.hyperparameters.globalBatchSize, self.hyperparameters.microBatchSize, {_WORLD_SIZE_CEL}])"
             ),
             describe=_batch_message,
         ),

@@ -7,7 +7,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from .common import API_VERSION
+from .common import API_VERSION, rule_field_path
 from .kinds import BY_KIND
 from .validation import Problem, validate
 
@@ -49,6 +49,7 @@ def problems_from(error: ValidationError) -> list[Problem]:
             message = "required field is missing"
         else:
             message = item["msg"].removeprefix("Value error, ")
+            path += rule_field_path(message) or ""
         problems.append(Problem(path, message))
     return problems
 
