@@ -1,0 +1,97 @@
+"""The operator's own configuration: images, namespaces, ports and defaults that are not part of any spec.
+
+Precedence, lowest first: the defaults below, a YAML file named by KUBETUNE_CONFIG (keys in camelCase,
+as the Helm chart writes them, or snake_case), then one environment variable per field. Only the
+variables listed in ENV_VARS are read; other KUBETUNE_* variables (KUBETUNE_PVC_ROOT, KUBETUNE_CACHE,
+...) belong to the trainer and are ignored here.
+"""
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.alias_generators import to_camel
+
+from . import __version__
+
+CONFIG_FILE_ENV = "KUBETUNE_CONFIG"
+
+
+class OperatorConfig(BaseModel):
+    """Settings the renderers and handlers read; immutable once loaded so a reconcile cannot change them."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+    trainer_image: str = Field(default=f"ghcr.io/kubetune/trainer:{__version__}", min_length=1)
+    serving_image: str = Field(default=f"ghcr.io/kubetune/serve:{__version__}", min_length=1)
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    image_pull_secrets: tuple[str, ...] = ()
+    namespaces: tuple[str, ...] = Field(default=(), description="Namespaces to watch; empty watches all.")
+    # Requests for pods whose spec leaves cpu/memory unset (spec values become requests = limits).
+    default_cpu: str | None = "1"
+    default_memory: str | None = "4Gi"
+    metrics_scrape_interval_seconds: float = Field(default=15.0, gt=0)
+    trainer_metrics_port: int = Field(default=9090, ge=0, le=65535, description="0 disables the trainer's metrics.")
+    master_port: int = Field(default=29500, ge=1, le=65535, description="torchrun's rendezvous port on rank 0.")
+    # Time the trainer gets between SIGTERM and SIGKILL to finish its step and write a checkpoint.
+    checkpoint_grace_seconds: int = Field(default=120, ge=1)
+
+    @field_validator("namespaces", "image_pull_secrets", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        # An environment variable carries a list as "a,b"; a YAML file as a list.
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("default_cpu", "default_memory", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        # KUBETUNE_DEFAULT_CPU="" turns the default request off.
+        return None if value == "" else value
+
+    @property
+    def watches_all_namespaces(self) -> bool:
+        return not self.namespaces
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "OperatorConfig":
+        """Defaults, then the KUBETUNE_CONFIG file, then KUBETUNE_* variables. Raises ValueError naming
+        the file or variable at fault, so a misconfigured operator stops at start-up, not mid-reconcile."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        if environ.get(CONFIG_FILE_ENV):
+            values.update(_read_file(Path(environ[CONFIG_FILE_ENV])))
+        from_vars = {field: environ[var] for field, var in ENV_VARS.items() if var in environ}
+        values.update(from_vars)
+        try:
+            return cls.model_validate(values)
+        except ValidationError as error:
+            raise ValueError(_explain(error, from_vars, environ.get(CONFIG_FILE_ENV))) from None
+
+
+ENV_VARS = {field: f"KUBETUNE_{field.upper()}" for field in OperatorConfig.model_fields}
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        document = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ValueError(f"{CONFIG_FILE_ENV}={path}: {error}") from None
+    if not isinstance(document, dict):
+        raise ValueError(f"{CONFIG_FILE_ENV}={path}: expected a mapping of settings, got {type(document).__name__}")
+    # Field names and aliases both work; normalise to field names so variables override either spelling.
+    aliases = {to_camel(name): name for name in OperatorConfig.model_fields}
+    return {aliases.get(key, key): value for key, value in document.items()}
+
+
+def _explain(error: ValidationError, from_vars: dict[str, str], file: str | None) -> str:
+    lines = []
+    for item in error.errors():
+        field = str(item["loc"][0]) if item["loc"] else "(config)"
+        source = ENV_VARS[field] if field in from_vars else (f"{file}: {field}" if file else field)
+        lines.append(f"{source}: {item['msg']}")
+    return "invalid operator configuration:\n" + "\n".join(f"  {line}" for line in lines)

@@ -1,0 +1,99 @@
+"""Pieces every renderer shares: errors, owner references, labels, names and quantities.
+
+Renderers are pure: a parsed object and the operator's configuration in, plain dicts out, the same
+dicts for the same input. The kopf handlers create, compare and patch what comes out.
+"""
+
+import hashlib
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from ..api.common import API_VERSION
+
+MAX_DNS_LABEL = 63  # Service names, hostnames, label values, volume names
+DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")  # what a Service name must be
+
+# Recommended labels (app.kubernetes.io/*) plus one of ours that selectors can rely on.
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+APP = "kubetune"
+
+
+class RenderError(ValueError):
+    """The object cannot be turned into Kubernetes objects; the message says what to change.
+
+    The handler reports it as a Failed condition rather than retrying: the same input would fail again.
+    """
+
+
+def _meta_get(meta: Any, key: str) -> Any:
+    return meta.get(key) if isinstance(meta, Mapping) else getattr(meta, key, None)
+
+
+def owner_reference(meta: Any, kind: str) -> dict[str, Any]:
+    """The controller reference that makes Kubernetes garbage-collect a child with its kubetune
+    parent. `meta` is the parent's metadata, a parsed ObjectMeta or the plain mapping kopf passes.
+    The uid is required: a reference without it would point at whichever object later has the name."""
+    name, uid = _meta_get(meta, "name"), _meta_get(meta, "uid")
+    if not name or not uid:
+        raise RenderError(f"{kind} metadata needs name and uid to own other objects (got name={name!r}, uid={uid!r})")
+    return {
+        "apiVersion": API_VERSION,
+        "kind": kind,
+        "name": name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def standard_labels(instance: str, component: str) -> dict[str, str]:
+    return {
+        LABEL_NAME: APP,
+        LABEL_COMPONENT: component,
+        LABEL_INSTANCE: instance,
+        LABEL_MANAGED_BY: APP,
+    }
+
+
+def object_meta(
+    name: str,
+    namespace: str,
+    labels: Mapping[str, str],
+    owner: dict[str, Any],
+    annotations: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": name,
+        "namespace": namespace,
+        "labels": dict(labels),
+        "ownerReferences": [dict(owner)],
+    }
+    if annotations:
+        meta["annotations"] = dict(annotations)
+    return meta
+
+
+def short_hash(text: str, length: int = 8) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def dns_label(prefix: str, name: str) -> str:
+    """`prefix-name` when that is a valid DNS label (volume names must be), else a readable,
+    deterministic stand-in: the sanitised name cut short, plus a hash of the original."""
+    candidate = f"{prefix}-{name}"
+    if len(candidate) <= MAX_DNS_LABEL and re.match(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", candidate):
+        return candidate
+    digest = short_hash(name)
+    room = MAX_DNS_LABEL - len(prefix) - len(digest) - 2
+    readable = re.sub(r"[^a-z0-9-]", "-", name.lower())[:room].strip("-")
+    return f"{prefix}-{readable}-{digest}" if readable else f"{prefix}-{digest}"
+
+
+def quantity(value: int | str) -> str:
+    """Quantities as strings, whichever type the spec's YAML gave (cpu: 2 or cpu: "2"), so the
+    rendered objects have one shape."""
+    return str(value)
