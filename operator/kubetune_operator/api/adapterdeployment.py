@@ -11,9 +11,8 @@ from .common import (
     ApiModel,
     Condition,
     ModelSource,
-    Quantity,
+    Placement,
     Rule,
-    Toleration,
     conditions_field,
     section,
 )
@@ -44,19 +43,10 @@ class AdapterRef(ApiModel):
     )
 
 
-class ServingResources(ApiModel):
+class ServingResources(Placement):
     """What each serving replica asks for, and where it may run."""
 
     gpus_per_replica: int = Field(default=1, ge=0, le=16, description="GPUs per replica; 0 serves on CPU (builtin runtime).")
-    gpu_resource: str = Field(default="nvidia.com/gpu", max_length=MAX_NAME, description="Extended resource name of the GPUs.")
-    cpu: Quantity | None = Field(default=None, description="CPU request and limit per replica.")
-    memory: Quantity | None = Field(default=None, description="Memory request and limit per replica.")
-    node_selector: dict[str, str] = Field(
-        default_factory=dict,
-        description="Node labels the replicas require.",
-        json_schema_extra={"additionalProperties": {"type": "string", "maxLength": MAX_NAME}, "maxProperties": 64},
-    )
-    tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Tolerations for tainted GPU pools.")
 
 
 class ServiceSpec(ApiModel):

@@ -196,6 +196,22 @@ class Toleration(ApiModel):
     )
 
 
+class Placement(ApiModel):
+    """Per-pod resources and node placement, shared by training pods and serving replicas."""
+
+    gpu_resource: str = Field(
+        default="nvidia.com/gpu", max_length=MAX_NAME, description="Extended resource name of the GPUs (e.g. amd.com/gpu)."
+    )
+    cpu: Quantity | None = Field(default=None, description="CPU request and limit per pod.")
+    memory: Quantity | None = Field(default=None, description="Memory request and limit per pod.")
+    node_selector: dict[str, str] = Field(
+        default_factory=dict,
+        description="Node labels the pods require (e.g. nvidia.com/gpu.product).",
+        json_schema_extra={"additionalProperties": {"type": "string", "maxLength": MAX_NAME}, "maxProperties": 64},
+    )
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Tolerations for tainted GPU pools.")
+
+
 ConditionStatus = Literal["True", "False", "Unknown"]
 
 

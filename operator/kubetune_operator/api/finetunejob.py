@@ -13,10 +13,9 @@ from .common import (
     ApiModel,
     Condition,
     ModelSource,
+    Placement,
     Quantity,
     Rule,
-    SecretRef,
-    Toleration,
     conditions_field,
     section,
 )
@@ -295,25 +294,14 @@ class DistributedSpec(ApiModel):
     )
 
 
-class ResourcesSpec(ApiModel):
+class ResourcesSpec(Placement):
     """What each training pod asks for, and where it may run."""
 
     nodes: int = Field(default=1, ge=1, le=512, description="Pods (one per node); torchrun's NNODES.")
     gpus_per_node: int = Field(default=1, ge=0, le=16, description="GPUs per pod; 0 trains on CPU.")
-    gpu_resource: str = Field(
-        default="nvidia.com/gpu", max_length=MAX_NAME, description="Extended resource name of the GPUs (e.g. amd.com/gpu)."
-    )
-    cpu: Quantity | None = Field(default=None, description="CPU request and limit per pod.")
-    memory: Quantity | None = Field(default=None, description="Memory request and limit per pod.")
     shared_memory: Quantity | None = Field(
         default=None, description="Size of /dev/shm (NCCL and data loaders need more than the default 64Mi); default 1Gi per GPU."
     )
-    node_selector: dict[str, str] = Field(
-        default_factory=dict,
-        description="Node labels the pods require (e.g. nvidia.com/gpu.product).",
-        json_schema_extra={"additionalProperties": {"type": "string", "maxLength": MAX_NAME}, "maxProperties": 64},
-    )
-    tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Tolerations for tainted GPU pools.")
     affinity: dict[str, Any] = Field(
         default_factory=dict,
         description="A core/v1 Affinity, passed to the pods unchanged.",
