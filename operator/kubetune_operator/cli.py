@@ -92,6 +92,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from kubetune_trainer.serving.server import run
+
+    try:
+        return run(args)
+    except ValueError as error:  # bad --adapter pairs
+        print(f"kubetune serve: {error}", file=sys.stderr)
+        return 2
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    from .handlers.main import Options, run_operator
+
+    options = Options(
+        namespaces=tuple(args.namespace or ()),
+        liveness=args.liveness,
+        metrics_port=args.metrics_port,
+        allow_metrics_url_annotation=args.allow_metrics_url_annotation,
+        verbose=args.verbose,
+        debug=args.debug,
+    )
+    return run_operator(options)
+
+
 def cmd_not_yet(args: argparse.Namespace) -> int:
     print(
         f"kubetune {args.command}: not available in this version yet ({args.pending}).",
@@ -156,10 +180,48 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("prompt", help="the user message")
     generate.set_defaults(func=cmd_generate)
 
-    pending = {
-        "serve": ("serve a base model with hot-swappable adapters (OpenAI-compatible)", "the serving runtime"),
-        "operator": ("run the operator against the current kubeconfig", "the operator"),
-    }
+    serve = sub.add_parser(
+        "serve",
+        help="serve a base model with hot-swappable LoRA adapters (OpenAI-compatible)",
+        description="The builtin runtime of AdapterDeployment: OpenAI /v1/completions, /v1/chat/completions and "
+        "/v1/models; vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter; /health, /ready and /metrics. "
+        "Requests pick the base model or an adapter with the `model` field.",
+    )
+    serve.add_argument("--model", required=True, help="base model URI (hf://, pvc://, s3://, file://) or a path")
+    serve.add_argument("--adapter", action="append", default=[], metavar="NAME=URI",
+                       help="adapter to load at startup (repeatable); /ready waits for every one")
+    serve.add_argument("--served-model-name", help="the base model's name in `model` "
+                       "(default: ORG/NAME for hf://ORG/NAME, else --model as written)")
+    serve.add_argument("--host", default="0.0.0.0", help="default 0.0.0.0")
+    serve.add_argument("--port", type=int, default=8000, help="default 8000")
+    serve.add_argument("--max-adapters", type=int, default=8, help="adapters resident at once (default 8)")
+    serve.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted (default 64)")
+    serve.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
+    serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="auto: bfloat16 on GPU (float16 where unsupported), float32 on CPU")
+    serve.add_argument("--cache-dir", help="where s3:// and https:// inputs are downloaded "
+                       "(default $KUBETUNE_CACHE/inputs or ~/.cache/kubetune/inputs)")
+    serve.set_defaults(func=cmd_serve)
+
+    operator = sub.add_parser(
+        "operator",
+        help="run the operator against the current kubeconfig (or in-cluster service account)",
+        description="Reconcile FineTuneJobs: admission, the Job that trains, status from the Job, its pods and "
+        "rank 0's metrics. Watches every namespace unless --namespace or the configuration's namespaces say otherwise.",
+    )
+    operator.add_argument("-n", "--namespace", action="append", help="namespace to watch (repeatable; default: all)")
+    operator.add_argument("--liveness", metavar="URL", help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
+    operator.add_argument("--metrics-port", type=int, default=8000, help="operator Prometheus metrics port (0: off)")
+    operator.add_argument(
+        "--allow-metrics-url-annotation",
+        action="store_true",
+        help="testing/debugging: scrape the URL in a FineTuneJob's kubetune.io/metrics-url annotation instead of rank 0",
+    )
+    operator.add_argument("-v", "--verbose", action="store_true", help="log more")
+    operator.add_argument("--debug", action="store_true", help="log everything kopf does")
+    operator.set_defaults(func=cmd_operator)
+
+    pending: dict[str, tuple[str, str]] = {}
     for name, (help_text, part) in pending.items():
         command = sub.add_parser(name, help=f"{help_text} [coming: {part}]", description=help_text)
         command.set_defaults(func=cmd_not_yet, pending=f"{part} lands in a later release")

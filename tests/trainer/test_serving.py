@@ -1,0 +1,352 @@
+"""`kubetune serve` for real: the tiny model, two LoRA adapters trained on CPU, the server started
+through the CLI, and every check over HTTP. Greedy outputs are compared with `generate.answer`."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.trainer
+
+torch = pytest.importorskip("torch", reason="NOT RUN: trainer tier needs the [trainer] extra (make setup)")
+httpx = pytest.importorskip("httpx", reason="NOT RUN: serving tests need httpx (the [dev] extra)")
+pytest.importorskip("fastapi", reason="NOT RUN: serving tests need the [serve] extra")
+
+from kubetune_trainer import train  # noqa: E402
+from kubetune_trainer.generate import answer  # noqa: E402
+from kubetune_trainer.serving.engine import Engine, EngineError, Sampling  # noqa: E402
+from kubetune_trainer.serving.text import TextTracker  # noqa: E402
+from kubetune_trainer.tiny_model import build_tiny_model  # noqa: E402
+from tests.conftest import REPO  # noqa: E402
+from tests.trainer.test_train import make_config  # noqa: E402
+
+PROMPT = "How do I reset my password?"
+MAX_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """The tiny model; adapters alpha and beta trained from different seeds; adapters to refuse."""
+    root = tmp_path_factory.mktemp("serving")
+    tiny = build_tiny_model(root / "tiny")
+    adapters = {}
+    for name, seed in (("alpha", 1), ("beta", 2)):
+        assert train.run_training(make_config(tiny, root / name, steps=4, every_save=1000, seed=seed)) == 0
+        adapters[name] = root / name / "output" / "adapter"
+    wide = root / "wide"  # alpha's weights under a config that says rank 128: refused on the config alone
+    shutil.copytree(adapters["alpha"], wide)
+    config = json.loads((wide / "adapter_config.json").read_text())
+    (wide / "adapter_config.json").write_text(json.dumps({**config, "r": 128}))
+    adapters["wide"] = wide
+    adapters["other"] = other_base_adapter(root / "other")
+    adapters["other-bin"] = other_base_adapter(root / "other-bin", safe_serialization=False)
+    return tiny, adapters
+
+
+def other_base_adapter(path, safe_serialization=True):
+    """A LoRA adapter (PEFT's random init) of a model half the tiny model's width."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.save_pretrained(path, safe_serialization=safe_serialization)
+    return path
+
+
+@pytest.fixture(scope="module")
+def offline(files):
+    """What `kubetune generate` answers, greedily, with the base and with each adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tiny, adapters = files
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    answers = {"tiny": answer(AutoModelForCausalLM.from_pretrained(tiny).eval(), tokenizer, PROMPT, MAX_TOKENS)}
+    for name in ("alpha", "beta"):
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny), adapters[name]).eval()
+        answers[name] = answer(model, tokenizer, PROMPT, MAX_TOKENS)
+    assert len(set(answers.values())) == 3, f"the base and the two adapters should answer differently: {answers}"
+    return answers, tokenizer
+
+
+@pytest.fixture(scope="module")
+def server(files, tmp_path_factory):
+    """`kubetune serve` in a subprocess on a free port, with adapter alpha from the command line."""
+    tiny, adapters = files
+    port = free_port()
+    log = tmp_path_factory.mktemp("server-log") / "serve.log"
+    command = serve_command(tiny, port, "--served-model-name", "tiny", "--adapter", f"alpha=file://{adapters['alpha']}",
+                            "--max-adapters", "2", "--max-lora-rank", "64", "--cache-dir", str(log.parent / "cache"))
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=subprocess_env())
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    try:
+        wait_until_ready(client, process, log)
+        yield client
+    finally:
+        client.close()
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def serve_command(model, port, *args):
+    return [sys.executable, "-m", "kubetune_operator.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
+            "--port", str(port), *args]
+
+
+def subprocess_env():
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(str(REPO / p) for p in ("operator", "trainer_image", "kernels"))}
+
+
+def wait_until_ready(client, process, log):
+    deadline = time.monotonic() + 60
+    while True:
+        assert process.poll() is None, f"the server exited:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"never ready:\n{log.read_text()[-3000:]}"
+        try:
+            if client.get("/ready").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass  # not listening yet
+        time.sleep(0.2)
+
+
+def chat(client, model, content=PROMPT, **extra):
+    body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": MAX_TOKENS,
+            "temperature": 0, **extra}
+    return client.post("/v1/chat/completions", json=body)
+
+
+def chat_text(client, model):
+    response = chat(client, model)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["message"]["content"]
+
+
+def model_ids(client):
+    response = client.get("/v1/models")
+    assert response.status_code == 200, response.text
+    return [card["id"] for card in response.json()["data"]]
+
+
+def assert_error(response, status, *fragments):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == status and error["type"] and error["message"]
+    for fragment in fragments:
+        assert fragment in error["message"], error["message"]
+    return error
+
+
+def load(client, name, path):
+    return client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)})
+
+
+def unload(client, name):
+    return client.post("/v1/unload_lora_adapter", json={"lora_name": name})
+
+
+def test_ready_once_loaded_and_models_list_the_base_and_the_startup_adapter(server, files):
+    assert server.get("/health").status_code == 200
+    assert server.get("/ready").json()["adapters"] == ["alpha"]
+    cards = server.get("/v1/models").json()
+    assert cards["object"] == "list"
+    base, alpha = cards["data"]
+    assert base["id"] == "tiny" and base["object"] == "model" and base["parent"] is None
+    assert base["root"] == str(files[0]) and base["owned_by"]
+    assert alpha["id"] == "alpha" and alpha["parent"] == "tiny" and alpha["root"] == f"file://{files[1]['alpha']}"
+
+
+def test_base_and_adapters_answer_as_generate_does(server, files, offline):
+    answers, tokenizer = offline
+    assert chat_text(server, "tiny").strip() == answers["tiny"]
+    assert chat_text(server, "alpha").strip() == answers["alpha"]
+
+    loaded = load(server, "beta", files[1]["beta"])  # a plain path, at runtime
+    assert loaded.status_code == 200 and loaded.text == "Success: LoRA adapter 'beta' added successfully."
+    try:
+        assert model_ids(server) == ["tiny", "alpha", "beta"]
+        assert server.get("/v1/models").json()["data"][2]["parent"] == "tiny"
+        beta = chat(server, "beta").json()
+        assert beta["object"] == "chat.completion" and beta["model"] == "beta"
+        assert beta["choices"][0]["message"]["role"] == "assistant"
+        assert beta["choices"][0]["message"]["content"].strip() == answers["beta"]
+        assert beta["usage"]["total_tokens"] == beta["usage"]["prompt_tokens"] + beta["usage"]["completion_tokens"]
+        assert 0 < beta["usage"]["completion_tokens"] <= MAX_TOKENS
+
+        # /v1/completions on the templated text: the same tokens, so the same answer
+        text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False,
+                                             add_generation_prompt=True)
+        outputs = {}
+        for model in ("tiny", "alpha", "beta"):
+            response = server.post("/v1/completions", json={"model": model, "prompt": text, "max_tokens": MAX_TOKENS,
+                                                            "temperature": 0})
+            assert response.status_code == 200, response.text
+            body = response.json()
+            assert body["object"] == "text_completion" and body["choices"][0]["finish_reason"] in ("stop", "length")
+            outputs[model] = body["choices"][0]["text"].strip()
+        assert outputs == answers
+        assert len(set(outputs.values())) == 3
+
+        assert_error(load(server, "beta", files[1]["beta"]), 400, "already been loaded")
+    finally:
+        unloaded = unload(server, "beta")
+    assert unloaded.status_code == 200 and unloaded.text == "Success: LoRA adapter 'beta' removed successfully."
+    assert model_ids(server) == ["tiny", "alpha"]
+    assert_error(chat(server, "beta"), 404, "`beta` does not exist")
+    assert_error(unload(server, "beta"), 404, "cannot be found")
+    assert chat_text(server, "alpha").strip() == answers["alpha"]  # the others are untouched
+
+
+def test_adapters_the_server_refuses(server, files):
+    adapters = files[1]
+    assert_error(load(server, "wide", adapters["wide"]), 400, "adapter rank 128 exceeds maxLoraRank 64")
+    assert_error(load(server, "other", adapters["other"]), 400, "does not fit base model tiny")
+    assert_error(load(server, "other", adapters["other-bin"]), 400, "could not be loaded")
+    assert_error(load(server, "nowhere", files[0].parent / "nowhere"), 404, "No adapter found")
+    assert_error(load(server, "tiny", adapters["beta"]), 400, "base model's name")
+    assert model_ids(server) == ["tiny", "alpha"]
+
+    assert load(server, "beta", f"file://{adapters['beta']}").status_code == 200
+    try:
+        assert_error(load(server, "gamma", adapters["alpha"]), 400, "maxAdapters 2")
+    finally:
+        assert unload(server, "beta").status_code == 200
+    assert server.get("/ready").status_code == 200
+
+
+def test_chat_streaming_stop_strings_and_errors(server, offline):
+    answers, _ = offline
+    whole = chat(server, "alpha").json()["choices"][0]["message"]["content"]
+    with server.stream("POST", "/v1/chat/completions", json={
+        "model": "alpha", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": MAX_TOKENS,
+        "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
+    }) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(chunk["object"] == "chat.completion.chunk" and chunk["model"] == "alpha" for chunk in chunks)
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert streamed == whole
+    assert chunks[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+
+    # a stop string ends the text before it, streamed or not
+    stop = whole.strip()[4:7]
+    expected = whole[: whole.find(stop)]
+    stopped = chat(server, "alpha", stop=[stop]).json()["choices"][0]
+    assert stopped["message"]["content"] == expected and stopped["finish_reason"] == "stop"
+    with server.stream("POST", "/v1/completions", json={
+        "model": "tiny", "prompt": "The", "max_tokens": 8, "temperature": 0, "stream": True}) as response:
+        pieces = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    plain = server.post("/v1/completions", json={"model": "tiny", "prompt": "The", "max_tokens": 8, "temperature": 0})
+    assert "".join(p["choices"][0]["text"] for p in pieces) == plain.json()["choices"][0]["text"]
+
+    # sampling is reproducible with a seed; n choices come back indexed
+    sampled = [server.post("/v1/completions", json={"model": "alpha", "prompt": ["The", "A"],
+                                                    "max_tokens": 6, "temperature": 1.0, "top_p": 0.9, "seed": 7,
+                                                    "n": 2}).json() for _ in range(2)]
+    assert sampled[0]["choices"] == sampled[1]["choices"]
+    assert [c["index"] for c in sampled[0]["choices"]] == [0, 1, 2, 3]
+
+    # errors, in OpenAI's format
+    assert_error(chat(server, "nope"), 404, "The model `nope` does not exist.")
+    assert_error(server.post("/v1/completions", json={"model": "tiny"}), 400, "prompt")
+    assert_error(server.post("/v1/chat/completions", json={"model": "tiny", "messages": []}), 400, "messages")
+    assert_error(server.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 5000}), 400,
+                 "maximum context length is 2048")
+    assert_error(server.post("/v1/load_lora_adapter", json={"lora_name": "x"}), 400, "lora_path")
+
+
+def test_metrics_count_requests_tokens_and_adapters(server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def samples():
+        response = server.get("/metrics")
+        assert response.status_code == 200
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(response.text) for s in family.samples}
+
+    key = ("kubetune_serve_requests_total", (("endpoint", "chat_completions"), ("model", "alpha"), ("status", "200")))
+    before = samples().get(key, 0)
+    chat_text(server, "alpha")
+    after = samples()
+    assert after[key] == before + 1
+    assert after[("kubetune_serve_generation_tokens_total", (("model", "alpha"),))] > 0
+    assert after[("kubetune_serve_loaded_adapters", ())] == 1
+    assert after[("kubetune_serve_ready", ())] == 1
+    assert after[("kubetune_serve_request_duration_seconds_count", (("endpoint", "chat_completions"),))] >= 1
+    assert any(name == "kubetune_serve_requests_total" and ("status", "404") in labels for name, labels in after)
+
+
+def test_an_adapter_that_cannot_load_at_startup_stops_the_server(files):
+    """Never ready, and exit 1: the pod restarts and its log says why."""
+    tiny, adapters = files
+    command = serve_command(tiny, free_port(), "--adapter", f"wide={adapters['wide']}")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=subprocess_env())
+    assert result.returncode == 1, result.stderr[-2000:]
+    failure = [json.loads(line) for line in result.stdout.splitlines() if '"startup_failed"' in line]
+    assert failure and failure[0]["error"] == "adapter rank 128 exceeds maxLoraRank 64"
+
+    bad = subprocess.run(serve_command(tiny, free_port(), "--adapter", "no-uri"), capture_output=True, text=True,
+                         timeout=60, env=subprocess_env())
+    assert bad.returncode == 2 and "write NAME=URI" in bad.stderr
+
+
+def test_a_failed_first_load_leaves_the_base_model_as_it_was(files, offline, tmp_path):
+    """A .bin adapter (no safetensors header to check) that does not fit fails inside PEFT after it
+    has wrapped layers: the engine puts the model back, and later loads work."""
+    answers, tokenizer = offline
+    tiny, adapters = files
+    engine = Engine(str(tiny), "tiny", cache_dir=tmp_path)
+    engine.load_base()
+    with pytest.raises(EngineError) as failed:
+        engine.load_adapter("other", str(adapters["other-bin"]))
+    assert failed.value.status == 400
+    assert engine.adapters() == [] and "lora" not in str(engine.base).lower()
+    ids = engine.encode_chat([{"role": "user", "content": PROMPT}])
+    assert engine.generate("tiny", ids, Sampling(MAX_TOKENS, temperature=0)).text.strip() == answers["tiny"]
+    engine.load_adapter("beta", str(adapters["beta"]))
+    assert engine.generate("beta", ids, Sampling(MAX_TOKENS, temperature=0)).text.strip() == answers["beta"]
+    engine.unload_adapter("beta")  # the last one: back to the plain model
+    assert "lora" not in str(engine.base).lower()
+    assert engine.generate("tiny", ids, Sampling(MAX_TOKENS, temperature=0)).text.strip() == answers["tiny"]
+
+
+def test_text_tracker_holds_back_what_may_be_a_stop_string():
+    class Pieces:
+        vocabulary = ["Hel", "lo", " wor", "ld", "<eos>"]
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(self.vocabulary[i] for i in ids if i != 4)
+
+    sent = []
+    tracker = TextTracker(Pieces(), stop=["o w"], eos_ids=[4], on_text=sent.append)
+    for token in (0, 1, 2, 3):
+        tracker.add(token)
+    assert (tracker.text, tracker.finish_reason, sent, tracker.token_ids) == ("Hell", "stop", ["Hel", "l"], [0, 1, 2])
+
+    sent.clear()
+    tracker = TextTracker(Pieces(), stop=["xyz"], eos_ids=[4], on_text=sent.append)
+    for token in (0, 1, 4, 2):
+        tracker.add(token)
+    assert (tracker.text, tracker.finish_reason, "".join(sent)) == ("Hello", "stop", "Hello")

@@ -1,0 +1,381 @@
+"""The HTTP API of `kubetune serve`: OpenAI's completions, chat completions and models, vLLM's
+runtime LoRA endpoints, health, readiness and Prometheus metrics.
+
+Errors are OpenAI's `{"error": {"message", "type", "param", "code"}}` with `code` the HTTP status,
+as vLLM answers. Generation runs in worker threads; the engine serialises it.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
+
+from ..report import log
+from .engine import Engine, EngineError, Generation, Sampling
+from .metrics import ServingMetrics
+from .schemas import ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+class Startup:
+    """Readiness: the base model and every adapter named on the command line, loaded in order."""
+
+    def __init__(self, engine: Engine, adapters: list[tuple[str, str]], metrics: ServingMetrics):
+        self.engine, self.adapters, self.metrics = engine, adapters, metrics
+        self.ready = False
+        self.error: str | None = None
+
+    def run(self) -> None:
+        try:
+            started = time.monotonic()
+            self.engine.load_base()
+            log("model_loaded", model=self.engine.served_name, uri=self.engine.model_uri,
+                device=str(self.engine.device), seconds=round(time.monotonic() - started, 2))
+            for name, uri in self.adapters:
+                self.engine.load_adapter(name, uri)
+                self.metrics.loaded_adapters.set(len(self.engine.adapters()))
+                log("adapter_loaded", name=name, uri=uri)
+        except Exception as error:
+            self.error = error.message if isinstance(error, EngineError) else f"{type(error).__name__}: {error}"
+            log("startup_failed", error=self.error)
+            raise
+        self.ready = True
+        self.metrics.ready.set(1)
+        log("ready", model=self.engine.served_name, adapters=[name for name, _ in self.adapters])
+
+
+def error_body(message: str, type: str, status: int, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": status}}
+
+
+def error_response(error: EngineError) -> JSONResponse:
+    return JSONResponse(error_body(error.message, error.type, error.status), status_code=error.status)
+
+
+class _Measured:
+    """Counts one request in the metrics when it ends (a stream counts itself when it ends)."""
+
+    def __init__(self, metrics: ServingMetrics, engine: Engine, endpoint: str, model: str | None):
+        self.metrics, self.engine, self.endpoint, self.model = metrics, engine, endpoint, model
+        self.started = time.monotonic()
+        self.streaming = False
+
+    def label(self) -> str:
+        """The model, when it is one served: unknown names would make a series each."""
+        if self.model is None:
+            return ""
+        return self.model if self.engine.has_model(self.model) else "unknown"
+
+    def done(self, status: int) -> None:
+        self.metrics.request(self.endpoint, self.label(), status, time.monotonic() - self.started)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if kind is None:
+            if not self.streaming:
+                self.done(200)
+        else:
+            self.done(error.status if isinstance(error, EngineError) else 500)
+        return False
+
+
+def create_app(engine: Engine, metrics: ServingMetrics, startup: Startup) -> FastAPI:
+    app = FastAPI(title="kubetune serve", description="OpenAI-compatible serving of a base model and LoRA adapters.")
+
+    def measured(endpoint: str, model: str | None) -> _Measured:
+        return _Measured(metrics, engine, endpoint, model)
+
+    @app.exception_handler(EngineError)
+    async def engine_error(request: Request, error: EngineError):
+        return error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError):
+        problems = error.errors()
+        message = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in problems)
+        param = ".".join(str(p) for p in problems[0]["loc"][1:]) if problems else None
+        metrics.request(request.url.path.removeprefix("/v1/").replace("/", "_"), "unknown", 400, 0.0)
+        return JSONResponse(error_body(message or "invalid request", "BadRequestError", 400, param), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException):
+        kind = {404: "NotFoundError", 405: "MethodNotAllowedError"}.get(error.status_code, "BadRequestError")
+        return JSONResponse(error_body(str(error.detail), kind, error.status_code), status_code=error.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, error: Exception):
+        log("internal_error", path=request.url.path, error=f"{type(error).__name__}: {error}")
+        return JSONResponse(error_body(f"internal error: {type(error).__name__}: {error}", "InternalServerError", 500),
+                            status_code=500)
+
+    # --- probes and metrics ------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        if startup.ready:
+            return {"status": "ready", "model": engine.served_name, "adapters": [a.name for a in engine.adapters()]}
+        status = "failed" if startup.error else "loading"
+        return JSONResponse({"status": status, "message": startup.error}, status_code=503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # --- models and adapters ----------------------------------------------------------------------
+
+    def cards() -> list[dict]:
+        engine.check_model(engine.served_name)  # 503 while the base model loads
+        base = {"id": engine.served_name, "object": "model", "created": engine.created, "owned_by": "kubetune",
+                "root": engine.model_uri, "parent": None, "max_model_len": engine.max_model_len, "permission": []}
+        adapters = [
+            {"id": a.name, "object": "model", "created": a.created, "owned_by": "kubetune", "root": a.uri,
+             "parent": engine.served_name, "max_model_len": engine.max_model_len, "permission": []}
+            for a in engine.adapters()
+        ]
+        return [base, *adapters]
+
+    @app.get("/v1/models")
+    def list_models():
+        with measured("models", None):
+            return {"object": "list", "data": cards()}
+
+    @app.get("/v1/models/{model:path}")
+    def get_model(model: str):
+        with measured("models", model):
+            for card in cards():
+                if card["id"] == model:
+                    return card
+            raise EngineError(f"The model `{model}` does not exist.", 404, "NotFoundError")
+
+    @app.post("/v1/load_lora_adapter")
+    def load_lora_adapter(body: LoadLoRAAdapterRequest):
+        with measured("load_lora_adapter", body.lora_name):
+            engine.load_adapter(body.lora_name, body.lora_path, replace=body.load_inplace)
+            metrics.loaded_adapters.set(len(engine.adapters()))
+            log("adapter_loaded", name=body.lora_name, uri=body.lora_path)
+            return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    def unload_lora_adapter(body: UnloadLoRAAdapterRequest):
+        with measured("unload_lora_adapter", body.lora_name) as call:
+            engine.unload_adapter(body.lora_name)
+            call.model = None  # gone now: counted as "unknown" like any name not served
+            metrics.loaded_adapters.set(len(engine.adapters()))
+            log("adapter_unloaded", name=body.lora_name)
+            return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    # --- generation -------------------------------------------------------------------------------
+
+    @app.post("/v1/completions")
+    def completions(body: CompletionRequest):
+        model = body.model or engine.served_name
+        with measured("completions", model) as call:
+            engine.check_model(model)
+            if body.echo or body.logprobs:
+                raise EngineError("echo and logprobs are not supported by the builtin runtime")
+            prompts = _prompt_ids(engine, body.prompt)
+            max_tokens = body.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS
+            for ids in prompts:
+                engine.check_length(len(ids), max_tokens)
+            jobs = [(i * body.n + j, ids, _sampling(body, max_tokens, j)) for i, ids in enumerate(prompts)
+                    for j in range(body.n)]
+            reply = _Reply("cmpl", "text_completion", model, sum(map(len, prompts)))
+            if body.stream:
+                call.streaming = True
+                return _stream(engine, metrics, call, jobs, reply.completion_chunk, reply, _usage_wanted(body))
+            results = [(index, engine.generate(model, ids, sampling)) for index, ids, sampling in jobs]
+            _count_tokens(metrics, call, reply, [g for _, g in results])
+            return reply.body(
+                [{"index": i, "text": g.text, "logprobs": None, "finish_reason": g.finish_reason, "stop_reason": None}
+                 for i, g in results],
+                [g for _, g in results],
+            )
+
+    @app.post("/v1/chat/completions")
+    def chat_completions(body: ChatCompletionRequest):
+        model = body.model or engine.served_name
+        with measured("chat_completions", model) as call:
+            engine.check_model(model)
+            if body.logprobs:
+                raise EngineError("logprobs are not supported by the builtin runtime")
+            ids = engine.encode_chat([_message(m) for m in body.messages], body.add_generation_prompt)
+            max_tokens = body.max_completion_tokens or body.max_tokens or max(1, (engine.max_model_len or 0) - len(ids))
+            engine.check_length(len(ids), max_tokens)
+            jobs = [(j, ids, _sampling(body, max_tokens, j)) for j in range(body.n)]
+            reply = _Reply("chatcmpl", "chat.completion", model, len(ids))
+            if body.stream:
+                call.streaming = True
+                return _stream(engine, metrics, call, jobs, reply.chat_chunk, reply, _usage_wanted(body))
+            results = [(index, engine.generate(model, ids, sampling)) for index, ids, sampling in jobs]
+            _count_tokens(metrics, call, reply, [g for _, g in results])
+            return reply.body(
+                [{"index": i, "message": {"role": "assistant", "content": g.text}, "logprobs": None,
+                  "finish_reason": g.finish_reason, "stop_reason": None} for i, g in results],
+                [g for _, g in results],
+            )
+
+    return app
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def _prompt_ids(engine: Engine, prompt) -> list[list[int]]:
+    if isinstance(prompt, str):
+        prompts = [engine.encode(prompt)]
+    elif prompt and all(isinstance(p, str) for p in prompt):
+        prompts = [engine.encode(p) for p in prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        prompts = [list(prompt)]
+    else:
+        prompts = [list(p) for p in prompt]
+    if not prompts or any(not ids for ids in prompts):
+        raise EngineError("prompt must not be empty")
+    vocabulary = len(engine.tokenizer)
+    if any(not 0 <= token < vocabulary for ids in prompts for token in ids):
+        raise EngineError(f"prompt token ids must be between 0 and {vocabulary - 1}")
+    return prompts
+
+
+def _message(message) -> dict:
+    """A chat message for the template: content parts of type text joined, other fields kept."""
+    fields = message.model_dump(exclude_none=True)
+    content = message.content
+    if isinstance(content, list):
+        kinds = {part.get("type") for part in content}
+        if kinds - {"text"}:
+            raise EngineError(f"only text content is supported by the builtin runtime, not {sorted(kinds - {'text'})}")
+        content = "\n".join(str(part.get("text", "")) for part in content)
+    fields["content"] = content or ""
+    return fields
+
+
+def _sampling(body, max_tokens: int, sample: int) -> Sampling:
+    temperature = 1.0 if body.temperature is None else body.temperature
+    return Sampling(
+        max_tokens=max_tokens, temperature=temperature, top_p=body.top_p or 1.0,
+        top_k=body.top_k if body.top_k and body.top_k > 0 else None, stop=body.stop_list(),
+        seed=None if body.seed is None else body.seed + sample,  # n samples from one seed differ
+    )
+
+
+def _usage_wanted(body) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
+def _usage(prompt: int, generations: list[Generation]) -> dict:
+    """Usage as OpenAI counts it: each prompt once, however many choices it has."""
+    completion = sum(g.completion_tokens for g in generations)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _count_tokens(metrics: ServingMetrics, call: _Measured, reply: _Reply, generations: list[Generation]) -> None:
+    usage = _usage(reply.prompt_tokens, generations)
+    metrics.tokens(call.label(), usage["prompt_tokens"], usage["completion_tokens"])
+
+
+class _Reply:
+    """The id, timestamps and shapes shared by a response and its stream chunks."""
+
+    def __init__(self, prefix: str, kind: str, model: str, prompt_tokens: int):
+        self.id, self.kind, self.model = f"{prefix}-{uuid.uuid4().hex}", kind, model
+        self.prompt_tokens = prompt_tokens
+        self.created = int(time.time())
+
+    def _head(self, kind: str) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def body(self, choices: list[dict], generations: list[Generation]) -> dict:
+        return {**self._head(self.kind), "choices": choices, "usage": _usage(self.prompt_tokens, generations)}
+
+    def completion_chunk(self, index: int, text: str | None, finish_reason: str | None) -> dict:
+        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        return {**self._head("text_completion"), "choices": [choice]}
+
+    def chat_chunk(self, index: int, text: str | None, finish_reason: str | None) -> dict:
+        delta = {"role": "assistant", "content": ""} if text is None and finish_reason is None else (
+            {"content": text} if text is not None else {})
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {**self._head("chat.completion.chunk"), "choices": [choice]}
+
+    def usage_chunk(self, generations: list[Generation]) -> dict:
+        kind = "chat.completion.chunk" if self.kind == "chat.completion" else "text_completion"
+        return {**self._head(kind), "choices": [], "usage": _usage(self.prompt_tokens, generations)}
+
+
+def _sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+def _stream(engine: Engine, metrics: ServingMetrics, call: _Measured, jobs: list, chunk: Callable, reply: _Reply,
+            include_usage: bool) -> StreamingResponse:
+    """Server-sent events: each piece of text as it is generated, then `data: [DONE]`.
+
+    A worker thread generates (one choice after another) and hands pieces over a queue; when the
+    client goes away the generation is told to stop at its next token.
+    """
+    events: queue.Queue = queue.Queue()
+    cancel = threading.Event()
+
+    def work() -> None:
+        try:
+            for index, ids, sampling in jobs:
+                if cancel.is_set():
+                    break
+                result = engine.generate(call.model, ids, sampling, cancelled=cancel.is_set,
+                                         on_text=lambda piece, index=index: events.put(("text", index, piece)))
+                events.put(("done", index, result))
+        except EngineError as error:
+            events.put(("error", error, None))
+        except Exception as error:  # the stream has started: report it in the stream
+            log("internal_error", path="stream", error=f"{type(error).__name__}: {error}")
+            events.put(("error", EngineError(f"internal error: {error}", 500, "InternalServerError"), None))
+        finally:
+            events.put(None)
+
+    async def sse() -> AsyncIterator[str]:
+        status, generations = 200, []
+        worker = threading.Thread(target=work, name="kubetune-stream", daemon=True)
+        worker.start()
+        try:
+            if chunk == reply.chat_chunk:
+                for index, _, _ in jobs:
+                    yield _sse(chunk(index, None, None))  # the role comes first, as OpenAI streams it
+            while (event := await anyio.to_thread.run_sync(events.get, abandon_on_cancel=True)) is not None:
+                kind, first, second = event
+                if kind == "text":
+                    yield _sse(chunk(first, second, None))
+                elif kind == "done":
+                    generations.append(second)
+                    yield _sse(chunk(first, None if chunk == reply.chat_chunk else "", second.finish_reason))
+                else:
+                    status = first.status
+                    yield _sse(error_body(first.message, first.type, first.status))
+            if include_usage and status == 200:
+                yield _sse(reply.usage_chunk(generations))
+            yield _sse("[DONE]")
+        finally:
+            cancel.set()
+            call.done(status)
+            if generations:
+                _count_tokens(metrics, call, reply, generations)
+
+    return StreamingResponse(sse(), media_type="text/event-stream")

@@ -1,0 +1,77 @@
+"""`kubetune serve`: the process. The API answers at once (`/health`), the model and the
+command-line adapters load in the background, and `/ready` turns 200 once all are loaded. If any of
+them fails to load, the process exits 1, so its pod restarts and its logs say why."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import threading
+from pathlib import Path
+from urllib.parse import urlparse
+
+from ..report import log
+
+_NAME = re.compile(r"^[^\s=]{1,256}$")
+
+
+def default_served_name(model_uri: str) -> str:
+    """hf://ORG/NAME is served as ORG/NAME (as vLLM names Hub models); anything else as written."""
+    parsed = urlparse(model_uri)
+    if parsed.scheme == "hf":
+        parts = [parsed.netloc, *[p for p in parsed.path.split("/") if p]]
+        if parts[0] == "models":
+            parts.pop(0)
+        if len(parts) >= 2:
+            return f"{parts[0]}/{parts[1]}"
+    return model_uri
+
+
+def parse_adapters(pairs: list[str], max_adapters: int) -> list[tuple[str, str]]:
+    """NAME=URI pairs, each name once, no more than `max_adapters`; ValueError says what is wrong."""
+    adapters: list[tuple[str, str]] = []
+    for pair in pairs:
+        name, sep, uri = pair.partition("=")
+        if not sep or not _NAME.match(name) or not uri:
+            raise ValueError(f"--adapter {pair!r}: write NAME=URI, e.g. support-v1=pvc://adapters/support")
+        if name in dict(adapters):
+            raise ValueError(f"--adapter {name} is given twice")
+        adapters.append((name, uri))
+    if len(adapters) > max_adapters:
+        raise ValueError(f"{len(adapters)} adapters given but --max-adapters is {max_adapters}")
+    return adapters
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..launch import local_cache, quiet_libraries
+    from .app import Startup, create_app
+    from .engine import Engine
+    from .metrics import ServingMetrics
+
+    adapters = parse_adapters(args.adapter, args.max_adapters)
+    quiet_libraries()
+    engine = Engine(
+        args.model, args.served_model_name or default_served_name(args.model),
+        cache_dir=Path(args.cache_dir) if args.cache_dir else local_cache() / "inputs",
+        max_adapters=args.max_adapters, max_lora_rank=args.max_lora_rank, device=args.device, dtype=args.dtype,
+    )
+    metrics = ServingMetrics()
+    startup = Startup(engine, adapters, metrics)
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, metrics, startup), host=args.host, port=args.port,
+                                           log_level="warning", timeout_graceful_shutdown=30))
+
+    def load() -> None:
+        try:
+            startup.run()
+        except Exception:  # logged by Startup; exit so that the pod restarts
+            server.should_exit = True
+
+    log("starting", model=engine.served_name, uri=args.model, host=args.host, port=args.port,
+        adapters=[name for name, _ in adapters], max_adapters=args.max_adapters, max_lora_rank=args.max_lora_rank)
+    loader = threading.Thread(target=load, name="kubetune-load", daemon=True)
+    loader.start()
+    server.run()
+    loader.join(timeout=1)
+    return 1 if startup.error else 0
