@@ -1,9 +1,12 @@
 """Checkpoints: everything needed to continue a run exactly where it stopped.
 
 A checkpoint holds the trainable parameters (the adapter, or every weight for a full fine-tune),
-the optimizer and scheduler, each rank's random number generators and the trainer state (step,
-data fingerprint). The data position needs no saving: the order of examples is a pure function of
-(seed, epoch, step), so resuming at step N reads exactly the batches an unbroken run would have.
+the optimizer and scheduler, each rank's random number generators, the trainer state (step,
+data fingerprint) and which strategy wrote it (strategy.json). Weights and optimizer state come in
+the strategy's format: replicated (DDP: rank 0 writes trainable.safetensors + optimizer.pt), dcp
+(FSDP: every rank writes its shards with torch.distributed.checkpoint), or DeepSpeed's own.
+The data position needs no saving: the order of examples is a pure function of (seed, epoch,
+step), so resuming at step N reads exactly the batches an unbroken run would have.
 Checkpoints are written into a staging folder and published atomically by the storage layer.
 """
 
@@ -59,16 +62,37 @@ def save_rank_files(folder: Path, rank: int) -> None:
     torch.save(rng_state(), folder / f"rng-rank{rank}.pt")
 
 
-def save_shared_files(folder: Path, model, optimizer, scheduler, state: TrainerState) -> None:
-    """What all ranks share in data-parallel training; written by rank 0 only."""
-    save_file(trainable_state(model), str(folder / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+def save_trainer_files(folder: Path, scheduler, state: TrainerState, layout: dict) -> None:
+    """What every strategy shares; written by rank 0 only."""
     torch.save(scheduler.state_dict(), folder / "scheduler.pt")
     (folder / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
+    (folder / "strategy.json").write_text(json.dumps(layout))
 
 
-def load(folder: Path, model, optimizer, scheduler, rank: int) -> TrainerState:
-    """Restore a checkpoint into already-built objects; returns the trainer state."""
+def read_layout(folder: Path) -> dict:
+    """How the checkpoint was written; checkpoints from before strategies existed are DDP's."""
+    path = folder / "strategy.json"
+    return json.loads(path.read_text()) if path.exists() else {"strategy": "ddp", "format": "replicated"}
+
+
+def load_trainer_files(folder: Path, scheduler, rank: int) -> TrainerState:
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
+    rng_file = folder / f"rng-rank{rank}.pt"
+    if rng_file.exists():  # absent when resuming with more ranks than before
+        restore_rng(torch.load(rng_file, weights_only=False))
+    return TrainerState(**json.loads((folder / "trainer_state.json").read_text()))
+
+
+# --- replicated (DDP, one process) -------------------------------------------------------------
+
+
+def save_replicated(folder: Path, model, optimizer) -> None:
+    """Every rank holds the same weights and optimizer state; rank 0 writes them."""
+    save_file(trainable_state(model), str(folder / "trainable.safetensors"))
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+
+
+def load_replicated(folder: Path, model, optimizer) -> None:
     weights = load_file(str(folder / "trainable.safetensors"))
     parameters = dict(model.named_parameters())
     missing = [name for name in weights if name not in parameters]
@@ -78,8 +102,38 @@ def load(folder: Path, model, optimizer, scheduler, rank: int) -> TrainerState:
         for name, tensor in weights.items():
             parameters[name].copy_(tensor)
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
-    rng_file = folder / f"rng-rank{rank}.pt"
-    if rng_file.exists():  # absent when resuming with more ranks than before
-        restore_rng(torch.load(rng_file, weights_only=False))
-    return TrainerState(**json.loads((folder / "trainer_state.json").read_text()))
+
+
+# --- sharded (FSDP): torch.distributed.checkpoint ----------------------------------------------
+
+
+def _sharded_state(model, optimizer) -> dict:
+    """Trainable parameters and optimizer state keyed by parameter name (not position), as the
+    local shards of DTensors: DCP writes each rank's shards and re-shards them on load."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    weights, optim = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    return {"model": weights, "optimizer": optim}
+
+
+def save_sharded(folder: Path, model, optimizer) -> None:
+    """Collective: every rank writes its shards into the same (shared) folder."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_sharded_state(model, optimizer), checkpoint_id=str(folder / "dcp"))
+
+
+def load_sharded(folder: Path, model, optimizer) -> None:
+    """Collective. Works with another world size than the one that saved (DCP re-shards)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    state = _sharded_state(model, optimizer)  # the shapes and shards to fill
+    dcp.load(state, checkpoint_id=str(folder / "dcp"))
+    options = StateDictOptions(ignore_frozen_params=True, strict=False)  # frozen weights are not in it
+    result = set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options
+    )
+    missing = [name for name in result.missing_keys if name in state["model"]]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"checkpoint {folder} does not match the model ({(missing + result.unexpected_keys)[:3]})")

@@ -4,11 +4,12 @@ Read top to bottom, as in a torchtune recipe: set up (process group, model, data
 resume if a checkpoint exists, loop over optimizer steps, save. Each optimizer step consumes
 exactly `globalBatchSize` sequences in an order fixed by (seed, epoch), split over ranks and
 micro-batches; the loss is the mean over every trainable token of that global batch, so the
-result does not depend on how the batch was split (world size, accumulation).
+result does not depend on how the batch was split (world size, accumulation), nor on the
+distributed strategy (DDP, FSDP, DeepSpeed ZeRO: see strategies.py), up to reduction order.
 """
 
-import contextlib
 import json
+import math
 import shutil
 import signal
 import tempfile
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from kubetune_operator.api.trainerconfig import TrainerConfig
 from kubetune_operator.planning import ModelShape, Plan, make_plan
 
-from . import checkpoint, data, methods, storage
+from . import checkpoint, data, methods, storage, strategies
 from .distributed import DistEnv
 from .metrics import TrainingMetrics
 from .report import log, write_termination_message
@@ -40,7 +41,9 @@ class Run:
     config: TrainerConfig
     env: DistEnv
     device: torch.device
-    model: torch.nn.Module
+    model_dir: Path
+    strategy: strategies.Strategy
+    model: torch.nn.Module  # what the loop calls: the strategy's wrapper (DDP, DeepSpeed engine) or the model
     tokenizer: object
     optimizer: torch.optim.Optimizer
     scheduler: object
@@ -53,7 +56,6 @@ class Run:
     total_steps: int
     steps_per_epoch: int
     state: checkpoint.TrainerState
-    scaler: torch.amp.GradScaler | None = None  # fp16 only: bf16 and fp32 need no loss scaling
     stop_requested: bool = False
     timings: dict = field(default_factory=dict)
 
@@ -84,24 +86,16 @@ def setup(config: TrainerConfig, env: DistEnv) -> Run:
 
     base = methods.load_base_model(model_dir, spec, on_gpu=device.type == "cuda")
     model = methods.apply_method(base, spec, total_steps, model_dir)
-    if spec.method.type != "qlora":
-        model.to(device)
     trainable, total = methods.count_parameters(model)
     plan = _plan(config, env, base.config, trainable, total)
 
-    if env.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=spec.hyperparameters.lr,
-        weight_decay=spec.hyperparameters.weight_decay,
-    )
+    strategy = strategies.build(plan.strategy, spec, env, device)  # places, wraps or shards the model
+    model, optimizer = strategy.prepare(model, lambda parameters: _optimizer(parameters, spec.hyperparameters))
     scheduler = _scheduler(optimizer, spec.hyperparameters, total_steps)
     output = storage.open_output(spec.output.uri, cache_dir=cache, local=runtime.local)
     state = checkpoint.TrainerState(step=0, fingerprint=data_report.fingerprint, global_batch_size=spec.hyperparameters.global_batch_size)
-    scaler = torch.amp.GradScaler("cuda") if spec.hyperparameters.precision == "fp16" and device.type == "cuda" else None
-    return Run(config, env, device, model, tokenizer, optimizer, scheduler, train_set, eval_set, data_report, plan,
-               output, TrainingMetrics(), total_steps, steps_per_epoch, state, scaler)
+    return Run(config, env, device, model_dir, strategy, model, tokenizer, optimizer, scheduler, train_set, eval_set,
+               data_report, plan, output, TrainingMetrics(), total_steps, steps_per_epoch, state)
 
 
 def _on_main_first(env: DistEnv, fetch):
@@ -128,8 +122,13 @@ def _plan(config: TrainerConfig, env: DistEnv, model_config, trainable: int, tot
     )
     # The data order is fixed by the global batch; this process count decides the accumulation.
     accumulation = h.global_batch_size // (h.micro_batch_size * env.world_size)
-    return Plan(env.world_size, "ddp", plan.micro_batch, accumulation,
+    strategy = strategies.resolve(spec.distributed.strategy, plan.strategy, spec.method.type, env.world_size)
+    return Plan(env.world_size, strategy, plan.micro_batch, accumulation,
                 trainable, total, plan.estimated_gpu_memory_gib, plan.fits, plan.advice)
+
+
+def _optimizer(parameters, h) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(parameters, lr=h.lr, weight_decay=h.weight_decay)
 
 
 def _scheduler(optimizer, h, total_steps: int):
@@ -149,12 +148,14 @@ def resume_if_possible(run: Run) -> None:
         return
     newest = names[-1] if "/" in names[-1] else f"{checkpoint.CHECKPOINTS}/{names[-1]}"
     folder = run.output.fetch_dir(newest, Path(run.config.runtime.cache_dir) / "resume" / Path(newest).name)
-    state = checkpoint.load(folder, _unwrap(run.model), run.optimizer, run.scheduler, run.env.rank)
+    strategies.check_resumable(run.strategy, checkpoint.read_layout(folder), newest)
+    state = checkpoint.load_trainer_files(folder, run.scheduler, run.env.rank)
     if state.fingerprint != run.data_report.fingerprint:
         raise ValueError(
             f"checkpoint {newest} was trained on other data (fingerprint {state.fingerprint[:12]} != "
             f"{run.data_report.fingerprint[:12]}); write to a new output URI or delete the checkpoints"
         )
+    run.strategy.load_state(folder)  # weights and optimizer state, in the strategy's format
     run.state = state
     log("resumed", checkpoint=newest, step=state.step)
 
@@ -202,43 +203,39 @@ def train_step(run: Run, step: int) -> dict:
     loss_sum = 0.0
     for index, batch in enumerate(batches):
         batch = {k: v.to(run.device) for k, v in batch.items()}
-        sync = index == len(batches) - 1
-        with _no_sync(run.model, not sync), autocast:
+        with run.strategy.no_sync(skip=index < len(batches) - 1), autocast:
             loss, _ = token_loss_sum(run.model, batch, packed=run.config.spec.dataset.packing)
-            # DDP averages gradients over ranks; scaling by world size turns that into a sum, so
-            # the gradient is that of the mean over the whole global batch's tokens.
-            scaled = loss * run.env.world_size / global_tokens
-            (run.scaler.scale(scaled) if run.scaler else scaled).backward()
+            # Every strategy averages gradients over ranks; scaling by world size turns that into a
+            # sum, so the gradient is that of the mean over the whole global batch's tokens.
+            run.strategy.backward(loss * run.env.world_size / global_tokens)
         loss_sum += loss.item()
-    if run.scaler:
-        run.scaler.unscale_(run.optimizer)
-    if h.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), h.max_grad_norm)
-    if run.scaler:
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-    else:
-        run.optimizer.step()
+    run.strategy.clip(h.max_grad_norm)
+    run.strategy.step()
     run.scheduler.step()
     _adalora_update(run, step)  # reads this step's gradients, so before they are cleared
-    run.optimizer.zero_grad(set_to_none=True)
+    run.strategy.zero_grad()
     input_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    return {"loss": run.env.sum(loss_sum) / global_tokens, "tokens": run.env.sum(input_tokens)}
+    return {"loss": run.env.sum(loss_sum) / global_tokens, "tokens": run.env.sum(input_tokens),
+            "grad_norm": run.strategy.grad_norm}
 
 
 def evaluate(run: Run) -> float | None:
     if not run.eval_set:
         return None
-    model = run.model
+    model, micro = run.model, run.config.spec.hyperparameters.micro_batch_size
     model.eval()
     mine = run.eval_set[run.env.rank :: run.env.world_size]
+    # The same number of forward passes on every rank: a sharded model's forward is collective.
+    rounds = math.ceil(math.ceil(len(run.eval_set) / run.env.world_size) / micro)
     loss_sum, tokens = 0.0, 0
     with torch.no_grad(), _autocast(run):
-        for start in range(0, len(mine), run.config.spec.hyperparameters.micro_batch_size):
-            batch = data.collate(mine[start : start + run.config.spec.hyperparameters.micro_batch_size], run.tokenizer.pad_token_id)
+        for start in range(0, rounds * micro, micro):
+            examples = mine[start : start + micro]
+            batch = data.collate(examples or run.eval_set[:1], run.tokenizer.pad_token_id)  # a filler, not counted
             batch = {k: v.to(run.device) for k, v in batch.items()}
             loss, count = token_loss_sum(model, batch, packed=run.config.spec.dataset.packing)
-            loss_sum, tokens = loss_sum + loss.item(), tokens + count
+            if examples:
+                loss_sum, tokens = loss_sum + loss.item(), tokens + count
     model.train()
     return run.env.sum(loss_sum) / max(1.0, run.env.sum(tokens))
 
@@ -258,14 +255,15 @@ def fit(run: Run) -> None:
         step = run.state.step
         tokens_seen += result["tokens"]
         elapsed = time.monotonic() - started
-        entry = {"step": step, "loss": round(result["loss"], 5), "lr": run.scheduler.get_last_lr()[0]}
+        entry = {"step": step, "loss": round(result["loss"], 5), "grad_norm": _rounded(result["grad_norm"]),
+                 "lr": run.scheduler.get_last_lr()[0]}
         if every_eval and step % every_eval == 0 and step < run.total_steps:
             entry["eval_loss"] = evaluate(run)
         run.state.history.append(entry)
         _publish_metrics(run, entry, tokens_seen / elapsed, (step - first_step) / elapsed)
         if run.env.is_main:
             log("step", **entry, tokens_per_second=round(tokens_seen / elapsed, 1), total_steps=run.total_steps)
-        if run.stop_requested:
+        if _stop_agreed(run):
             save_checkpoint(run)
             raise Preempted()
         if step % every_save == 0 and step < run.total_steps:
@@ -276,6 +274,19 @@ def fit(run: Run) -> None:
         run.metrics.set(eval_loss=final_eval)
     run.timings["train_seconds"] = round(time.monotonic() - started, 2)
     run.timings["tokens_per_second"] = round(tokens_seen / max(1e-9, time.monotonic() - started), 1)
+
+
+def _rounded(value: float | None) -> float | None:
+    """For the log: 6 significant digits; None for an overflowed (fp16) step's infinite norm."""
+    return float(f"{value:.6g}") if value is not None and math.isfinite(value) else None
+
+
+def _stop_agreed(run: Run) -> bool:
+    """Whether any rank got SIGTERM. Ranks get it at slightly different moments (and in a multi-node
+    job only the preempted pod's ranks get it at all), so they agree after every step: all of
+    them then checkpoint the same step, instead of some entering the checkpoint's collectives while
+    others run the next step's."""
+    return run.env.sum(1.0 if run.stop_requested else 0.0) > 0
 
 
 def _publish_metrics(run: Run, entry: dict, tokens_per_second: float, steps_per_second: float) -> None:
@@ -294,9 +305,10 @@ def save_checkpoint(run: Run) -> None:
     prunes old checkpoints. In multi-node runs the staging folder lives on the shared output volume."""
     step = run.state.step
     staging = _shared_staging(run, f"step-{step:08d}")
+    run.strategy.save_state(staging)  # rank 0 alone (replicated) or every rank its shards
     checkpoint.save_rank_files(staging, run.env.rank)
     if run.env.is_main:
-        checkpoint.save_shared_files(staging, _unwrap(run.model), run.optimizer, run.scheduler, run.state)
+        checkpoint.save_trainer_files(staging, run.scheduler, run.state, strategies.describe(run.strategy))
     run.env.barrier()
     if run.env.is_main:
         uri = run.output.publish_dir(staging, checkpoint.checkpoint_name(step))
@@ -321,25 +333,38 @@ def _shared_staging(run: Run, name: str) -> Path:
 # --- output ------------------------------------------------------------------------------------
 
 
-def save_outputs(run: Run) -> dict:
+def save_outputs(run: Run) -> dict | None:
     """Adapter (+ tokenizer) and optionally the merged model, each published atomically; returns
-    the artifact description for the report and the termination message."""
+    the artifact description for the report and the termination message (None off rank 0).
+    Every rank calls it: sharded weights are gathered to rank 0, which writes."""
     spec = run.config.spec
-    model = _unwrap(run.model)
-    staging = Path(tempfile.mkdtemp(prefix="adapter-", dir=run.config.runtime.cache_dir))
-    model.save_pretrained(staging, safe_serialization=True)
+    staging = Path(tempfile.mkdtemp(prefix="adapter-", dir=run.config.runtime.cache_dir)) if run.env.is_main else None
+    run.strategy.save_pretrained(staging)
+    if staging is None:
+        return None
     run.tokenizer.save_pretrained(staging)
     weights = next(iter(sorted(staging.glob("*.safetensors"))))
     artifact = {"uri": None, "sizeBytes": weights.stat().st_size, "sha256": storage.sha256_of(weights)}
     artifact["uri"] = run.output.publish_dir(staging, "adapter")
-    shutil.rmtree(staging, ignore_errors=True)
     if spec.output.merge_weights and spec.method.is_adapter:
         merged_dir = Path(tempfile.mkdtemp(prefix="merged-", dir=run.config.runtime.cache_dir))
-        model.merge_and_unload().save_pretrained(merged_dir, safe_serialization=True)
+        _merged_model(run, staging).save_pretrained(merged_dir, safe_serialization=True)
         run.tokenizer.save_pretrained(merged_dir)
         artifact["mergedUri"] = run.output.publish_dir(merged_dir, "merged")
         shutil.rmtree(merged_dir, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)
     return artifact
+
+
+def _merged_model(run: Run, adapter_dir: Path):
+    """The base with the adapter folded in. When no rank holds the whole model (FSDP, ZeRO-3),
+    rank 0 reloads the base on its CPU and applies the adapter it has just saved."""
+    if not run.strategy.gathers_to_merge:
+        return run.strategy.module.merge_and_unload()
+    from peft import PeftModel
+
+    base = methods.load_base_model(run.model_dir, run.config.spec, on_gpu=run.device.type == "cuda")
+    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
 
 def build_result(run: Run, artifact: dict) -> dict:
@@ -375,9 +400,9 @@ def run_training(config: TrainerConfig) -> int:
         resume_if_possible(run)
         fit(run)
         env.barrier()
+        artifact = save_outputs(run)
         if not env.is_main:
             return 0
-        artifact = save_outputs(run)
         result = build_result(run, artifact)
         _write_report(run, result)
         write_termination_message(config.runtime.termination_message_path, result)
@@ -417,18 +442,14 @@ def _handle_sigterm(run: Run) -> None:
 
 
 def _unwrap(model):
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    """The model inside DDP or a DeepSpeed engine (FSDP2 shards in place: nothing to unwrap)."""
+    wrapped = isinstance(model, torch.nn.parallel.DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine"
+    return model.module if wrapped else model
 
 
 def _is_prompt_learning(model) -> bool:
     config = getattr(_unwrap(model), "peft_config", {}).get("default")
     return bool(config and getattr(config, "is_prompt_learning", False))
-
-
-def _no_sync(model, skip: bool):
-    if skip and isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return model.no_sync()
-    return contextlib.nullcontext()
 
 
 def _autocast(run: Run):
@@ -439,7 +460,6 @@ def _autocast(run: Run):
 
 
 def _adalora_update(run: Run, step: int) -> None:
-    model = _unwrap(run.model)
     if run.config.spec.method.type == "adalora":
-        model.base_model.update_and_allocate(step)
+        run.strategy.module.base_model.update_and_allocate(step)
 
