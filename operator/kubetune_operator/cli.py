@@ -65,7 +65,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from kubetune_trainer.launch import quiet_libraries, train_main
 
     quiet_libraries()
-    argv = ["train", "-f", args.filename, "--metrics-port", str(args.metrics_port)]
+    argv = ["train", "-f", args.filename, "--metrics-port", str(args.metrics_port)]  # what each torchrun worker runs
     return train_main(Path(args.filename), args.nproc_per_node, args.metrics_port, argv)
 
 
@@ -165,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
         "report.json atomically. With --nproc-per-node N, runs N processes under torchrun.",
     )
     train.add_argument("-f", "--filename", required=True, help="FineTuneJob manifest or trainer config")
-    train.add_argument("--nproc-per-node", type=int, default=1, help="local processes (torchrun); default 1")
+    train.add_argument(
+        "--nproc-per-node", type=int, help="processes on this machine, under torchrun (default: $NPROC_PER_NODE or 1)"
+    )
     train.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)")
     train.set_defaults(func=cmd_train)
 

@@ -62,3 +62,20 @@ def test_adapter_uris_are_checked():
         {"spec": {"baseModel": {"uri": "hf://a/b"}, "adapters": [{"name": "x", "uri": "ftp://h/a"}]}}
     )
     assert [p.path for p in validate(obj)] == ["spec.adapters[0].uri"]
+
+
+@pytest.mark.parametrize(
+    "method, strategy, message",
+    [
+        ("adalora", "fsdp", "adalora needs whole gradients to reallocate ranks; use ddp or auto, not fsdp"),
+        ("qlora", "deepspeed-zero3", "qlora's 4-bit weights cannot be sharded by deepspeed-zero3"),
+    ],
+)
+def test_method_and_strategy_pairs_the_trainer_cannot_run(method, strategy, message):
+    found = problems(**{"method.type": method, "distributed.strategy": strategy, "resources.gpusPerNode": 2,
+                        "hyperparameters.globalBatchSize": 4})
+    assert any(p.startswith("spec.distributed.strategy: " + message) for p in found), found
+
+
+def test_auto_is_always_fine():
+    assert problems(**{"method.type": "qlora", "distributed.strategy": "auto"}) == []

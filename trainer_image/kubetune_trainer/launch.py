@@ -2,6 +2,7 @@
 trainer config (in a pod) becomes a TrainerConfig; several local processes go through torchrun."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import yaml
 from kubetune_operator.api import FineTuneJob, validate
 from kubetune_operator.api.manifest import load_one
-from kubetune_operator.api.trainerconfig import RuntimeSettings, TrainerConfig
+from kubetune_operator.api.trainerconfig import EXIT_INVALID_INPUT, EXIT_PREEMPTED, RuntimeSettings, TrainerConfig
 
 LAUNCHED = "KUBETUNE_LAUNCHED"  # set by the torchrun re-launch so it does not recurse
 
@@ -38,19 +39,49 @@ def load_config(path: Path, metrics_port: int = 0) -> TrainerConfig:
     return config
 
 
-def relaunch_with_torchrun(argv: list[str], nproc: int) -> int:
-    """One launcher path: several processes on this machine are torchrun's job, as in a pod."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone",
-               "-m", "kubetune_operator.cli", *argv]
-    return subprocess.call(command, env={**os.environ, LAUNCHED: "1"})
+def torchrun_arguments(nproc_flag: int | None) -> list[str] | None:
+    """torchrun's arguments when this pod (or machine) runs several processes, else None.
+    In a pod the operator sets NNODES, NODE_RANK, NPROC_PER_NODE, MASTER_ADDR and MASTER_PORT."""
+    nnodes = int(os.environ.get("NNODES", 1))
+    nproc = nproc_flag or int(os.environ.get("NPROC_PER_NODE", 1))
+    if nnodes == 1 and nproc == 1:
+        return None
+    if nnodes == 1:
+        return ["--standalone", "--nproc-per-node", str(nproc)]
+    return ["--nnodes", str(nnodes), "--node-rank", os.environ["NODE_RANK"], "--nproc-per-node", str(nproc),
+            "--master-addr", os.environ["MASTER_ADDR"], "--master-port", os.environ.get("MASTER_PORT", "29500")]
 
 
-def train_main(path: Path, nproc: int, metrics_port: int, argv: list[str]) -> int:
-    if nproc > 1 and not os.environ.get(LAUNCHED):
-        return relaunch_with_torchrun(argv, nproc)
+def relaunch_with_torchrun(argv: list[str], torchrun_args: list[str]) -> int:
+    """One launcher path: several processes are torchrun's job, here and in a pod. SIGTERM (a
+    preemption) is forwarded to torchrun, which passes it to the workers; they checkpoint and exit
+    143, but torchrun itself reports 1, so a stop we forwarded is reported as 143 again."""
+    command = [sys.executable, "-m", "torch.distributed.run", *torchrun_args, "-m", "kubetune_operator.cli", *argv]
+    child = subprocess.Popen(command, env={**os.environ, LAUNCHED: "1"})
+    stopped = []
+
+    def forward(signum, frame):
+        stopped.append(signum)
+        child.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, forward)
+    code = child.wait()
+    return EXIT_PREEMPTED if stopped and code != 0 else code
+
+
+def train_main(path: Path, nproc: int | None, metrics_port: int, argv: list[str]) -> int:
+    torchrun_args = None if os.environ.get(LAUNCHED) else torchrun_arguments(nproc)
+    if torchrun_args:
+        return relaunch_with_torchrun(argv, torchrun_args)
     from .train import run_training
 
-    return run_training(load_config(path, metrics_port))
+    try:
+        config = load_config(path, metrics_port)
+    except (OSError, ValueError) as error:
+        print(f"kubetune train: {error}", file=sys.stderr)
+        return EXIT_INVALID_INPUT
+    return run_training(config)
 
 
 def quiet_libraries() -> None:

@@ -24,7 +24,10 @@ def termination_message(result: dict) -> str:
         if len(text.encode()) < TERMINATION_LIMIT:
             return text
         message.pop(key, None)
-    return json.dumps({k: message[k] for k in ("phase", "adapter") if k in message}, separators=(",", ":"))
+    essential = {k: message[k] for k in ("phase", "reason", "adapter") if k in message}
+    if "message" in message:
+        essential["message"] = str(message["message"])[:2000]
+    return json.dumps(essential, separators=(",", ":"))
 
 
 def write_termination_message(path: str, result: dict) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from kubetune_operator.api.trainerconfig import TrainerConfig
+from kubetune_operator.api.trainerconfig import EXIT_INVALID_INPUT, EXIT_PREEMPTED, TrainerConfig
 from kubetune_operator.planning import ModelShape, Plan, make_plan
 
 from . import checkpoint, data, methods, storage, strategies
@@ -27,7 +27,6 @@ from .distributed import DistEnv
 from .metrics import TrainingMetrics
 from .report import log, write_termination_message
 
-EXIT_PREEMPTED = 143  # 128 + SIGTERM: not a success, so the Job retries and the run resumes
 
 
 class Preempted(Exception):
@@ -391,7 +390,12 @@ def run_training(config: TrainerConfig) -> int:
     env.init()
     run = None
     try:
-        run = setup(config, env)
+        try:
+            run = setup(config, env)
+        except ValueError as error:  # bad data, a model that does not fit the method: retrying cannot help
+            return _fail(config, env, "InvalidInput", str(error), EXIT_INVALID_INPUT)
+        except storage.StorageError as error:  # may be transient (a bucket briefly unreachable): retried
+            return _fail(config, env, "InputUnavailable", str(error), 1)
         _handle_sigterm(run)
         if env.is_main:
             run.metrics.set(trainable_parameters=run.plan.trainable_params, total_parameters=run.plan.total_params, total_steps=run.total_steps)
@@ -415,6 +419,14 @@ def run_training(config: TrainerConfig) -> int:
         if run is not None:
             run.metrics.stop()
         env.shutdown()
+
+
+def _fail(config: TrainerConfig, env: DistEnv, reason: str, message: str, code: int) -> int:
+    """Say why in the log and in the termination message the operator turns into a condition."""
+    if env.is_main:
+        log("failed", reason=reason, message=message)
+        write_termination_message(config.runtime.termination_message_path, {"phase": "Failed", "reason": reason, "message": message})
+    return code
 
 
 def _write_report(run: Run, result: dict) -> None:

@@ -10,6 +10,12 @@ from .common import MAX_NAME, ApiModel
 from .finetunejob import FineTuneJobSpec
 
 
+# The trainer's exit codes, a contract with the Job's podFailurePolicy that the operator renders.
+EXIT_INVALID_INPUT = 2  # the config, the data or a URI is wrong: retrying cannot help
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, after a checkpoint was written: the retry resumes
+NON_RETRYABLE_EXIT_CODES = (EXIT_INVALID_INPUT,)
+
+
 class RuntimeSettings(ApiModel):
     """Set by the operator for pods, or by `kubetune train` for local runs; not part of the user API."""
 

@@ -70,6 +70,7 @@ def validate_finetunejob(spec: FineTuneJobSpec, local: bool = False) -> list[Pro
         problems.append(
             Problem("spec.method.virtualTokens.initText", "initText only applies to promptTuning; remove it for prefixTuning")
         )
+    problems += check_strategy(spec)
     lr = spec.hyperparameters.lr
     if not 0 < lr <= 1:
         problems.append(
@@ -93,6 +94,16 @@ def validate_adapterdeployment(obj: AdapterDeployment, local: bool = False) -> l
         if adapter.from_job and not re.match(DNS_LABEL, adapter.from_job.split(".")[0]):
             problems.append(Problem(f"spec.adapters[{index}].fromJob", f"{adapter.from_job!r} is not a FineTuneJob name"))
     return problems
+
+
+def check_strategy(spec: FineTuneJobSpec) -> list[Problem]:
+    """Method and strategy pairs the trainer cannot run (auto always picks one that works)."""
+    strategy, method = spec.distributed.strategy, spec.method.type
+    if method == "adalora" and strategy not in ("auto", "ddp"):
+        return [Problem("spec.distributed.strategy", f"adalora needs whole gradients to reallocate ranks; use ddp or auto, not {strategy}")]
+    if method == "qlora" and strategy in ("fsdp", "deepspeed-zero3"):
+        return [Problem("spec.distributed.strategy", f"qlora's 4-bit weights cannot be sharded by {strategy}; use ddp, deepspeed-zero2 or auto")]
+    return []
 
 
 def check_uri(path: str, uri: str, schemes: tuple[str, ...], local: bool) -> list[Problem]:

@@ -22,7 +22,13 @@ import yaml
 from pydantic import ValidationError
 
 from ..api.finetunejob import FineTuneJob, FineTuneJobSpec, ResourcesSpec, TrainingPlan
-from ..api.trainerconfig import RuntimeSettings, TrainerConfig
+from ..api.trainerconfig import (
+    EXIT_INVALID_INPUT,
+    EXIT_PREEMPTED,
+    NON_RETRYABLE_EXIT_CODES,
+    RuntimeSettings,
+    TrainerConfig,
+)
 from ..api.validation import validate
 from ..config import OperatorConfig
 from ..planning import Plan
@@ -77,9 +83,6 @@ TMP_DIR = f"{SCRATCH}/tmp"  # also mounted at /tmp, for libraries that ignore TM
 TERMINATION_LOG = "/dev/termination-log"
 
 # The trainer's exit codes the Job's podFailurePolicy acts on (the trainer adopts these values).
-EXIT_INVALID_INPUT = 2  # the config, the data or a URI is wrong: retrying cannot help
-EXIT_PREEMPTED = 143  # 128 + SIGTERM, after a checkpoint was written: the retry resumes
-NON_RETRYABLE_EXIT_CODES = (EXIT_INVALID_INPUT,)
 
 # Extra seconds the pod gets beyond the trainer's grace period, for torchrun to tear down workers.
 GRACE_MARGIN_SECONDS = 15
@@ -348,19 +351,9 @@ def nproc_per_node(resources: ResourcesSpec) -> int:
 
 
 def trainer_command(resources: ResourcesSpec) -> list[str]:
-    """One process: `kubetune train`. Several (GPUs or nodes): torchrun starts one per GPU, with
-    static rendezvous at rank 0; `$(VAR)` is expanded by the kubelet from the container's env."""
-    if not uses_torchrun(resources):
-        return ["kubetune", "train", "-f", CONFIG_PATH]
-    return [
-        "torchrun",
-        "--nnodes", "$(NNODES)",
-        "--node-rank", "$(NODE_RANK)",
-        "--nproc-per-node", "$(NPROC_PER_NODE)",
-        "--master-addr", "$(MASTER_ADDR)",
-        "--master-port", "$(MASTER_PORT)",
-        "-m", "kubetune_operator.cli", "train", "-f", CONFIG_PATH,
-    ]  # fmt: skip
+    """Always `kubetune train`: with NNODES/NPROC_PER_NODE above 1 in its env it starts torchrun
+    itself (static rendezvous at rank 0), forwards SIGTERM and reports a preemption as 143."""
+    return ["kubetune", "train", "-f", CONFIG_PATH]
 
 
 def trainer_env(name: str, resources: ResourcesSpec, config: OperatorConfig) -> list[dict[str, Any]]:
