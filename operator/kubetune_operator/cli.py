@@ -116,14 +116,6 @@ def cmd_operator(args: argparse.Namespace) -> int:
     return run_operator(options)
 
 
-def cmd_not_yet(args: argparse.Namespace) -> int:
-    print(
-        f"kubetune {args.command}: not available in this version yet ({args.pending}).",
-        file=sys.stderr,
-    )
-    return 2
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubetune",
@@ -223,10 +215,6 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument("--debug", action="store_true", help="log everything kopf does")
     operator.set_defaults(func=cmd_operator)
 
-    pending: dict[str, tuple[str, str]] = {}
-    for name, (help_text, part) in pending.items():
-        command = sub.add_parser(name, help=f"{help_text} [coming: {part}]", description=help_text)
-        command.set_defaults(func=cmd_not_yet, pending=f"{part} lands in a later release")
     return parser
 
 

@@ -78,3 +78,22 @@ def test_training_prefers_the_chosen_replies(policy):
     with torch.no_grad():
         policy_after = dpo.both_sides(model, batch)
     assert not torch.allclose(policy_after[0], base_after[0])
+
+
+def test_a_dpo_job_trains_end_to_end(tmp_path):
+    import json
+
+    from kubetune_trainer import train
+    from tests.conftest import REPO
+    from tests.trainer.test_train import make_config
+
+    model = build_tiny_model(tmp_path / "tiny")
+    config = make_config(model, tmp_path, steps=30, learningRate="5e-3")
+    config.spec.objective = "dpo"
+    config.spec.dataset.format = "preference"
+    config.spec.dataset.uri = f"file://{REPO}/examples/data/support-preferences.jsonl"
+    assert train.run_training(config) == 0
+    history = json.loads((tmp_path / "output" / "report.json").read_text())["history"]
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)  # policy == reference at step 1
+    evals = [entry["eval_loss"] for entry in history if entry.get("eval_loss") is not None]
+    assert evals[-1] < 0.5 * math.log(2), evals  # prefers the right answers on held-out pairs

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from kubetune_operator.api.finetunejob import DpoSettings
 from kubetune_operator.api.trainerconfig import EXIT_INVALID_INPUT, EXIT_PREEMPTED, TrainerConfig
 from kubetune_operator.planning import ModelShape, Plan, make_plan
 
-from . import checkpoint, data, methods, storage, strategies
+from . import checkpoint, data, dpo, methods, storage, strategies
 from .distributed import DistEnv
 from .metrics import TrainingMetrics
 from .report import log, write_termination_message
@@ -193,28 +194,52 @@ def token_loss_sum(model, batch: dict, packed: bool = False) -> tuple[torch.Tens
     return loss, int((shifted != -100).sum())
 
 
+def collate(run: Run, examples: list) -> dict:
+    if run.config.spec.objective == "dpo":
+        return data.collate_preference(examples, run.tokenizer.pad_token_id)
+    return data.collate(examples, run.tokenizer.pad_token_id)
+
+
+def loss_units(run: Run, batch: dict) -> int:
+    """What the loss is a mean over: trainable tokens (sft) or preference pairs (dpo)."""
+    if run.config.spec.objective == "dpo":
+        return int(batch["chosen_input_ids"].shape[0])
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def loss_sum(run: Run, model, batch: dict) -> tuple[torch.Tensor, int]:
+    spec = run.config.spec
+    if spec.objective == "dpo":
+        settings = spec.dpo or DpoSettings()
+        total, pairs, _ = dpo.dpo_loss_sum(model, batch, settings.beta, settings.loss_type)
+        return total, pairs
+    return token_loss_sum(model, batch, packed=spec.dataset.packing)
+
+
+def input_tokens(batch: dict) -> int:
+    return sum(int(mask.sum()) for key, mask in batch.items() if key.endswith("attention_mask"))
+
+
 def train_step(run: Run, step: int) -> dict:
     h = run.config.spec.hyperparameters
-    batches = [data.collate([run.train_set[i] for i in indices], run.tokenizer.pad_token_id) for indices in micro_batches(run, step)]
-    local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-    global_tokens = max(1.0, run.env.sum(local_tokens))
+    batches = [collate(run, [run.train_set[i] for i in indices]) for indices in micro_batches(run, step)]
+    global_units = max(1.0, run.env.sum(sum(loss_units(run, b) for b in batches)))
     autocast = _autocast(run)
-    loss_sum = 0.0
+    total = 0.0
     for index, batch in enumerate(batches):
         batch = {k: v.to(run.device) for k, v in batch.items()}
         with run.strategy.no_sync(skip=index < len(batches) - 1), autocast:
-            loss, _ = token_loss_sum(run.model, batch, packed=run.config.spec.dataset.packing)
+            loss, _ = loss_sum(run, run.model, batch)
             # Every strategy averages gradients over ranks; scaling by world size turns that into a
-            # sum, so the gradient is that of the mean over the whole global batch's tokens.
-            run.strategy.backward(loss * run.env.world_size / global_tokens)
-        loss_sum += loss.item()
+            # sum, so the gradient is that of the mean over the whole global batch.
+            run.strategy.backward(loss * run.env.world_size / global_units)
+        total += loss.item()
     run.strategy.clip(h.max_grad_norm)
     run.strategy.step()
     run.scheduler.step()
     _adalora_update(run, step)  # reads this step's gradients, so before they are cleared
     run.strategy.zero_grad()
-    input_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    return {"loss": run.env.sum(loss_sum) / global_tokens, "tokens": run.env.sum(input_tokens),
+    return {"loss": run.env.sum(total) / global_units, "tokens": run.env.sum(sum(input_tokens(b) for b in batches)),
             "grad_norm": run.strategy.grad_norm}
 
 
@@ -226,17 +251,17 @@ def evaluate(run: Run) -> float | None:
     mine = run.eval_set[run.env.rank :: run.env.world_size]
     # The same number of forward passes on every rank: a sharded model's forward is collective.
     rounds = math.ceil(math.ceil(len(run.eval_set) / run.env.world_size) / micro)
-    loss_sum, tokens = 0.0, 0
+    total, units = 0.0, 0
     with torch.no_grad(), _autocast(run):
         for start in range(0, rounds * micro, micro):
             examples = mine[start : start + micro]
-            batch = data.collate(examples or run.eval_set[:1], run.tokenizer.pad_token_id)  # a filler, not counted
+            batch = collate(run, examples or run.eval_set[:1])  # a filler, not counted
             batch = {k: v.to(run.device) for k, v in batch.items()}
-            loss, count = token_loss_sum(model, batch, packed=run.config.spec.dataset.packing)
+            loss, count = loss_sum(run, model, batch)
             if examples:
-                loss_sum, tokens = loss_sum + loss.item(), tokens + count
+                total, units = total + loss.item(), units + count
     model.train()
-    return run.env.sum(loss_sum) / max(1.0, run.env.sum(tokens))
+    return run.env.sum(total) / max(1.0, run.env.sum(units))
 
 
 # --- the loop ----------------------------------------------------------------------------------

@@ -71,6 +71,10 @@ def validate_finetunejob(spec: FineTuneJobSpec, local: bool = False) -> list[Pro
             Problem("spec.method.virtualTokens.initText", "initText only applies to promptTuning; remove it for prefixTuning")
         )
     problems += check_strategy(spec)
+    if spec.objective == "dpo" and spec.method.type == "full":
+        problems.append(
+            Problem("spec.method.type", "dpo uses the base model as its frozen reference, so it needs an adapter method (lora, qlora, dora, ...), not full")
+        )
     lr = spec.hyperparameters.lr
     if not 0 < lr <= 1:
         problems.append(

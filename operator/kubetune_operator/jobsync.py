@@ -1,0 +1,79 @@
+"""Keeping an existing Job in step with its FineTuneJob: pure decisions over dicts.
+
+A Job's pod template and completions cannot change; `suspend`, `activeDeadlineSeconds` and
+`ttlSecondsAfterFinished` can. The handlers patch those in place, and replace a Job only when its
+ConfigMap holds another trainer config than the spec now gives (resources or image changed while
+suspended; runPolicy aside) and it is suspended, so no running training is ever cut short.
+"""
+
+from typing import Any
+
+import yaml
+
+from .api.finetunejob import FineTuneJob
+from .render.finetunejob import CONFIG_KEY
+from .status import job_outcome, job_suspended
+
+MUTABLE_FIELDS = ("activeDeadlineSeconds", "ttlSecondsAfterFinished")
+
+
+def owned_by(obj: dict[str, Any], uid: str | None) -> bool:
+    """Whether `obj` is controlled by the object with `uid` (not a namesake left by a deleted one)."""
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return bool(uid) and any(ref.get("uid") == uid and ref.get("controller") for ref in refs)
+
+
+def is_terminating(obj: dict[str, Any]) -> bool:
+    return bool((obj.get("metadata") or {}).get("deletionTimestamp"))
+
+
+def desired_suspend(ftj: FineTuneJob, existing: dict[str, Any]) -> bool:
+    """spec.runPolicy.suspend, except that a queued job's resumption belongs to Kueue: the
+    operator suspends it on request but never unsuspends it."""
+    policy = ftj.spec.run_policy
+    if policy.queue_name and not policy.suspend:
+        return job_suspended(existing)
+    return policy.suspend
+
+
+def job_patch(ftj: FineTuneJob, existing: dict[str, Any], rendered: dict[str, Any]) -> dict[str, Any] | None:
+    """The merge patch bringing the Job's mutable fields to the spec's values; None when in step
+    or when the Job has finished (nothing about a finished Job is worth changing)."""
+    if job_outcome(existing) is not None:
+        return None
+    have, want = existing.get("spec") or {}, rendered.get("spec") or {}
+    spec: dict[str, Any] = {}
+    suspend = desired_suspend(ftj, existing)
+    if bool(have.get("suspend")) != suspend:
+        spec["suspend"] = suspend
+    for key in MUTABLE_FIELDS:
+        if have.get(key) != want.get(key):
+            spec[key] = want.get(key)  # None removes it
+    return {"spec": spec} if spec else None
+
+
+def trainer_settings(config_map: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The trainer config a ConfigMap carries, without spec.runPolicy (suspend, deadlines and TTL
+    change the Job in place, never its pods)."""
+    text = ((config_map or {}).get("data") or {}).get(CONFIG_KEY)
+    if text is None:
+        return None
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+    if isinstance(document, dict) and isinstance(document.get("spec"), dict):
+        document["spec"].pop("runPolicy", None)
+    return document
+
+
+def needs_replacement(
+    existing_job: dict[str, Any], existing_cm: dict[str, Any] | None, rendered_cm: dict[str, Any]
+) -> bool:
+    """The Job must be replaced: its pods would run another trainer config than the spec now asks
+    for (resources or image changed), and it is suspended and unfinished, so nothing is cut short."""
+    return (
+        job_suspended(existing_job)
+        and job_outcome(existing_job) is None
+        and trainer_settings(existing_cm) != trainer_settings(rendered_cm)
+    )

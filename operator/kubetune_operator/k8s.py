@@ -1,0 +1,207 @@
+"""A thin, dict-in dict-out Kubernetes REST client over the official client's connection handling.
+
+The renderers produce plain dicts and the status logic reads plain dicts, so the operator talks
+to the API in dicts too: one `request` with explicit paths and content types, no generated models.
+Credentials come from the service account in a pod, else the kubeconfig named by KUBECONFIG (read
+when called, not at import), else ~/.kube/config; kopf logs in with the very same credentials.
+"""
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config import ConfigException
+
+from .api.common import GROUP, VERSION
+
+MERGE_PATCH = "application/merge-patch+json"
+COMPONENT = "kubetune-operator"
+TIMEOUT = (5, 30)  # connect, read (seconds)
+
+
+class ApiError(RuntimeError):
+    """A non-2xx answer: `status` is the HTTP code, `reason` the API's Status reason."""
+
+    def __init__(self, status: int, reason: str, message: str):
+        super().__init__(f"{status} {reason}: {message}")
+        self.status, self.reason, self.message = status, reason, message
+
+
+def load_configuration() -> kubernetes.client.Configuration:
+    """In-cluster service account first, then the kubeconfig; ConfigException when neither works."""
+    configuration = kubernetes.client.Configuration()
+    try:
+        kubernetes.config.load_incluster_config(client_configuration=configuration)
+    except ConfigException:
+        path = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+        first = path.split(os.pathsep)[0]
+        kubernetes.config.load_kube_config(config_file=first, client_configuration=configuration, persist_config=False)
+    return configuration
+
+
+# --- paths ---------------------------------------------------------------------------------------
+
+
+def finetunejob_path(namespace: str, name: str = "") -> str:
+    base = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/finetunejobs"
+    return f"{base}/{name}" if name else base
+
+
+def object_path(obj: dict[str, Any], name: str | None = None) -> str:
+    """The REST path of a rendered object's kind in its namespace (+ its name)."""
+    api_version, kind = obj["apiVersion"], obj["kind"]
+    namespace = obj["metadata"]["namespace"]
+    plural = {"ConfigMap": "configmaps", "Service": "services", "Job": "jobs", "Pod": "pods", "Event": "events"}[kind]
+    prefix = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
+    base = f"{prefix}/namespaces/{namespace}/{plural}"
+    return f"{base}/{name}" if name else base
+
+
+def job_path(namespace: str, name: str) -> str:
+    return f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}"
+
+
+def pods_path(namespace: str) -> str:
+    return f"/api/v1/namespaces/{namespace}/pods"
+
+
+# --- the client ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Client:
+    configuration: kubernetes.client.Configuration
+
+    def __post_init__(self) -> None:
+        self.api = kubernetes.client.ApiClient(self.configuration)
+
+    @classmethod
+    def from_environment(cls) -> "Client":
+        return cls(load_configuration())
+
+    def close(self) -> None:
+        self.api.close()
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: dict[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> dict[str, Any]:
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        token = bearer(self.configuration)
+        if token:
+            headers["Authorization"] = token
+        try:
+            response = self.api.call_api(
+                path, method, query_params=list((query or {}).items()), header_params=headers, body=body,
+                auth_settings=[], _preload_content=False, _request_timeout=TIMEOUT, _return_http_data_only=True,
+            )  # fmt: skip
+        except ApiException as error:
+            raise _api_error(error) from None
+        data = response.data
+        return json.loads(data) if data else {}
+
+    def get(self, path: str) -> dict[str, Any] | None:
+        """The object, or None when it does not exist."""
+        try:
+            return self.request("GET", path)
+        except ApiError as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def list(self, path: str, label_selector: str = "") -> list[dict[str, Any]]:
+        query = {"labelSelector": label_selector} if label_selector else None
+        return self.request("GET", path, query=query).get("items") or []
+
+    def create(self, path: str, body: dict[str, Any]) -> bool:
+        """True if created, False if an object of that name already existed (409 AlreadyExists)."""
+        try:
+            self.request("POST", path, body)
+            return True
+        except ApiError as error:
+            if error.status == 409 and error.reason == "AlreadyExists":
+                return False
+            raise
+
+    def merge_patch(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self.request("PATCH", path, body, content_type=MERGE_PATCH)
+
+    def delete(self, path: str, propagation: str = "Background", uid: str | None = None) -> bool:
+        """False when already gone. `uid` makes it a precondition (never delete a newer namesake)."""
+        options: dict[str, Any] = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": propagation}
+        if uid:
+            options["preconditions"] = {"uid": uid}
+        try:
+            self.request("DELETE", path, options)
+            return True
+        except ApiError as error:
+            if error.status == 404:
+                return False
+            raise
+
+    def post_event(self, involved: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        """A core/v1 Event about `involved` (what `kubectl describe` and `kubectl events` show)."""
+        meta = involved["metadata"]
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {k: v for k, v in {
+                "apiVersion": involved["apiVersion"], "kind": involved["kind"], "name": meta["name"],
+                "namespace": meta["namespace"], "uid": meta.get("uid"), "resourceVersion": meta.get("resourceVersion"),
+            }.items() if v},
+            "type": type_, "reason": reason, "message": message[:1024],
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+            "source": {"component": COMPONENT, "host": socket.gethostname()},
+            "reportingComponent": COMPONENT, "reportingInstance": socket.gethostname()[:128],
+        }  # fmt: skip
+        self.request("POST", f"/api/v1/namespaces/{quote(meta['namespace'])}/events", event)
+
+
+def _api_error(error: ApiException) -> ApiError:
+    reason, message = error.reason or "", error.body or ""
+    try:
+        body = json.loads(error.body or "")
+        reason, message = body.get("reason") or reason, body.get("message") or message
+    except (TypeError, ValueError):
+        pass
+    return ApiError(int(error.status or 0), str(reason), str(message))
+
+
+def bearer(configuration: kubernetes.client.Configuration) -> str | None:
+    """The Authorization header value ("Bearer <token>") for token-based credentials. The loaders
+    of kubernetes 36.0.0 store it under "authorization" while the client's own auth settings only
+    look at "BearerToken" (fixed in 36.0.1), so both are read here; reading calls the
+    configuration's refresh hook, which re-reads an expiring service-account token."""
+    return configuration.get_api_key_with_prefix("BearerToken") or configuration.get_api_key_with_prefix(
+        "authorization"
+    )
+
+
+def connection_info(configuration: kubernetes.client.Configuration) -> dict[str, Any]:
+    """Keyword arguments for kopf.ConnectionInfo from the client's configuration."""
+    header = bearer(configuration)
+    parts = header.split(" ", 1) if header else []
+    scheme, token = (None, None) if not parts else (None, parts[0]) if len(parts) == 1 else (parts[0], parts[1])
+    return {
+        "server": configuration.host,
+        "ca_path": configuration.ssl_ca_cert,
+        "insecure": not configuration.verify_ssl,
+        "username": configuration.username or None,
+        "password": configuration.password or None,
+        "scheme": scheme,
+        "token": token,
+        "certificate_path": configuration.cert_file,
+        "private_key_path": configuration.key_file,
+    }

@@ -1,0 +1,60 @@
+"""The operator's own Prometheus metrics (not the trainer's), served by `kubetune operator
+--metrics-port` from a registry of their own, so importing this module twice or running several
+operators in one test process never clashes with prometheus_client's global registry."""
+
+from collections import Counter as Tally
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+REGISTRY = CollectorRegistry()
+
+RECONCILES = Counter(
+    "kubetune_operator_reconciles_total",
+    "Reconciliations, by kind and result (ok, error, invalid, refused).",
+    ["kind", "result"],
+    registry=REGISTRY,
+)
+RECONCILE_SECONDS = Histogram(
+    "kubetune_operator_reconcile_duration_seconds",
+    "Time to reconcile one object (API reads, pure logic, writes).",
+    ["kind"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
+JOBS_BY_PHASE = Gauge(
+    "kubetune_operator_finetunejobs",
+    "FineTuneJobs the operator watches, by status.phase.",
+    ["phase"],
+    registry=REGISTRY,
+)
+GPU_HOURS = Counter(
+    "kubetune_operator_gpu_hours_requested_total",
+    "GPU-hours requested by running FineTuneJobs (GPUs x time spent in phase Running).",
+    registry=REGISTRY,
+)
+SCRAPES = Counter(
+    "kubetune_operator_metrics_scrapes_total",
+    "Scrapes of rank 0's training metrics, by result (ok, error).",
+    ["result"],
+    registry=REGISTRY,
+)
+STATUS_WRITES = Counter(
+    "kubetune_operator_status_writes_total",
+    "FineTuneJob status patches sent (writes are skipped when nothing changed).",
+    registry=REGISTRY,
+)
+
+PHASES = ("Pending", "Admitted", "Running", "Suspended", "Succeeded", "Failed")
+
+
+def set_phase_counts(phases: Iterable[str]) -> None:
+    counts = Tally(phases)
+    for phase in set(PHASES) | set(counts):
+        JOBS_BY_PHASE.labels(phase=phase).set(counts.get(phase, 0))
+
+
+def serve(port: int, address: str = "0.0.0.0") -> None:
+    """Expose /metrics on `port` (0: don't)."""
+    if port:
+        start_http_server(port, addr=address, registry=REGISTRY)

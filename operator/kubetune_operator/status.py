@@ -1,0 +1,436 @@
+"""A FineTuneJob's status from its Job and pods: pure functions, no API calls, no clock.
+
+The handlers read the FineTuneJob, its Job and the Job's pods, call `derive_status`, and write
+the result only when it differs from what is stored. Admission (the Admitted condition and
+`status.plan`) is decided elsewhere (`admission.py`); this module keeps it as it finds it.
+
+Where the facts come from, the Kubernetes way:
+* Running: the Job's pods (all of them Running), Suspended: the Job's `spec.suspend`.
+* Succeeded / Failed: the Job's terminal conditions (Complete, or Failed with the Job's reason:
+  BackoffLimitExceeded, PodFailurePolicy, DeadlineExceeded, ...).
+* The result: rank 0's termination message, a JSON object the trainer writes
+  (`{"phase", "adapter": {"uri", "sizeBytes", "sha256"}, "metrics": {...}, "steps", ...}`).
+* restarts: the Job's failed count, without pod disruptions (preemption, drain, eviction).
+"""
+
+import copy
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from . import conditions as c
+from .api.finetunejob import FineTuneJob
+
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+TRAINER_CONTAINER = "trainer"
+DISRUPTION_TARGET = "DisruptionTarget"
+ADAPTER_SUFFIX = "/adapter"  # the trainer publishes the adapter under the output URI
+FAILURE_DETAIL_LIMIT = 2000  # characters of a pod's termination message quoted in the Failed condition
+
+Status = dict[str, Any]
+
+
+# --- reading a Job -------------------------------------------------------------------------------
+
+
+def job_condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    """The Job's condition of `type_` when it is True."""
+    for condition in (job.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == type_ and condition.get("status") == c.TRUE:
+            return condition
+    return None
+
+
+def job_outcome(job: dict[str, Any]) -> str | None:
+    """"Complete", "Failed", or None while the Job runs (or is suspended)."""
+    for type_ in ("Failed", "Complete"):
+        if job_condition(job, type_):
+            return type_
+    return None
+
+
+def job_suspended(job: dict[str, Any]) -> bool:
+    return bool((job.get("spec") or {}).get("suspend"))
+
+
+def expected_pods(job: dict[str, Any]) -> int:
+    spec = job.get("spec") or {}
+    return int(spec.get("parallelism") or spec.get("completions") or 1)
+
+
+def ignores_disruptions(job: dict[str, Any]) -> bool:
+    """Whether the Job's podFailurePolicy already leaves disrupted pods out of `status.failed`
+    (its Ignore action does not count the pod). Every Job kubetune renders has that rule."""
+    for rule in ((job.get("spec") or {}).get("podFailurePolicy") or {}).get("rules") or []:
+        if rule.get("action") != "Ignore":
+            continue
+        for pattern in rule.get("onPodConditions") or []:
+            if pattern.get("type") == DISRUPTION_TARGET and pattern.get("status", c.TRUE) == c.TRUE:
+                return True
+    return False
+
+
+# --- reading pods --------------------------------------------------------------------------------
+
+
+def pod_name(pod: dict[str, Any]) -> str:
+    return (pod.get("metadata") or {}).get("name", "")
+
+
+def pod_phase(pod: dict[str, Any]) -> str:
+    return (pod.get("status") or {}).get("phase", "Pending")
+
+
+def pod_condition(pod: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    for condition in (pod.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == type_:
+            return condition
+    return None
+
+
+def is_disrupted(pod: dict[str, Any]) -> bool:
+    condition = pod_condition(pod, DISRUPTION_TARGET)
+    return condition is not None and condition.get("status") == c.TRUE
+
+
+def is_deleting(pod: dict[str, Any]) -> bool:
+    return bool((pod.get("metadata") or {}).get("deletionTimestamp"))
+
+
+def completion_index(pod: dict[str, Any]) -> str | None:
+    meta = pod.get("metadata") or {}
+    return (meta.get("annotations") or {}).get(COMPLETION_INDEX) or (meta.get("labels") or {}).get(COMPLETION_INDEX)
+
+
+def newest_first(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(pods, key=lambda p: (p.get("metadata") or {}).get("creationTimestamp", ""), reverse=True)
+
+
+def rank0_pods(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pods of completion index 0 (torchrun's node rank 0), newest first."""
+    return newest_first([p for p in pods if completion_index(p) == "0"])
+
+
+def running_rank0(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Rank 0's live pod, the one serving the trainer's metrics."""
+    for pod in rank0_pods(pods):
+        if pod_phase(pod) == "Running" and not is_deleting(pod):
+            return pod
+    return None
+
+
+def terminated_state(pod: dict[str, Any], container: str = TRAINER_CONTAINER) -> dict[str, Any] | None:
+    """The trainer container's `state.terminated` (or the first container's)."""
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    ordered = [s for s in statuses if s.get("name") == container] + [s for s in statuses if s.get("name") != container]
+    for status in ordered:
+        terminated = (status.get("state") or {}).get("terminated")
+        if terminated:
+            return terminated
+    return None
+
+
+def termination_message(pod: dict[str, Any]) -> str:
+    return ((terminated_state(pod) or {}).get("message") or "").strip()
+
+
+def restarts(job: dict[str, Any], pods: list[dict[str, Any]]) -> int:
+    """Failed attempts that were retried: the Job's `status.failed`, minus pods failed by a
+    disruption (preemption, drain, eviction) unless the Job's podFailurePolicy already left them
+    out, minus the last attempt of a Job that failed (nothing retried that one)."""
+    failed = int((job.get("status") or {}).get("failed") or 0)
+    if not ignores_disruptions(job):
+        failed -= sum(1 for p in pods if pod_phase(p) == "Failed" and is_disrupted(p))
+    if job_outcome(job) == "Failed":
+        failed -= 1
+    return max(0, failed)
+
+
+# --- the trainer's result ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainerResult:
+    """What rank 0 wrote to its termination message; `error` says why nothing usable was found."""
+
+    adapter: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    steps: int | None = None
+    error: str = ""
+
+
+_ADAPTER_KEYS = {"uri": str, "sizeBytes": int, "sha256": str}
+_RESULT_METRICS = ("trainLoss", "evalLoss", "tokensPerSecond")
+
+
+def _typed(value: Any, type_: type) -> bool:
+    return isinstance(value, type_) and not isinstance(value, bool)  # JSON true is not a size
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if value == value else None  # NaN is not a reading
+
+
+def parse_result(message: str) -> TrainerResult:
+    """The trainer's termination message, tolerating anything: a missing, truncated or non-JSON
+    message gives an empty result with `error` set; fields of the wrong type are dropped."""
+    if not message:
+        return TrainerResult(error="rank 0 left no termination message")
+    try:
+        document = json.loads(message)
+    except ValueError as error:
+        return TrainerResult(error=f"rank 0's termination message is not JSON ({error.msg}): {message[:200]!r}")
+    if not isinstance(document, dict):
+        return TrainerResult(error=f"rank 0's termination message is not a JSON object: {message[:200]!r}")
+    raw_adapter = document.get("adapter") if isinstance(document.get("adapter"), dict) else {}
+    adapter = {k: raw_adapter[k] for k, t in _ADAPTER_KEYS.items() if _typed(raw_adapter.get(k), t)}
+    raw_metrics = document.get("metrics") if isinstance(document.get("metrics"), dict) else {}
+    metrics = {k: v for k in _RESULT_METRICS if (v := _number(raw_metrics.get(k))) is not None}
+    steps = document["steps"] if _typed(document.get("steps"), int) else None
+    return TrainerResult(adapter=adapter, metrics=metrics, steps=steps)
+
+
+def adapter_artifact(result: TrainerResult, output_uri: str) -> dict[str, Any]:
+    """status.adapter: the trainer's word, else where the trainer always writes it."""
+    artifact = {"uri": result.adapter.get("uri") or output_uri.rstrip("/") + ADAPTER_SUFFIX}
+    for key in ("sizeBytes", "sha256"):
+        if key in result.adapter:
+            artifact[key] = result.adapter[key]
+    return artifact
+
+
+# --- the conditions ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Context:
+    """Everything derive_status needs besides the stored status."""
+
+    job: FineTuneJob
+    workload: dict[str, Any] | None  # the batch/v1 Job; None when absent
+    pods: list[dict[str, Any]]
+    now: datetime
+    scrape_note: str = ""  # appended to the Running message while metrics cannot be read
+
+    @property
+    def generation(self) -> int | None:
+        return self.job.metadata.generation
+
+
+def suspended_condition(conds: c.Conditions, ctx: Context) -> c.Conditions:
+    """Suspended=True while the Job is suspended (by the user, or waiting in a Kueue queue);
+    Suspended=False reason Resumed once it runs again; absent for a job never suspended."""
+    assert ctx.workload is not None
+    policy = ctx.job.spec.run_policy
+    if job_suspended(ctx.workload):
+        if policy.suspend or not policy.queue_name:
+            message = (
+                "spec.runPolicy.suspend is true: the pods are stopped and checkpoints kept; set it to false to resume"
+            )
+            return c.set_condition(conds, c.SUSPENDED, c.TRUE, "Suspended", message, ctx.generation, ctx.now)
+        message = f"waiting for Kueue to admit the Job from LocalQueue {policy.queue_name!r}"
+        return c.set_condition(conds, c.SUSPENDED, c.TRUE, "Queued", message, ctx.generation, ctx.now)
+    if c.is_true(conds, c.SUSPENDED):
+        message = "resumed: the trainer continues from its last complete checkpoint"
+        return c.set_condition(conds, c.SUSPENDED, c.FALSE, "Resumed", message, ctx.generation, ctx.now)
+    return conds
+
+
+def waiting_detail(pods: list[dict[str, Any]]) -> str:
+    """Why the first pod that is not running waits (unschedulable, image pull, ...)."""
+    for pod in newest_first(pods):
+        if pod_phase(pod) != "Pending" or is_deleting(pod):
+            continue
+        scheduled = pod_condition(pod, "PodScheduled")
+        if scheduled and scheduled.get("status") == c.FALSE:
+            return f"pod {pod_name(pod)} is not scheduled: {scheduled.get('message') or scheduled.get('reason', '')}"
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            waiting = (status.get("state") or {}).get("waiting")
+            if waiting and waiting.get("reason"):
+                return f"pod {pod_name(pod)} is waiting: {waiting['reason']} {waiting.get('message', '')}".rstrip()
+        return f"pod {pod_name(pod)} is starting"
+    return "waiting for the Job controller to create pods"
+
+
+def running_condition(conds: c.Conditions, ctx: Context, outcome: str | None) -> c.Conditions:
+    assert ctx.workload is not None
+    set_running = lambda status, reason, message: c.set_condition(  # noqa: E731
+        conds, c.RUNNING, status, reason, message, ctx.generation, ctx.now
+    )
+    if outcome == "Complete":
+        return set_running(c.FALSE, "Completed", "training finished")
+    if outcome == "Failed":
+        return set_running(c.FALSE, "JobFailed", "training stopped: the Job failed")
+    if job_suspended(ctx.workload):
+        return set_running(c.FALSE, "Suspended", "the Job is suspended")
+    expected = expected_pods(ctx.workload)
+    live = [p for p in ctx.pods if not is_deleting(p)]
+    running = sum(1 for p in live if pod_phase(p) == "Running")
+    if running >= expected:
+        message = f"{running}/{expected} pods running"
+        return set_running(c.TRUE, "PodsRunning", f"{message}; {ctx.scrape_note}" if ctx.scrape_note else message)
+    return set_running(c.FALSE, "PodsPending", f"{running}/{expected} pods running; {waiting_detail(live)}")
+
+
+def failure_detail(pods: list[dict[str, Any]]) -> str:
+    """The last failed pod's exit and termination message (the trainer's error, or its log tail)."""
+    failed = [p for p in pods if pod_phase(p) == "Failed" and terminated_state(p)]
+    if not failed:
+        return ""
+    last = max(failed, key=lambda p: (terminated_state(p) or {}).get("finishedAt") or "")
+    state = terminated_state(last) or {}
+    text = f"last pod {pod_name(last)} exited {state.get('exitCode')} ({state.get('reason') or 'Error'})"
+    message = trainer_error((state.get("message") or "").strip())
+    if message:
+        text += ": " + c.clip(message, FAILURE_DETAIL_LIMIT)
+    return text
+
+
+def trainer_error(message: str) -> str:
+    """The trainer's own words from its termination message: `{"phase": "Failed", "reason",
+    "message"}` as "reason: message"; anything else (a log tail, a crash) as written."""
+    try:
+        document = json.loads(message)
+    except ValueError:
+        return message
+    if not isinstance(document, dict) or not isinstance(document.get("message"), str):
+        return message
+    reason = document.get("reason")
+    return f"{reason}: {document['message']}" if isinstance(reason, str) and reason else document["message"]
+
+
+def failed_condition(conds: c.Conditions, ctx: Context) -> c.Conditions:
+    assert ctx.workload is not None
+    failed = job_condition(ctx.workload, "Failed") or {}
+    reason = failed.get("reason") or "JobFailed"
+    parts = [failed.get("message") or "the Job failed", failure_detail(ctx.pods)]
+    message = "; ".join(p for p in parts if p)
+    return c.set_condition(conds, c.FAILED, c.TRUE, reason, message, ctx.generation, ctx.now)
+
+
+def succeeded_result(ctx: Context) -> TrainerResult:
+    for pod in rank0_pods(ctx.pods):
+        if pod_phase(pod) == "Succeeded":
+            return parse_result(termination_message(pod))
+    return TrainerResult(error="rank 0's pod is gone, so its termination message could not be read")
+
+
+def apply_success(status: Status, ctx: Context) -> Status:
+    """Succeeded=True, status.adapter and the final metrics and progress from rank 0's result."""
+    result = succeeded_result(ctx)
+    adapter = adapter_artifact(result, ctx.job.spec.output.uri)
+    message = f"adapter written to {adapter['uri']}"
+    if result.error:
+        message += f" (assumed: {result.error})"
+    status["conditions"] = c.set_condition(
+        status.get("conditions"), c.SUCCEEDED, c.TRUE, "Completed", message, ctx.generation, ctx.now
+    )
+    status["adapter"] = adapter
+    status["metrics"] = {**(status.get("metrics") or {}), **result.metrics}
+    progress = {k: v for k, v in (status.get("progress") or {}).items() if k != "eta"}
+    if result.steps is not None:
+        progress["step"] = result.steps
+        progress.setdefault("totalSteps", result.steps)
+    progress["percent"] = 100
+    status["progress"] = progress
+    return status
+
+
+def times(status: Status, workload: dict[str, Any], outcome: str | None) -> Status:
+    """startTime: when the Job first started (kept across suspend/resume, which resets the Job's);
+    completionTime: the Job's, or when it failed."""
+    job_status = workload.get("status") or {}
+    if not status.get("startTime") and job_status.get("startTime"):
+        status["startTime"] = job_status["startTime"]
+    if outcome == "Complete" and job_status.get("completionTime"):
+        status["completionTime"] = job_status["completionTime"]
+    elif outcome == "Failed" and not status.get("completionTime"):
+        failed = job_condition(workload, "Failed") or {}
+        if failed.get("lastTransitionTime"):
+            status["completionTime"] = failed["lastTransitionTime"]
+    return status
+
+
+def derive_status(current: Status | None, ctx: Context) -> Status:
+    """The status the FineTuneJob should have, given what is stored and what its Job shows.
+
+    A job that admission has not accepted, or that already finished, keeps its stored status; so
+    does one whose Job is absent (the handlers create it, or its TTL removed it after the end)."""
+    status = copy.deepcopy(current or {})
+    conds = status.get("conditions") or []
+    if not c.is_true(conds, c.ADMITTED) or ctx.workload is None or c.is_finished(conds):
+        return status
+    outcome = job_outcome(ctx.workload)
+    conds = suspended_condition(conds, ctx)
+    conds = running_condition(conds, ctx, outcome)
+    status["conditions"] = conds
+    if outcome == "Failed":
+        status["conditions"] = failed_condition(conds, ctx)
+    if outcome == "Complete":
+        status = apply_success(status, ctx)
+    status = times(status, ctx.workload, outcome)
+    status["restarts"] = restarts(ctx.workload, ctx.pods)
+    status["phase"] = c.phase_of(status["conditions"])
+    if ctx.generation is not None:
+        status["observedGeneration"] = ctx.generation
+    return status
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+
+def merge_patch(before: Any, after: Any) -> Any:
+    """The RFC 7386 merge patch that turns `before` into `after` (None when equal): changed keys,
+    removed keys as null, lists replaced whole. `after` must not contain None values."""
+    if not isinstance(before, dict) or not isinstance(after, dict):
+        return None if before == after else after
+    patch: dict[str, Any] = {}
+    for key, value in after.items():
+        if key not in before:
+            patch[key] = value
+        elif before[key] != value:
+            patch[key] = merge_patch(before[key], value)
+    for key in before:
+        if key not in after:
+            patch[key] = None
+    return patch or None
+
+
+# --- admission -----------------------------------------------------------------------------------
+
+ADMISSION_REASONS = ("InvalidSpec", "InsufficientGpuMemory")
+
+
+def apply_admission(
+    current: Status | None,
+    admitted: bool,
+    reason: str,
+    message: str,
+    plan: dict[str, Any] | None,
+    generation: int | None,
+    now: datetime,
+) -> Status:
+    """The status after admission: Admitted True (with the plan), or Admitted False plus Failed
+    True with the same reason (no retries: the same spec fails the same way). A job refused
+    earlier and admitted now (resources changed while suspended) gets Failed False back."""
+    status = copy.deepcopy(current or {})
+    conds = status.get("conditions") or []
+    if admitted:
+        conds = c.set_condition(conds, c.ADMITTED, c.TRUE, reason, message, generation, now)
+        refused = c.find(conds, c.FAILED)
+        if refused and refused.get("status") == c.TRUE and refused.get("reason") in ADMISSION_REASONS:
+            message = "admitted after the spec changed"
+            conds = c.set_condition(conds, c.FAILED, c.FALSE, "Readmitted", message, generation, now)
+    else:
+        conds = c.set_condition(conds, c.ADMITTED, c.FALSE, reason, message.split("\n")[0], generation, now)
+        conds = c.set_condition(conds, c.FAILED, c.TRUE, reason, message, generation, now)
+    status["conditions"] = conds
+    if plan:
+        status["plan"] = plan
+    status["phase"] = c.phase_of(conds)
+    if generation is not None:
+        status["observedGeneration"] = generation
+    return status
