@@ -184,3 +184,19 @@ def test_every_method_trains_and_saves(name, tiny_model, tmp_path):
         assert (adapter / "model.safetensors").exists() and result["trainableParams"] == result["totalParams"]
     else:
         assert (adapter / "adapter_config.json").exists() and result["trainableParams"] < result["totalParams"]
+
+
+def test_merged_weights_equal_base_plus_adapter(tiny_model, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    config = make_config(tiny_model, tmp_path, steps=5, every_save=1000)
+    config.spec.output.merge_weights = True
+    assert train.run_training(config) == 0
+    result = json.loads((tmp_path / "termination-log").read_text())
+    assert result["adapter"]["mergedUri"].endswith("/output/merged")
+    batch = {"input_ids": torch.tensor([[5, 17, 42, 99, 3]])}
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "output" / "merged").eval()
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "output" / "adapter").eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(**batch).logits, adapted(**batch).logits, atol=1e-4)
