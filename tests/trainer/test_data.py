@@ -25,7 +25,8 @@ from kubetune_trainer.data import (  # noqa: E402
     pack,
     read_records,
 )
-from kubetune_trainer.tiny_model import CHAT_TEMPLATE, build_tiny_model  # noqa: E402
+from kubetune_trainer.data import CHATML_TEMPLATE as CHAT_TEMPLATE
+from kubetune_trainer.tiny_model import build_tiny_model  # noqa: E402
 
 SUFFIXES = ["jsonl", "json", "csv", "parquet"]
 END = "<|im_end|>"  # the tiny tokenizer's end of turn, and its EOS

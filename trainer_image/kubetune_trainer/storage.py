@@ -26,6 +26,7 @@ import re
 import shutil
 import tempfile
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -388,7 +389,7 @@ def _s3_download_prefix(client, uri: str, bucket: str, prefix: str, dest: Path) 
 # --- Outputs ------------------------------------------------------------------------------------
 
 
-class OutputLocation:
+class OutputLocation(ABC):
     """Where a job's adapter, report.json and checkpoints go; see `open_output`.
 
     Names (`"adapter"`, `"checkpoints/step-000200"`) are paths relative to the location. A published
@@ -397,30 +398,36 @@ class OutputLocation:
 
     uri: str
 
+    @abstractmethod
     def local_dir(self) -> Path:
         """A real directory to write into."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def publish_dir(self, src: Path, name: str) -> str:
         """Publish the folder `src` as <location>/<name>, whole or not at all; return its URI."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def publish_file(self, src: Path, name: str) -> str:
         """Publish one file as <location>/<name>, atomically; return its URI."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def list_complete(self, prefix: str) -> list[str]:
         """Names (relative to the location, e.g. "checkpoints/step-000200") of the complete folders directly
         under `prefix`, sorted; usable as they are with `fetch_dir` and `delete`."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def fetch_dir(self, name: str, dest: Path) -> Path:
         """A local path holding the complete published folder `name`."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def delete(self, name: str) -> None:
         """Remove the published folder `name`; it stops counting as complete before any file goes."""
-        raise NotImplementedError
+        ...
 
     def _join(self, name: str) -> str:
         return f"{self.uri.rstrip('/')}/{name}"

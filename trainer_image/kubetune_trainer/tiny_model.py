@@ -11,18 +11,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-# ChatML with `{% generation %}` around assistant turns, so `apply_chat_template(...,
-# return_assistant_tokens_mask=True)` can mask the loss to what the assistant says.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['role'] == 'assistant' %}"
-    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
-    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}"
-    "{{ '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+from .data import CHATML_TEMPLATE
 
 BOS, EOS, IM_START, PAD = "<|endoftext|>", "<|im_end|>", "<|im_start|>", "<|pad|>"
 SPECIAL_TOKENS = [BOS, IM_START, EOS, PAD]
@@ -67,7 +56,7 @@ def train_tokenizer(vocab_size: int, extra_text: str = ""):
         eos_token=EOS,
         pad_token=PAD,
         additional_special_tokens=[IM_START],
-        chat_template=CHAT_TEMPLATE,
+        chat_template=CHATML_TEMPLATE,  # with {% generation %}: loss masks come from the template
         model_max_length=2048,
         clean_up_tokenization_spaces=False,
     )
