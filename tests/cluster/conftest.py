@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -87,3 +88,16 @@ def crds(cluster):
             cluster.wait_for(lambda: cluster.api("GET", f"/apis/{group}/{version}/{plural}?limit=1")[0] == 200,
                              f"/apis/{group}/{version}/{plural} served")
     return names
+
+
+@pytest.fixture
+def helm(cluster, tmp_path):
+    binary = cluster.bin_dir / "helm"
+    if not os.access(binary, os.X_OK):
+        pytest.skip(f"cluster tier NOT RUN: no helm in {cluster.bin_dir}; run `bash scripts/k8s-build.sh`")
+    env = dict(os.environ, HELM_CACHE_HOME=str(tmp_path / "cache"), HELM_CONFIG_HOME=str(tmp_path / "config"),
+               HELM_DATA_HOME=str(tmp_path / "data"), KUBECONFIG=str(cluster.kubeconfig))
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(binary), *args], capture_output=True, text=True, env=env, cwd=harness.REPO, timeout=60)
+    return run

@@ -17,7 +17,6 @@ as a user's kubectl would (PyYAML and Go YAML disagree on e.g. unquoted 2e-4).
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import uuid
@@ -445,19 +444,6 @@ def test_explain_shows_the_model_descriptions(cluster, crds):
 
 # ------------------------------------------------------------------------------------------------
 # The Helm chart.
-
-
-@pytest.fixture
-def helm(cluster, tmp_path):
-    binary = cluster.bin_dir / "helm"
-    if not os.access(binary, os.X_OK):
-        pytest.skip(f"cluster tier NOT RUN: no helm in {cluster.bin_dir}; run `bash scripts/k8s-build.sh`")
-    env = dict(os.environ, HELM_CACHE_HOME=str(tmp_path / "cache"), HELM_CONFIG_HOME=str(tmp_path / "config"),
-               HELM_DATA_HOME=str(tmp_path / "data"), KUBECONFIG=str(cluster.kubeconfig))
-
-    def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(binary), *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
-    return run
 
 
 def test_helm_chart_lints_and_renders(helm):
