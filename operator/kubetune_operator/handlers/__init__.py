@@ -14,6 +14,6 @@ import kopf
 
 REGISTRY = kopf.OperatorRegistry()
 
-from . import finetunejob, runtime, workload  # noqa: E402,F401  (registration by import)
+from . import adapterdeployment, finetunejob, runtime, workload  # noqa: E402,F401  (registration by import)
 
 __all__ = ["REGISTRY"]

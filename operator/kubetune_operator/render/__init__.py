@@ -2,6 +2,7 @@
 (plain dicts) out. No API calls and no kopf here, so every decision about what the cluster runs is
 unit-tested without a cluster; the handlers create and patch what these functions return."""
 
+from .adapterdeployment import AdapterDeploymentObjects, render_adapterdeployment
 from .common import RenderError, owner_reference
 from .finetunejob import (
     EXIT_INVALID_INPUT,
@@ -18,6 +19,7 @@ from .finetunejob import (
 )
 
 __all__ = [
+    "AdapterDeploymentObjects", "render_adapterdeployment",
     "EXIT_INVALID_INPUT", "EXIT_PREEMPTED", "NON_RETRYABLE_EXIT_CODES", "FineTuneJobObjects", "RenderError",
     "check_renderable", "config_map_name", "master_addr", "name_problems", "owner_reference", "render_finetunejob",
     "service_name", "trainer_config",

@@ -1,0 +1,187 @@
+"""The AdapterDeployment handlers in-process (KopfRunner) against the real control plane: the
+Deployment and Service created and owned, and adapters hot-loaded onto a fake replica (a local
+http.server named in the annotation kubetune.io/replica-urls, honoured only with
+KUBETUNE_OPERATOR_ALLOW_METRICS_URL_ANNOTATION=1; kwok pods have fake IPs)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from kopf.testing import KopfRunner
+
+from kubetune_operator.handlers import REGISTRY
+from kubetune_operator.handlers.adapterdeployment import REPLICA_URLS_ANNOTATION
+from kubetune_operator.handlers.runtime import ALLOW_METRICS_URL_ENV
+
+pytestmark = pytest.mark.cluster
+
+API = "/apis/kubetune.io/v1alpha1"
+WAIT = 30
+BAD = "adapter rank 128 exceeds maxLoraRank 64"
+
+
+class FakeReplica:
+    """/ready, /v1/models, load and unload; `bad` is refused with the runtime's 400."""
+
+    def __init__(self, bad: str = "bad"):
+        self.adapters: dict[str, str] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def reply(self, code: int, body):
+                data = (json.dumps(body) if not isinstance(body, str) else body).encode()
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):  # noqa: N802
+                if self.path == "/ready":
+                    return self.reply(200, {"status": "ready"})
+                with fake.lock:
+                    cards = [{"id": "base", "parent": None, "root": "hf://org/base"}] + [
+                        {"id": n, "parent": "base", "root": u} for n, u in fake.adapters.items()]
+                return self.reply(200, {"object": "list", "data": cards})
+
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                name = body["lora_name"]
+                with fake.lock:
+                    if self.path == "/v1/load_lora_adapter":
+                        fake.calls.append(("load", name))
+                        if name == bad:
+                            return self.reply(400, {"error": {"message": BAD, "type": "BadRequestError", "code": 400}})
+                        fake.adapters[name] = body["lora_path"]
+                        return self.reply(200, f"Success: LoRA adapter '{name}' added successfully.")
+                    fake.calls.append(("unload", name))
+                    fake.adapters.pop(name, None)
+                    return self.reply(200, "ok")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def replica():
+    fake = FakeReplica()
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def operator(cluster, crds, namespace, monkeypatch):
+    monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
+    monkeypatch.setenv("KUBETUNE_METRICS_SCRAPE_INTERVAL_SECONDS", "0.5")
+    monkeypatch.setenv(ALLOW_METRICS_URL_ENV, "1")
+    with KopfRunner(["run", "--standalone", "--namespace", namespace], registry=REGISTRY, timeout=60) as runner:
+        yield runner
+    assert runner.exception is None, runner.output[-5000:]
+
+
+def get(cluster, path):
+    code, body = cluster.api("GET", path)
+    return body if code == 200 else None
+
+
+def patch(cluster, path, body):
+    code, out = cluster.api("PATCH", path, body, content_type="application/merge-patch+json")
+    assert code == 200, out
+    return out
+
+
+def adapter(status, name):
+    return next((a for a in (status or {}).get("adapters") or [] if a["name"] == name), None)
+
+
+def test_adapterdeployment_serves_and_hot_swaps_adapters(cluster, namespace, operator, replica):
+    ns = namespace
+    ftj = {
+        "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "trained"},
+        "spec": {"model": {"uri": "hf://org/base"}, "dataset": {"uri": "s3://datasets/chat.jsonl", "format": "chat"},
+                 "method": {"type": "lora"}, "hyperparameters": {"maxSteps": 1},
+                 "runPolicy": {"suspend": True},
+                 "resources": {"gpusPerNode": 0, "cpu": "1", "memory": "1Gi"}, "output": {"uri": "s3://outputs/trained"}},
+    }  # fmt: skip
+    code, body = cluster.api("POST", f"{API}/namespaces/{ns}/finetunejobs", ftj)
+    assert code == 201, body
+    ad = {
+        "apiVersion": "kubetune.io/v1alpha1", "kind": "AdapterDeployment",
+        "metadata": {"name": "support", "annotations": {REPLICA_URLS_ANNOTATION: replica.url}},
+        "spec": {"baseModel": {"uri": "hf://org/base"}, "runtime": "builtin", "replicas": 1,
+                 "resources": {"gpusPerReplica": 0, "cpu": "1", "memory": "1Gi"},
+                 "adapters": [{"name": "legal", "uri": "s3://adapters/legal"}, {"name": "bad", "uri": "s3://adapters/bad"},
+                              {"name": "v1", "fromJob": "trained"}]},
+    }  # fmt: skip
+    code, body = cluster.api("POST", f"{API}/namespaces/{ns}/adapterdeployments", ad)
+    assert code == 201, body
+    uid = body["metadata"]["uid"]
+    ad_path = f"{API}/namespaces/{ns}/adapterdeployments/support"
+    dep_path = f"/apis/apps/v1/namespaces/{ns}/deployments/support"
+
+    dep = cluster.wait_for(lambda: get(cluster, dep_path), "Deployment created", timeout=WAIT)
+    svc = get(cluster, f"/api/v1/namespaces/{ns}/services/support")
+    for obj in (dep, svc):
+        [ref] = obj["metadata"]["ownerReferences"]
+        assert (ref["kind"], ref["uid"], ref["controller"]) == ("AdapterDeployment", uid, True)
+    command = dep["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[:4] == ["kubetune", "serve", "--model", "hf://org/base"] and "--adapter" not in command
+    assert svc["spec"]["ports"][0]["port"] == 8000
+
+    def status_where(pred, what):
+        def check():
+            obj = get(cluster, ad_path)
+            return obj if obj and pred(obj.get("status") or {}) else None
+        try:
+            return cluster.wait_for(check, what, timeout=WAIT)
+        except Exception:
+            print(json.dumps((get(cluster, ad_path) or {}).get("status"), indent=1))
+            raise
+
+    st = status_where(lambda s: s.get("readyReplicas") == 1 and (adapter(s, "legal") or {}).get("state") == "Loaded"
+                      and (adapter(s, "bad") or {}).get("state") == "Failed", "legal Loaded, bad Failed")["status"]
+    assert adapter(st, "bad")["message"] == BAD
+    assert adapter(st, "v1")["state"] == "Pending" and "waiting for FineTuneJob trained" in adapter(st, "v1")["message"]
+    assert st["endpoint"] == f"http://support.{ns}.svc:8000/v1"
+    assert st["adaptersReady"] == "1/3"
+    conds = {c["type"]: c["status"] for c in st["conditions"]}
+    assert conds["Available"] == "True" and conds["Degraded"] == "True" and conds["AdaptersReady"] == "False"
+    assert ("load", "legal") in replica.calls and ("load", "v1") not in replica.calls
+    assert replica.calls.count(("load", "bad")) == 1  # not retried for the same URI
+
+    template_before = get(cluster, dep_path)
+    # Add an adapter and remove one: loaded and unloaded, without touching the pod template.
+    patch(cluster, ad_path, {"spec": {"adapters": [{"name": "bad", "uri": "s3://adapters/bad"},
+                                                   {"name": "v1", "fromJob": "trained"},
+                                                   {"name": "extra", "uri": "s3://adapters/extra"}]}})
+    status_where(lambda s: (adapter(s, "extra") or {}).get("state") == "Loaded" and adapter(s, "legal") is None,
+                 "extra loaded, legal unloaded")
+    assert ("unload", "legal") in replica.calls and "legal" not in replica.adapters
+    after = get(cluster, dep_path)
+    assert after["metadata"]["generation"] == template_before["metadata"]["generation"]
+    assert after["spec"]["template"] == template_before["spec"]["template"]
+
+    # The FineTuneJob succeeds with an adapter: v1 loads from its URI.
+    now = "2026-01-01T00:00:00Z"
+    patch(cluster, f"{API}/namespaces/{ns}/finetunejobs/trained/status", {"status": {
+        "conditions": [{"type": "Succeeded", "status": "True", "reason": "Completed", "message": "done",
+                        "lastTransitionTime": now}],
+        "adapter": {"uri": "s3://outputs/trained", "sha256": "ab" * 32}}})
+    st = status_where(lambda s: (adapter(s, "v1") or {}).get("state") == "Loaded", "v1 loaded")["status"]
+    assert adapter(st, "v1")["uri"] == "s3://outputs/trained" and adapter(st, "v1")["loadedReplicas"] == 1
+    assert replica.adapters["v1"] == "s3://outputs/trained"
+    assert get(cluster, dep_path)["spec"]["template"] == template_before["spec"]["template"]
+    replica_sets = get(cluster, f"/apis/apps/v1/namespaces/{ns}/replicasets")["items"]
+    assert len(replica_sets) == 1  # no rollout for any adapter change

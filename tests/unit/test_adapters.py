@@ -1,0 +1,114 @@
+"""adapters.py: load/unload actions per replica and the AdapterDeployment status."""
+
+from datetime import UTC, datetime
+
+from kubetune_operator.adapters import (
+    Action,
+    Observed,
+    Replica,
+    Wanted,
+    adapters_from_models,
+    derive_status,
+    plan_actions,
+    resolve,
+)
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def cond(status, type_):
+    return next(c for c in status["conditions"] if c["type"] == type_)
+
+
+def observed(wanted, replicas, ready=1):
+    return Observed("support", "ml", 8000, 3, 1, 1, ready, 1, True, wanted, replicas, NOW)
+
+
+def test_models_answer_lists_adapters_only():
+    models = {"data": [{"id": "base", "parent": None, "root": "pvc://m"},
+                       {"id": "legal", "parent": "base", "root": "pvc://a/legal"}]}
+    assert adapters_from_models(models) == {"legal": "pvc://a/legal"}
+
+
+def test_resolve_from_job():
+    spec = [{"name": "a", "uri": "pvc://x/a"}, {"name": "b", "fromJob": "job"}, {"name": "c", "fromJob": "gone"}]
+    running = {"status": {"conditions": [{"type": "Running", "status": "True"}]}}
+    wanted = resolve(spec, {"job": running, "gone": None})
+    assert wanted[0] == Wanted("a", "pvc://x/a")
+    assert wanted[1].uri is None and wanted[1].pending == "waiting for FineTuneJob job to succeed"
+    assert "gone" in wanted[2].pending
+    done = {"status": {"conditions": [{"type": "Succeeded", "status": "True"}],
+                       "adapter": {"uri": "pvc://out/job", "sha256": "ab"}}}
+    assert resolve(spec, {"job": done, "gone": None})[1] == Wanted("b", "pvc://out/job", "ab")
+
+
+def test_plan_loads_missing_unloads_extra_and_skips_refused():
+    wanted = [Wanted("a", "u/a"), Wanted("b", "u/b"), Wanted("p"), Wanted("bad", "u/bad")]
+    r = Replica("pod-0", "http://x", loaded={"a": "u/a", "old": "u/old"}, failed={"bad": ("u/bad", "too big")})
+    down = Replica("pod-1", "http://y", error="refused")
+    assert plan_actions(wanted, [r, down]) == [Action("pod-0", "unload", "old"), Action("pod-0", "load", "b", "u/b")]
+    # A changed URI is unloaded and loaded again; a refusal for another URI is retried.
+    r2 = Replica("pod-0", "http://x", loaded={"a": "u/a-old"}, failed={"bad": ("u/old-bad", "no")})
+    assert plan_actions([Wanted("a", "u/a"), Wanted("bad", "u/bad")], [r2]) == [
+        Action("pod-0", "unload", "a"), Action("pod-0", "load", "a", "u/a"), Action("pod-0", "load", "bad", "u/bad")]
+
+
+def test_status_states_and_conditions():
+    wanted = [Wanted("a", "u/a"), Wanted("p", pending="waiting for FineTuneJob j to succeed"), Wanted("bad", "u/bad")]
+    replicas = [Replica("pod-0", "http://x", loaded={"a": "u/a", "old": "u/old"},
+                        failed={"bad": ("u/bad", "adapter rank 128 exceeds maxLoraRank 64")},
+                        unload_failed={"old": "busy"})]
+    status = derive_status({}, observed(wanted, replicas))
+    by = {a["name"]: a for a in status["adapters"]}
+    assert by["a"] == {"name": "a", "uri": "u/a", "loadedReplicas": 1, "state": "Loaded"}
+    assert by["p"]["state"] == "Pending" and "waiting for FineTuneJob j" in by["p"]["message"]
+    assert by["bad"]["state"] == "Failed" and by["bad"]["message"] == "adapter rank 128 exceeds maxLoraRank 64"
+    assert by["old"]["state"] == "Unloading" and by["old"]["message"] == "busy"
+    assert status["adaptersReady"] == "1/3"
+    assert status["endpoint"] == "http://support.ml.svc:8000/v1"
+    assert status["readyReplicas"] == 1 and status["observedGeneration"] == 3
+    assert cond(status, "Available")["status"] == "True"
+    assert cond(status, "AdaptersReady")["status"] == "False"
+    assert cond(status, "Degraded")["status"] == "True"
+    assert cond(status, "Progressing")["status"] == "True"  # "old" is still being unloaded
+
+
+def test_steady_state_and_idempotence():
+    wanted = [Wanted("a", "u/a")]
+    replicas = [Replica("pod-0", "http://x", loaded={"a": "u/a"})]
+    status = derive_status({}, observed(wanted, replicas))
+    assert cond(status, "AdaptersReady")["status"] == "True" and status["adaptersReady"] == "1/1"
+    assert cond(status, "Progressing")["status"] == "False"
+    assert cond(status, "Degraded")["status"] == "False"
+    later = derive_status(status, observed(wanted, replicas))
+    assert later == status
+
+
+def test_loading_and_no_replicas():
+    wanted = [Wanted("a", "u/a")]
+    two = [Replica("pod-0", "http://x", loaded={"a": "u/a"}), Replica("pod-1", "http://y", loaded={})]
+    status = derive_status({}, observed(wanted, two, ready=2))
+    assert status["adapters"][0]["state"] == "Loading" and status["adapters"][0]["loadedReplicas"] == 1
+    assert status["readyReplicas"] == 1  # only replicas with every adapter count
+    none = derive_status({}, observed(wanted, [], ready=0))
+    assert none["adapters"][0]["state"] == "Pending"
+    assert cond(none, "Available")["status"] == "False"
+
+
+def test_replica_urls_and_error_messages():
+    import httpx
+
+    from kubetune_operator.handlers.adapterdeployment import REPLICA_URLS_ANNOTATION, error_message, replica_urls
+
+    def pod(name, ready=True, ip="10.0.0.1"):
+        return {"metadata": {"name": name}, "status": {"phase": "Running", "podIP": ip,
+                "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
+
+    pods = [pod("b", ip="10.0.0.2"), pod("a"), pod("c", ready=False)]
+    body = {"metadata": {"annotations": {REPLICA_URLS_ANNOTATION: "http://127.0.0.1:1/, http://127.0.0.1:2"}}}
+    assert replica_urls(body, pods, 8000, False) == [("a", "http://10.0.0.1:8000"), ("b", "http://10.0.0.2:8000")]
+    assert replica_urls(body, pods, 8000, True) == [("a", "http://127.0.0.1:1"), ("b", "http://127.0.0.1:2")]
+    openai = httpx.Response(400, json={"error": {"message": "adapter rank 128 exceeds maxLoraRank 64"}})
+    assert error_message(openai) == "adapter rank 128 exceeds maxLoraRank 64"
+    assert error_message(httpx.Response(400, json={"object": "error", "message": "vllm says no"})) == "vllm says no"
+    assert error_message(httpx.Response(400, text="plain")) == "plain"
