@@ -2,8 +2,10 @@
 --metrics-port` from a registry of their own, so importing this module twice or running several
 operators in one test process never clashes with prometheus_client's global registry."""
 
+import contextlib
+import time
 from collections import Counter as Tally
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -22,6 +24,21 @@ RECONCILE_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
     registry=REGISTRY,
 )
+
+
+@contextlib.contextmanager
+def reconcile_observed(kind: str) -> Iterator[dict[str, str]]:
+    """Count one reconcile by result and time it. The block sets outcome["result"] (it stays
+    "error" when the block raises something it did not classify)."""
+    outcome = {"result": "error"}
+    started = time.perf_counter()
+    try:
+        yield outcome
+    finally:
+        RECONCILES.labels(kind=kind, result=outcome["result"]).inc()
+        RECONCILE_SECONDS.labels(kind=kind).observe(time.perf_counter() - started)
+
+
 JOBS_BY_PHASE = Gauge(
     "kubetune_operator_finetunejobs",
     "FineTuneJobs the operator watches, by status.phase.",

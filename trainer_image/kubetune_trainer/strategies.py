@@ -27,6 +27,7 @@ the accumulation steps is switched off (`scale_wrt_gas=False`) for the same reas
 import contextlib
 import math
 import os
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
@@ -69,7 +70,7 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-class Strategy:
+class Strategy(ABC):
     """The interface; see the module docstring."""
 
     checkpoint_format = "replicated"  # what save_state writes; resume refuses another format
@@ -80,38 +81,47 @@ class Strategy:
         self.model = None  # what the loop calls: the module, or its wrapper
         self.optimizer = None  # the torch optimizer (the scheduler adjusts its learning rate)
 
+    @abstractmethod
     def prepare(self, model, make_optimizer):
-        raise NotImplementedError
+        ...
 
     def no_sync(self, skip: bool):
         return contextlib.nullcontext()
 
+    @abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def clip(self, max_norm: float) -> None:
         """Clip the gradients' global norm to max_norm (0: no clipping)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def step(self) -> None:
-        raise NotImplementedError
+        ...
 
     @property
+    @abstractmethod
     def grad_norm(self) -> float | None:
         """The global gradient norm of the last step, before clipping (same on every rank)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def zero_grad(self) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def save_state(self, folder: Path) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def load_state(self, folder: Path) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def save_pretrained(self, folder: Path | None) -> None:
-        raise NotImplementedError
+        ...
 
     @property
     def gathers_to_merge(self) -> bool:

@@ -15,7 +15,6 @@ Testing hook: with the operator's --allow-metrics-url-annotation switch
 import asyncio
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -192,17 +191,14 @@ def execute(http: httpx.Client, runtime_kind: str, replica: ad_logic.Replica, ac
 
 
 def reconcile_adapterdeployment(runtime: Any, state: AdapterState, namespace: str, name: str) -> None:
-    started, result = time.perf_counter(), "error"
-    try:
-        with runtime.locks.hold((namespace, f"adapterdeployment/{name}")):
-            reconcile(runtime, state, (namespace, name))
-        result = "ok"
-    except kopf.TemporaryError:
-        result = "retry"
-        raise
-    finally:
-        metrics.RECONCILES.labels(kind=KIND, result=result).inc()
-        metrics.RECONCILE_SECONDS.labels(kind=KIND).observe(time.perf_counter() - started)
+    with metrics.reconcile_observed(KIND) as outcome:
+        try:
+            with runtime.locks.hold((namespace, f"adapterdeployment/{name}")):
+                reconcile(runtime, state, (namespace, name))
+        except kopf.TemporaryError:
+            outcome["result"] = "retry"
+            raise
+        outcome["result"] = "ok"
 
 
 def reconcile(runtime: Any, state: AdapterState, key: Key) -> None:

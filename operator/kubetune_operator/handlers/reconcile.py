@@ -11,7 +11,6 @@ status patch carries the resourceVersion it was derived from).
 """
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -55,20 +54,17 @@ def measured(fn: Callable[..., T]) -> Callable[..., T]:
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> T:
-        started, result = time.perf_counter(), "error"
-        try:
-            value = fn(*args, **kwargs)
-            result = "ok"
+        with metrics.reconcile_observed(KIND) as outcome:
+            try:
+                value = fn(*args, **kwargs)
+            except Refused:
+                outcome["result"] = "refused"
+                return None  # type: ignore[return-value]
+            except kopf.TemporaryError:
+                outcome["result"] = "retry"
+                raise
+            outcome["result"] = "ok"
             return value
-        except Refused:
-            result = "refused"
-            return None  # type: ignore[return-value]
-        except kopf.TemporaryError:
-            result = "retry"
-            raise
-        finally:
-            metrics.RECONCILES.labels(kind=KIND, result=result).inc()
-            metrics.RECONCILE_SECONDS.labels(kind=KIND).observe(time.perf_counter() - started)
 
     return wrapper
 

@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 from ..api.adapterdeployment import AdapterDeployment, AdapterDeploymentSpec
 from ..config import OperatorConfig
 from .common import (
+    container_resources,
     DNS_1035_LABEL,
     LABEL_COMPONENT,
     MAX_DNS_LABEL,
@@ -141,26 +142,6 @@ def server_env(ad: AdapterDeployment) -> list[dict[str, Any]]:
     return env
 
 
-def container_resources(ad: AdapterDeployment, config: OperatorConfig) -> dict[str, Any]:
-    resources = ad.spec.resources
-    requests: dict[str, str] = {}
-    limits: dict[str, str] = {}
-    for key, value, default in (("cpu", resources.cpu, config.default_cpu),
-                                ("memory", resources.memory, config.default_memory)):  # fmt: skip
-        if value is not None:
-            requests[key] = limits[key] = quantity(value)
-        elif default:
-            requests[key] = default
-    if resources.gpus_per_replica:
-        requests[resources.gpu_resource] = limits[resources.gpu_resource] = str(resources.gpus_per_replica)
-    out: dict[str, Any] = {}
-    if requests:
-        out["requests"] = requests
-    if limits:
-        out["limits"] = limits
-    return out
-
-
 def probe(path: str, period: int, failures: int) -> dict[str, Any]:
     return {"httpGet": {"path": path, "port": PORT_NAME}, "periodSeconds": period, "failureThreshold": failures,
             "timeoutSeconds": 5}
@@ -190,7 +171,7 @@ def pod_template(ad: AdapterDeployment, config: OperatorConfig, adapter_uris: It
         "command": server_command(ad),
         "env": server_env(ad),
         "ports": [{"name": PORT_NAME, "containerPort": spec.service.port, "protocol": "TCP"}],
-        "resources": container_resources(ad, config),
+        "resources": container_resources(ad.spec.resources, ad.spec.resources.gpus_per_replica, config),
         "volumeMounts": mounts,
         "securityContext": container_security_context(),
         # The model loads in the background: /health answers at once, /ready (builtin) once loaded.

@@ -9,7 +9,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from ..api.common import API_VERSION
+from ..api.common import API_VERSION, Placement
+from ..config import OperatorConfig
 
 MAX_DNS_LABEL = 63  # Service names, hostnames, label values, volume names
 DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")  # what a Service name must be
@@ -97,3 +98,24 @@ def quantity(value: int | str) -> str:
     """Quantities as strings, whichever type the spec's YAML gave (cpu: 2 or cpu: "2"), so the
     rendered objects have one shape."""
     return str(value)
+
+
+def container_resources(placement: Placement, gpus: int, config: OperatorConfig) -> dict[str, Any]:
+    """cpu and memory from the spec are requests = limits (predictable, and what Kueue counts);
+    unset ones get the operator's default request only. GPUs are whole devices: request = limit."""
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    wanted = (("cpu", placement.cpu, config.default_cpu), ("memory", placement.memory, config.default_memory))
+    for key, value, default in wanted:
+        if value is not None:
+            requests[key] = limits[key] = quantity(value)
+        elif default:
+            requests[key] = default
+    if gpus:
+        requests[placement.gpu_resource] = limits[placement.gpu_resource] = str(gpus)
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out

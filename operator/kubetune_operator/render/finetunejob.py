@@ -33,6 +33,7 @@ from ..api.validation import validate
 from ..config import OperatorConfig
 from ..planning import Plan
 from .common import (
+    container_resources,
     DNS_1035_LABEL,
     LABEL_COMPONENT,
     MAX_DNS_LABEL,
@@ -329,7 +330,7 @@ def trainer_container(job: FineTuneJob, config: OperatorConfig, mounts: list[dic
         "command": trainer_command(spec.resources),
         "env": trainer_env(job.metadata.name, spec.resources, config),
         "ports": container_ports(config),
-        "resources": container_resources(spec.resources, config),
+        "resources": container_resources(spec.resources, spec.resources.gpus_per_node, config),
         "volumeMounts": mounts,
         "securityContext": container_security_context(),
         "terminationMessagePath": TERMINATION_LOG,
@@ -391,27 +392,6 @@ def container_ports(config: OperatorConfig) -> list[dict[str, Any]]:
     if config.trainer_metrics_port:
         ports.append({"name": "metrics", "containerPort": config.trainer_metrics_port, "protocol": "TCP"})
     return ports
-
-
-def container_resources(resources: ResourcesSpec, config: OperatorConfig) -> dict[str, Any]:
-    """cpu and memory from the spec are requests = limits (predictable, and what Kueue counts);
-    unset ones get the operator's default request only. GPUs are whole devices: request = limit."""
-    requests: dict[str, str] = {}
-    limits: dict[str, str] = {}
-    wanted = (("cpu", resources.cpu, config.default_cpu), ("memory", resources.memory, config.default_memory))
-    for key, value, default in wanted:
-        if value is not None:
-            requests[key] = limits[key] = quantity(value)
-        elif default:
-            requests[key] = default
-    if resources.gpus_per_node:
-        requests[resources.gpu_resource] = limits[resources.gpu_resource] = str(resources.gpus_per_node)
-    out: dict[str, Any] = {}
-    if requests:
-        out["requests"] = requests
-    if limits:
-        out["limits"] = limits
-    return out
 
 
 def pod_security_context() -> dict[str, Any]:
