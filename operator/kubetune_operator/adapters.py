@@ -21,15 +21,19 @@ DEGRADED = "Degraded"
 
 PENDING, LOADING, LOADED, FAILED, UNLOADING = "Pending", "Loading", "Loaded", "Failed", "Unloading"
 
+# Why a `fromJob` adapter has no URI yet (the AdaptersReady reason while it is so).
+WAITING_FOR_JOB, JOB_FAILED = "WaitingForJob", "JobFailed"
+
 
 @dataclass(frozen=True)
 class Wanted:
-    """An adapter of the spec: its URI once known, else why not (`pending`)."""
+    """An adapter of the spec: its URI once known, else why not (`reason`, `pending` in words)."""
 
     name: str
     uri: str | None = None
     sha256: str | None = None
     pending: str = ""
+    reason: str = ""
 
 
 @dataclass
@@ -71,7 +75,8 @@ def resolve(spec_adapters: Iterable[Mapping[str, Any]], jobs: Mapping[str, Mappi
         job_name = adapter.get("fromJob") or ""
         job = jobs.get(job_name)
         if job is None:
-            out.append(Wanted(name, pending=f"waiting for FineTuneJob {job_name} to exist and succeed"))
+            out.append(Wanted(name, pending=f"waiting for FineTuneJob {job_name} to exist and succeed",
+                              reason=WAITING_FOR_JOB))
             continue
         status = job.get("status") or {}
         result = status.get("adapter") or {}
@@ -79,9 +84,10 @@ def resolve(spec_adapters: Iterable[Mapping[str, Any]], jobs: Mapping[str, Mappi
             out.append(Wanted(name, result["uri"], result.get("sha256")))
         elif c.is_true(status.get("conditions"), c.FAILED):
             failed = c.find(status.get("conditions"), c.FAILED) or {}
-            out.append(Wanted(name, pending=f"FineTuneJob {job_name} failed: {failed.get('message', '')}".strip()))
+            out.append(Wanted(name, pending=f"FineTuneJob {job_name} failed: {failed.get('message', '')}".strip(),
+                              reason=JOB_FAILED))
         else:
-            out.append(Wanted(name, pending=f"waiting for FineTuneJob {job_name} to succeed"))
+            out.append(Wanted(name, pending=f"waiting for FineTuneJob {job_name} to succeed", reason=WAITING_FOR_JOB))
     return out
 
 
@@ -153,6 +159,17 @@ def adapter_statuses(wanted: list[Wanted], replicas: list[Replica]) -> list[dict
     return out
 
 
+def adapters_ready_reason(states: list[str], waiting_reasons: list[str]) -> str:
+    """Why AdaptersReady is False, the most actionable first: a refused load, a failed job, a job
+    still running, no replica to load on, loads under way."""
+    if FAILED in states:
+        return "AdapterFailed"
+    for reason in (JOB_FAILED, WAITING_FOR_JOB):
+        if reason in waiting_reasons:
+            return reason
+    return "AdaptersPending" if PENDING in states else "AdaptersLoading"
+
+
 @dataclass(frozen=True)
 class Observed:
     """What the status is derived from."""
@@ -208,7 +225,7 @@ def derive_status(current: Mapping[str, Any] | None, obs: Observed) -> dict[str,
     if not waiting:
         put(ADAPTERS_READY, True, "AllLoaded", f"{loaded_count}/{wanted_count} adapters loaded on every ready replica")
     else:
-        reason = "AdapterFailed" if FAILED in states else ("AdaptersPending" if PENDING in states else "AdaptersLoading")
+        reason = adapters_ready_reason(states, [w.reason for w in obs.wanted if w.uri is None])
         put(ADAPTERS_READY, False, reason, f"{loaded_count}/{wanted_count} loaded; not yet: " + ", ".join(waiting))
 
     failed = [f"{a['name']}: {a.get('message', '')}" for a in adapters if a["state"] == FAILED]

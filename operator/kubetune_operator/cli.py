@@ -178,12 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="serve a base model with hot-swappable LoRA adapters (OpenAI-compatible)",
         description="The builtin runtime of AdapterDeployment: OpenAI /v1/completions, /v1/chat/completions and "
-        "/v1/models; vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter; /health, /ready and /metrics. "
+        "/v1/models; vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter; /health (ready), /live and /metrics. "
         "Requests pick the base model or an adapter with the `model` field.",
     )
     serve.add_argument("--model", required=True, help="base model URI (hf://, pvc://, s3://, file://) or a path")
     serve.add_argument("--adapter", action="append", default=[], metavar="NAME=URI",
-                       help="adapter to load at startup (repeatable); /ready waits for every one")
+                       help="adapter to load at startup (repeatable; the process exits if one fails); "
+                       "/health waits for every one")
+    serve.add_argument("--adapters-file", metavar="PATH",
+                       help='JSON {"adapters": [{"name", "path"}]} to load before /health turns 200 and to re-read '
+                       "when it changes (an AdapterDeployment's ConfigMap); an adapter in it that fails is reported, "
+                       "not fatal")
+    serve.add_argument("--adapters-file-interval", type=float, default=2.0, metavar="SECONDS",
+                       help="how often the adapters file is checked for changes (default 2)")
     serve.add_argument("--served-model-name", help="the base model's name in `model` "
                        "(default: ORG/NAME for hf://ORG/NAME, else --model as written)")
     serve.add_argument("--host", default="0.0.0.0", help="default 0.0.0.0")

@@ -1,20 +1,23 @@
 """The AdapterDeployment handlers in-process (KopfRunner) against the real control plane: the
-Deployment and Service created and owned, and adapters hot-loaded onto a fake replica (a local
-http.server named in the annotation kubetune.io/replica-urls, honoured only with
-KUBETUNE_OPERATOR_ALLOW_METRICS_URL_ANNOTATION=1; kwok pods have fake IPs)."""
+adapters ConfigMap, Deployment and Service created and owned, and adapters hot-loaded onto the
+replica at its pod IP (kwok's address, added to the loopback interface, where a small http.server
+plays the runtime: tests/cluster/pod_address.py)."""
 
 from __future__ import annotations
 
 import json
 import threading
+from contextlib import ExitStack
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from kopf.testing import KopfRunner
 
+from kubetune_operator.api.adaptersfile import parse_adapters_file
 from kubetune_operator.handlers import REGISTRY
 from kubetune_operator.handlers.adapterdeployment import REPLICA_URLS_ANNOTATION
 from kubetune_operator.handlers.runtime import ALLOW_METRICS_URL_ENV
+from tests.cluster.pod_address import address_on_loopback
 
 pytestmark = pytest.mark.cluster
 
@@ -24,9 +27,9 @@ BAD = "adapter rank 128 exceeds maxLoraRank 64"
 
 
 class FakeReplica:
-    """/ready, /v1/models, load and unload; `bad` is refused with the runtime's 400."""
+    """/health, /v1/models, load and unload; `bad` is refused with the runtime's 400."""
 
-    def __init__(self, bad: str = "bad"):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, bad: str = "bad"):
         self.adapters: dict[str, str] = {}
         self.calls: list[tuple[str, str]] = []
         self.lock = threading.Lock()
@@ -41,7 +44,7 @@ class FakeReplica:
                 self.wfile.write(data)
 
             def do_GET(self):  # noqa: N802
-                if self.path == "/ready":
+                if self.path == "/health":
                     return self.reply(200, {"status": "ready"})
                 with fake.lock:
                     cards = [{"id": "base", "parent": None, "root": "hf://org/base"}] + [
@@ -65,20 +68,13 @@ class FakeReplica:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.url = f"http://{host}:{self.server.server_port}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self):
         self.server.shutdown()
         self.server.server_close()
-
-
-@pytest.fixture
-def replica():
-    fake = FakeReplica()
-    yield fake
-    fake.close()
 
 
 @pytest.fixture
@@ -106,7 +102,29 @@ def adapter(status, name):
     return next((a for a in (status or {}).get("adapters") or [] if a["name"] == name), None)
 
 
-def test_adapterdeployment_serves_and_hot_swaps_adapters(cluster, namespace, operator, replica):
+@pytest.fixture
+def replica_at_pod_ip(cluster):
+    """Starts the fake runtime at the ready pod's IP (or, where the IP can't be added, on 127.0.0.1
+    behind the operator's testing annotation) and returns it."""
+    with ExitStack() as stack:
+
+        def start(namespace: str, name: str) -> FakeReplica:
+            pod = cluster.wait_for(lambda: next((p for p in cluster.pods(namespace, f"kubetune.io/adapterdeployment={name}")
+                                                 if (p.get("status") or {}).get("podIP")), None),
+                                   "a serving pod with an IP", timeout=WAIT)
+            if stack.enter_context(address_on_loopback(pod["status"]["podIP"])):
+                fake = FakeReplica(pod["status"]["podIP"], 8000)
+            else:
+                fake = FakeReplica()
+                patch(cluster, f"{API}/namespaces/{namespace}/adapterdeployments/{name}",
+                      {"metadata": {"annotations": {REPLICA_URLS_ANNOTATION: fake.url}}})
+            stack.callback(fake.close)
+            return fake
+
+        yield start
+
+
+def test_adapterdeployment_serves_and_hot_swaps_adapters(cluster, namespace, operator, replica_at_pod_ip):
     ns = namespace
     ftj = {
         "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "trained"},
@@ -119,7 +137,7 @@ def test_adapterdeployment_serves_and_hot_swaps_adapters(cluster, namespace, ope
     assert code == 201, body
     ad = {
         "apiVersion": "kubetune.io/v1alpha1", "kind": "AdapterDeployment",
-        "metadata": {"name": "support", "annotations": {REPLICA_URLS_ANNOTATION: replica.url}},
+        "metadata": {"name": "support"},
         "spec": {"baseModel": {"uri": "hf://org/base"}, "runtime": "builtin", "replicas": 1,
                  "resources": {"gpusPerReplica": 0, "cpu": "1", "memory": "1Gi"},
                  "adapters": [{"name": "legal", "uri": "s3://adapters/legal"}, {"name": "bad", "uri": "s3://adapters/bad"},
@@ -150,6 +168,20 @@ def test_adapterdeployment_serves_and_hot_swaps_adapters(cluster, namespace, ope
             print(json.dumps((get(cluster, ad_path) or {}).get("status"), indent=1))
             raise
 
+    # The replicas' adapters file: every adapter with a URI; v1 not yet (its job has not succeeded).
+    cm_path = f"/api/v1/namespaces/{ns}/configmaps/support-adapters"
+    cm = get(cluster, cm_path)
+    assert cm["metadata"]["ownerReferences"][0]["uid"] == uid
+    assert parse_adapters_file(cm["data"]["adapters.json"]) == {"legal": "s3://adapters/legal",
+                                                                  "bad": "s3://adapters/bad"}
+
+    def waiting_for_job(s):
+        ready = next((c for c in s.get("conditions") or [] if c["type"] == "AdaptersReady"), {})
+        return ready.get("reason") == "WaitingForJob" and ready.get("status") == "False"
+
+    status_where(waiting_for_job, "AdaptersReady=False, reason WaitingForJob")
+    replica = replica_at_pod_ip(ns, "support")
+
     st = status_where(lambda s: s.get("readyReplicas") == 1 and (adapter(s, "legal") or {}).get("state") == "Loaded"
                       and (adapter(s, "bad") or {}).get("state") == "Failed", "legal Loaded, bad Failed")["status"]
     assert adapter(st, "bad")["message"] == BAD
@@ -168,6 +200,8 @@ def test_adapterdeployment_serves_and_hot_swaps_adapters(cluster, namespace, ope
                                                    {"name": "extra", "uri": "s3://adapters/extra"}]}})
     status_where(lambda s: (adapter(s, "extra") or {}).get("state") == "Loaded" and adapter(s, "legal") is None,
                  "extra loaded, legal unloaded")
+    assert parse_adapters_file(get(cluster, cm_path)["data"]["adapters.json"]) == {
+        "bad": "s3://adapters/bad", "extra": "s3://adapters/extra"}
     assert ("unload", "legal") in replica.calls and "legal" not in replica.adapters
     after = get(cluster, dep_path)
     assert after["metadata"]["generation"] == template_before["metadata"]["generation"]
@@ -182,6 +216,7 @@ def test_adapterdeployment_serves_and_hot_swaps_adapters(cluster, namespace, ope
     st = status_where(lambda s: (adapter(s, "v1") or {}).get("state") == "Loaded", "v1 loaded")["status"]
     assert adapter(st, "v1")["uri"] == "s3://outputs/trained" and adapter(st, "v1")["loadedReplicas"] == 1
     assert replica.adapters["v1"] == "s3://outputs/trained"
+    assert parse_adapters_file(get(cluster, cm_path)["data"]["adapters.json"])["v1"] == "s3://outputs/trained"
     assert get(cluster, dep_path)["spec"]["template"] == template_before["spec"]["template"]
     replica_sets = get(cluster, f"/apis/apps/v1/namespaces/{ns}/replicasets")["items"]
     assert len(replica_sets) == 1  # no rollout for any adapter change

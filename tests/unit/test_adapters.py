@@ -37,6 +37,10 @@ def test_resolve_from_job():
     assert wanted[0] == Wanted("a", "pvc://x/a")
     assert wanted[1].uri is None and wanted[1].pending == "waiting for FineTuneJob job to succeed"
     assert "gone" in wanted[2].pending
+    assert wanted[1].reason == wanted[2].reason == "WaitingForJob"
+    failed = {"status": {"conditions": [{"type": "Failed", "status": "True", "message": "OOM on rank 0"}]}}
+    assert resolve(spec, {"job": failed, "gone": None})[1].pending == "FineTuneJob job failed: OOM on rank 0"
+    assert resolve(spec, {"job": failed, "gone": None})[1].reason == "JobFailed"
     done = {"status": {"conditions": [{"type": "Succeeded", "status": "True"}],
                        "adapter": {"uri": "pvc://out/job", "sha256": "ab"}}}
     assert resolve(spec, {"job": done, "gone": None})[1] == Wanted("b", "pvc://out/job", "ab")
@@ -82,6 +86,19 @@ def test_steady_state_and_idempotence():
     assert cond(status, "Degraded")["status"] == "False"
     later = derive_status(status, observed(wanted, replicas))
     assert later == status
+
+
+def test_adapters_ready_says_what_it_waits_for():
+    loaded = [Replica("pod-0", "http://x", loaded={"a": "u/a"})]
+    waiting = [Wanted("a", "u/a"), Wanted("v1", pending="waiting for FineTuneJob j to succeed", reason="WaitingForJob")]
+    ready = cond(derive_status({}, observed(waiting, loaded)), "AdaptersReady")
+    assert (ready["status"], ready["reason"]) == ("False", "WaitingForJob")
+    assert ready["message"] == "1/2 loaded; not yet: v1"
+    failed_job = [*waiting, Wanted("v2", pending="FineTuneJob k failed: OOM", reason="JobFailed")]
+    assert cond(derive_status({}, observed(failed_job, loaded)), "AdaptersReady")["reason"] == "JobFailed"
+    refused = [Replica("pod-0", "http://x", loaded={"a": "u/a"}, failed={"b": ("u/b", "too big")})]
+    assert cond(derive_status({}, observed([*failed_job, Wanted("b", "u/b")], refused)),
+                "AdaptersReady")["reason"] == "AdapterFailed"
 
 
 def test_loading_and_no_replicas():

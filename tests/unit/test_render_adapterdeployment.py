@@ -1,10 +1,15 @@
-"""render/adapterdeployment.py: the Deployment and Service of an AdapterDeployment."""
+"""render/adapterdeployment.py: the adapters ConfigMap, Deployment and Service of an AdapterDeployment."""
+
+import json
+import subprocess
+import sys
 
 import pytest
 
 from kubetune_operator.api.adapterdeployment import AdapterDeployment
 from kubetune_operator.config import OperatorConfig
-from kubetune_operator.render.adapterdeployment import adapter_path, endpoint, render_adapterdeployment
+from kubetune_operator.api.adaptersfile import PATH_IN_POD, parse_adapters_file
+from kubetune_operator.render.adapterdeployment import VLLM_LAUNCHER, adapter_path, endpoint, render_adapterdeployment
 from kubetune_operator.render.common import RenderError
 
 CONFIG = OperatorConfig()
@@ -34,13 +39,18 @@ def test_builtin_deployment_and_service():
     assert pod["securityContext"]["runAsNonRoot"] is True
     c = container(objects)
     assert c["command"][:4] == ["kubetune", "serve", "--model", "pvc://models/base"]
-    assert "--adapter" not in c["command"]  # adapters are loaded at run time
-    assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
-    assert c["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert "--adapter" not in c["command"]  # adapters are loaded at run time ...
+    assert c["command"][c["command"].index("--adapters-file") + 1] == PATH_IN_POD  # ... from the ConfigMap
+    assert c["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert c["livenessProbe"]["httpGet"]["path"] == c["startupProbe"]["httpGet"]["path"] == "/live"
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     assert mounts["/mnt/pvc/models"]["readOnly"] and mounts["/mnt/pvc/adapters"]["readOnly"]
     assert "/scratch" in mounts
+    assert mounts["/etc/kubetune/adapters"] == {"name": "adapters", "mountPath": "/etc/kubetune/adapters",
+                                                 "readOnly": True}  # the folder: a subPath would never update
+    [volume] = [v for v in pod["volumes"] if v["name"] == "adapters"]
+    assert volume["configMap"] == {"name": "support-adapters", "optional": True}
     assert svc["spec"]["ports"][0]["port"] == 8000 and svc["spec"]["type"] == "ClusterIP"
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
     assert endpoint("support", "ml", 8000) == "http://support.ml.svc:8000/v1"
@@ -57,7 +67,8 @@ def test_adapter_set_does_not_change_the_pod_template():
 def test_vllm_command_env_and_gpus():
     ad = make(runtime="vllm", resources={"gpusPerReplica": 1}, maxAdapters=4, maxLoraRank=32)
     c = container(render_adapterdeployment(ad, CONFIG))
-    assert c["command"][:4] == ["vllm", "serve", "/mnt/pvc/models/base", "--enable-lora"]
+    assert c["command"][:4] == ["python3", "-c", VLLM_LAUNCHER, PATH_IN_POD]
+    assert c["command"][4:8] == ["vllm", "serve", "/mnt/pvc/models/base", "--enable-lora"]
     assert c["command"][c["command"].index("--max-loras") + 1] == "4"
     assert c["command"][c["command"].index("--max-lora-rank") + 1] == "32"
     assert {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"} in c["env"]
@@ -78,6 +89,38 @@ def test_vllm_cannot_read_s3_and_uid_is_required():
 
 
 def test_resolved_job_claims_are_mounted():
-    objects = render_adapterdeployment(make(), CONFIG, ["pvc://outputs/job-1"])
+    objects = render_adapterdeployment(make(adapters=[{"name": "tuned", "fromJob": "job-1"}]), CONFIG,
+                                       {"tuned": "pvc://outputs/job-1"})
     paths = [m["mountPath"] for m in container(objects)["volumeMounts"]]
     assert "/mnt/pvc/outputs" in paths
+
+
+def test_the_adapters_configmap_lists_what_each_runtime_loads():
+    spec = {"adapters": [{"name": "legal", "uri": "pvc://adapters/legal"}, {"name": "tuned", "fromJob": "job"},
+                         {"name": "waiting", "fromJob": "other"}, {"name": "remote", "uri": "s3://bucket/remote"}]}
+    resolved = {"tuned": "pvc://outputs/job/adapter"}
+    builtin = render_adapterdeployment(make(**spec), CONFIG, resolved).adapters
+    assert builtin["metadata"]["name"] == "support-adapters"
+    assert builtin["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    assert parse_adapters_file(builtin["data"]["adapters.json"]) == {
+        "legal": "pvc://adapters/legal", "tuned": "pvc://outputs/job/adapter", "remote": "s3://bucket/remote"}
+    vllm = render_adapterdeployment(make(runtime="vllm", resources={"gpusPerReplica": 1}, **spec), CONFIG, resolved)
+    assert parse_adapters_file(vllm.adapters["data"]["adapters.json"]) == {  # s3:// is refused by the load instead
+        "legal": "/mnt/pvc/adapters/legal", "tuned": "/mnt/pvc/outputs/job/adapter"}
+    assert [o["kind"] for o in vllm.all()] == ["ConfigMap", "Service", "Deployment"]
+
+
+@pytest.mark.parametrize("content, expected", [
+    ({"adapters": [{"name": "a", "path": "/mnt/pvc/x/a"}, {"name": "b", "path": "org/b"}]},
+     ["serve", "m", "--lora-modules", "a=/mnt/pvc/x/a", "b=org/b"]),
+    ({"adapters": []}, ["serve", "m"]),
+    (None, ["serve", "m"]),  # the ConfigMap is optional: no file, no adapters
+])
+def test_the_vllm_launcher_turns_the_file_into_lora_modules(tmp_path, content, expected):
+    path = tmp_path / "adapters.json"
+    if content is not None:
+        path.write_text(json.dumps(content))
+    printer = [sys.executable, "-c", "import sys, json; print(json.dumps(sys.argv[1:]))"]
+    result = subprocess.run([sys.executable, "-c", VLLM_LAUNCHER, str(path), *printer, "serve", "m"],
+                            capture_output=True, text=True, check=True)
+    assert json.loads(result.stdout) == expected

@@ -1,7 +1,8 @@
 """kopf handlers of AdapterDeployment, and the adapter sync loop.
 
-create/resume/update: apply the Deployment and Service (created once, 409 = exists; patched when the
-rendered pod template, replicas or Service differ), then sync adapters and status. The sync loop
+create/resume/update: apply the adapters ConfigMap, the Service and the Deployment (created once,
+409 = exists; patched when the adapters, the rendered pod template, replicas or Service differ), then
+sync adapters and status. The sync loop
 (started here, not a kopf timer: timers force finalizers) repeats the whole reconcile for every
 AdapterDeployment each `metricsScrapeIntervalSeconds`: it resolves `fromJob` adapters, asks every
 ready replica for /v1/models over HTTP (http://<podIP>:<port>), loads what is missing and unloads
@@ -215,11 +216,13 @@ def reconcile(runtime: Any, state: AdapterState, key: Key) -> None:
     wanted = ad_logic.resolve(spec_wire.get("adapters") or [], fetch_jobs(client, namespace, spec_wire))
     from_jobs = {a["name"] for a in spec_wire.get("adapters") or [] if a.get("fromJob")}
     try:
-        objects = render_adapterdeployment(obj, runtime.config, [w.uri for w in wanted if w.uri and w.name in from_jobs])
+        objects = render_adapterdeployment(obj, runtime.config,
+                                           {w.name: w.uri for w in wanted if w.uri and w.name in from_jobs})
     except RenderError as error:
         log.warning("%s", error)
         return
     uid = body["metadata"]["uid"]
+    apply_adapters_configmap(client, objects.adapters, uid)
     apply_service(client, objects.service, uid)
     deployment = apply_deployment(client, objects.deployment, uid)
 
@@ -249,6 +252,21 @@ def reconcile(runtime: Any, state: AdapterState, key: Key) -> None:
         wanted=wanted, replica_views=replicas, now=datetime.now(UTC),
     )  # fmt: skip
     write_status(client, body, ad_logic.derive_status(body.get("status"), observed))
+
+
+def apply_adapters_configmap(client: k8s.Client, configmap: dict[str, Any], uid: str) -> None:
+    """Created once, then its data replaced when the wanted adapters change (the replicas follow
+    the mounted file; no pod restarts)."""
+    meta = configmap["metadata"]
+    if client.create(k8s.object_path(configmap), configmap):
+        log.info("created ConfigMap %s/%s", meta["namespace"], meta["name"])
+        return
+    path = k8s.object_path(configmap, meta["name"])
+    existing = client.get(path)
+    check_ours(existing, uid, "ConfigMap", meta["name"])
+    if existing.get("data") != configmap["data"]:
+        client.merge_patch(path, {"data": configmap["data"]})
+        log.info("updated the adapters of ConfigMap %s/%s", meta["namespace"], meta["name"])
 
 
 def apply_service(client: k8s.Client, service: dict[str, Any], uid: str) -> None:

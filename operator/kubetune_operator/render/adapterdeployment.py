@@ -1,13 +1,15 @@
-"""AdapterDeployment → a Deployment `<name>` of serving replicas and a Service `<name>` in front.
+"""AdapterDeployment → a Deployment `<name>` of serving replicas, a Service `<name>` in front, and
+the ConfigMap `<name>-adapters` that holds the adapters every replica must have.
 
-Adapters are deliberately NOT part of the pod template: no `--adapter` (builtin) and no
-`--lora-modules` (vLLM) on the command line. The builtin runtime exits when a command-line adapter
-fails to load (one bad adapter would crash-loop every replica) and reads no other start-up list, and
-any adapter on the command line would make every change of spec.adapters a rolling restart. So the
-pods start with the base model only and the operator loads every adapter through the runtime's
-`/v1/load_lora_adapter` on each ready replica (both runtimes speak it; vLLM with
-VLLM_ALLOW_RUNTIME_LORA_UPDATING=True); a restarted replica gets its adapters back the same way, and
-status.adapters[].loadedReplicas counts the replicas that have each one.
+Adapters are deliberately NOT part of the pod template, so that changing spec.adapters never
+restarts a replica. Instead:
+- the ConfigMap (the adapters file, `api.adaptersfile`) is mounted into every pod. The builtin
+  runtime loads it before it reports ready (`/health`) and follows its changes; vLLM's start-up
+  command turns it into `--lora-modules`. So a replica that starts or restarts comes up with the
+  full set, even while the operator is away, and only then receives traffic.
+- the operator also loads and unloads through the runtime's `/v1/load_lora_adapter` on each ready
+  replica (both runtimes speak it; vLLM with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True): faster than the
+  kubelet's refresh of a mounted ConfigMap, and the only way to change a running vLLM.
 
 The one thing adapters can change in the template is the set of mounted claims: a pvc:// adapter on
 a claim that no replica mounts yet needs a volume, which Kubernetes can only add with new pods.
@@ -16,11 +18,12 @@ Adapters on claims already mounted load without a restart.
 Pure: the same input gives equal dicts.
 """
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from collections.abc import Iterable
 from urllib.parse import urlparse
 
+from ..api import adaptersfile
 from ..api.adapterdeployment import AdapterDeployment, AdapterDeploymentSpec
 from ..config import OperatorConfig
 from .common import (
@@ -53,6 +56,19 @@ SPEC_HASH_ANNOTATION = "kubetune.io/spec-hash"
 DEFAULT_CONTAINER_ANNOTATION = "kubectl.kubernetes.io/default-container"
 PORT_NAME = "http"
 GRACE_SECONDS = 35  # the builtin server drains for 30 s
+ADAPTERS_VOLUME = "adapters"
+
+# vLLM reads no adapters file: this start-up wrapper (run by the image's python3) turns the mounted
+# file into `--lora-modules NAME=PATH ...` and then becomes `vllm serve` (exec: signals reach vLLM).
+VLLM_LAUNCHER = """import json, os, sys
+try:
+    adapters = json.load(open(sys.argv[1])).get("adapters") or []
+except (OSError, ValueError):
+    adapters = []
+modules = [f"{a['name']}={a['path']}" for a in adapters]
+argv = sys.argv[2:] + (["--lora-modules", *modules] if modules else [])
+os.execvp(argv[0], argv)
+"""
 
 
 def deployment_name(name: str) -> str:
@@ -118,14 +134,16 @@ def server_command(ad: AdapterDeployment) -> list[str]:
     spec = ad.spec
     port = str(spec.service.port)
     if spec.runtime == "vllm":
-        command = ["vllm", "serve", local_path(spec.base_model.uri), "--enable-lora",
+        command = ["python3", "-c", VLLM_LAUNCHER, adaptersfile.PATH_IN_POD,
+                   "vllm", "serve", local_path(spec.base_model.uri), "--enable-lora",
                    "--max-loras", str(spec.max_adapters), "--max-lora-rank", str(spec.max_lora_rank),
                    "--port", port, "--host", "0.0.0.0"]  # fmt: skip
         if spec.base_model.revision:
             command += ["--revision", spec.base_model.revision]
         return command
     return ["kubetune", "serve", "--model", spec.base_model.uri, "--host", "0.0.0.0", "--port", port,
-            "--max-adapters", str(spec.max_adapters), "--max-lora-rank", str(spec.max_lora_rank)]  # fmt: skip
+            "--max-adapters", str(spec.max_adapters), "--max-lora-rank", str(spec.max_lora_rank),
+            "--adapters-file", adaptersfile.PATH_IN_POD]  # fmt: skip
 
 
 def server_env(ad: AdapterDeployment) -> list[dict[str, Any]]:
@@ -149,10 +167,15 @@ def probe(path: str, period: int, failures: int) -> dict[str, Any]:
 
 def volumes(ad: AdapterDeployment, adapter_uris: Iterable[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     vols: list[dict[str, Any]] = [{"name": "scratch", "emptyDir": {}},
-                                  {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}]
+                                  {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
+                                  # optional: a pod that starts before the operator wrote it serves no adapters yet
+                                  {"name": ADAPTERS_VOLUME, "configMap": {
+                                      "name": adaptersfile.configmap_name(ad.metadata.name), "optional": True}}]
     mounts: list[dict[str, Any]] = [{"name": "scratch", "mountPath": SCRATCH},
                                     {"name": "scratch", "mountPath": "/tmp", "subPath": "tmp"},
-                                    {"name": "dshm", "mountPath": "/dev/shm"}]
+                                    {"name": "dshm", "mountPath": "/dev/shm"},
+                                    # the whole folder, not a subPath: only then does the kubelet update it
+                                    {"name": ADAPTERS_VOLUME, "mountPath": adaptersfile.MOUNT_DIR, "readOnly": True}]
     for claim in claims(ad.spec, adapter_uris):
         volume = dns_label("pvc", claim)
         vols.append({"name": volume, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
@@ -163,7 +186,9 @@ def volumes(ad: AdapterDeployment, adapter_uris: Iterable[str]) -> tuple[list[di
 def pod_template(ad: AdapterDeployment, config: OperatorConfig, adapter_uris: Iterable[str] = ()) -> dict[str, Any]:
     spec, name = ad.spec, ad.metadata.name
     vols, mounts = volumes(ad, adapter_uris)
-    ready_path = "/health" if spec.runtime == "vllm" else "/ready"
+    # Builtin: /live answers as soon as the process does, /health once the model and the adapters
+    # file are loaded. vLLM's /health answers once the engine (and its --lora-modules) is up.
+    live_path = "/health" if spec.runtime == "vllm" else "/live"
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": spec.image or config.serving_image,
@@ -174,10 +199,9 @@ def pod_template(ad: AdapterDeployment, config: OperatorConfig, adapter_uris: It
         "resources": container_resources(ad.spec.resources, ad.spec.resources.gpus_per_replica, config),
         "volumeMounts": mounts,
         "securityContext": container_security_context(),
-        # The model loads in the background: /health answers at once, /ready (builtin) once loaded.
-        "startupProbe": probe("/health", 5, 120),
-        "readinessProbe": probe(ready_path, 5, 3),
-        "livenessProbe": probe("/health", 10, 6),
+        "startupProbe": probe(live_path, 5, 120),
+        "readinessProbe": probe("/health", 5, 3),
+        "livenessProbe": probe(live_path, 10, 6),
     }
     if spec.base_model.secret_ref:
         container["envFrom"] = [{"secretRef": {"name": spec.base_model.secret_ref.name}}]
@@ -249,13 +273,46 @@ def render_service(ad: AdapterDeployment) -> dict[str, Any]:
     }
 
 
+def resolved_adapters(spec: AdapterDeploymentSpec, from_jobs: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(name, URI), spec order, of the adapters whose URI is known: given, or (`from_jobs`, name →
+    URI) the adapter of a Succeeded FineTuneJob. Adapters still waiting for their job are left out."""
+    pairs = [(a.name, a.uri or from_jobs.get(a.name)) for a in spec.adapters]
+    return [(name, uri) for name, uri in pairs if uri]
+
+
+def adapters_file_entries(ad: AdapterDeployment, adapters: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(name, path the runtime loads) for each adapter; one vLLM cannot read (s3://) is left out
+    here and refused with a message by the operator's load."""
+    entries = []
+    for name, uri in adapters:
+        try:
+            entries.append((name, adapter_path(ad.spec.runtime, uri)))
+        except RenderError:
+            continue
+    return entries
+
+
+def render_adapters_configmap(ad: AdapterDeployment, adapters: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    """The adapters file: `adapters` is (name, URI) of every adapter whose URI is known, spec order."""
+    name, namespace = ad.metadata.name, ad.metadata.namespace
+    text = adaptersfile.render_adapters_file(adapters_file_entries(ad, adapters))
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": object_meta(adaptersfile.configmap_name(name), namespace, pod_labels(name),
+                                owner_reference(ad.metadata, KIND)),
+        "data": {adaptersfile.CONFIGMAP_KEY: text},
+    }
+
+
 @dataclass(frozen=True)
 class AdapterDeploymentObjects:
+    adapters: dict[str, Any]
     deployment: dict[str, Any]
     service: dict[str, Any]
 
     def all(self) -> list[dict[str, Any]]:
-        return [self.service, self.deployment]
+        return [self.adapters, self.service, self.deployment]
 
 
 def check_renderable(ad: AdapterDeployment) -> None:
@@ -277,10 +334,12 @@ def check_renderable(ad: AdapterDeployment) -> None:
 
 
 def render_adapterdeployment(
-    ad: AdapterDeployment, config: OperatorConfig, adapter_uris: Iterable[str] = ()
+    ad: AdapterDeployment, config: OperatorConfig, from_jobs: Mapping[str, str] | None = None
 ) -> AdapterDeploymentObjects:
-    """The Deployment and Service of `ad`, owned by it. `adapter_uris`: URIs resolved from
-    FineTuneJobs (only their claims matter: the adapters themselves are loaded at run time)."""
+    """The adapters ConfigMap, Deployment and Service of `ad`, owned by it. `from_jobs`: adapter
+    name → URI for the `fromJob` adapters whose FineTuneJob has Succeeded."""
     check_renderable(ad)
-    uris = list(adapter_uris)
-    return AdapterDeploymentObjects(render_deployment(ad, config, uris), render_service(ad))
+    resolved = resolved_adapters(ad.spec, from_jobs or {})
+    uris = [uri for _, uri in resolved]
+    return AdapterDeploymentObjects(render_adapters_configmap(ad, resolved), render_deployment(ad, config, uris),
+                                    render_service(ad))

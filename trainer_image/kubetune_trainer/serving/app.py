@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from ..report import log
+from .adapters_file import AdaptersFileSync
 from .engine import Engine, EngineError, Generation, Sampling
 from .metrics import ServingMetrics
 from .schemas import ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
@@ -30,10 +31,12 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
 class Startup:
-    """Readiness: the base model and every adapter named on the command line, loaded in order."""
+    """Readiness: the base model, every adapter named on the command line (each one must load), then
+    the adapters file, if any (an adapter it lists that fails to load is reported, not fatal)."""
 
-    def __init__(self, engine: Engine, adapters: list[tuple[str, str]], metrics: ServingMetrics):
-        self.engine, self.adapters, self.metrics = engine, adapters, metrics
+    def __init__(self, engine: Engine, adapters: list[tuple[str, str]], metrics: ServingMetrics,
+                 adapters_file: AdaptersFileSync | None = None):
+        self.engine, self.adapters, self.metrics, self.adapters_file = engine, adapters, metrics, adapters_file
         self.ready = False
         self.error: str | None = None
 
@@ -51,9 +54,22 @@ class Startup:
             self.error = error.message if isinstance(error, EngineError) else f"{type(error).__name__}: {error}"
             log("startup_failed", error=self.error)
             raise
+        if self.adapters_file is not None:
+            self.adapters_file.sync_once()
         self.ready = True
         self.metrics.ready.set(1)
-        log("ready", model=self.engine.served_name, adapters=[name for name, _ in self.adapters])
+        log("ready", model=self.engine.served_name, adapters=[a.name for a in self.engine.adapters()])
+
+    def state(self) -> dict:
+        """The body of /health: what is loaded, and what the adapters file asked for but did not get."""
+        body: dict = {"status": "ready" if self.ready else ("failed" if self.error else "loading")}
+        if self.error:
+            body["message"] = self.error
+        if self.ready:
+            body.update(model=self.engine.served_name, adapters=[a.name for a in self.engine.adapters()])
+        if self.adapters_file is not None and (self.adapters_file.failed or self.adapters_file.error):
+            body["adaptersFile"] = {"failed": dict(self.adapters_file.failed), "error": self.adapters_file.error}
+        return body
 
 
 def error_body(message: str, type: str, status: int, param: str | None = None) -> dict:
@@ -124,16 +140,17 @@ def create_app(engine: Engine, metrics: ServingMetrics, startup: Startup) -> Fas
 
     # --- probes and metrics ------------------------------------------------------------------------
 
-    @app.get("/health")
-    async def health():
+    @app.get("/live")
+    async def live():
+        """Liveness: the process answers (the model may still be loading)."""
         return {"status": "ok"}
 
+    @app.get("/health")
     @app.get("/ready")
-    async def ready():
-        if startup.ready:
-            return {"status": "ready", "model": engine.served_name, "adapters": [a.name for a in engine.adapters()]}
-        status = "failed" if startup.error else "loading"
-        return JSONResponse({"status": status, "message": startup.error}, status_code=503)
+    async def health():
+        """Readiness: 200 only once the base model and every startup adapter are loaded (those of
+        the command line and of the adapters file), so no request reaches a replica that lacks one."""
+        return JSONResponse(startup.state(), status_code=200 if startup.ready else 503)
 
     @app.get("/metrics")
     async def prometheus():
@@ -168,7 +185,13 @@ def create_app(engine: Engine, metrics: ServingMetrics, startup: Startup) -> Fas
     @app.post("/v1/load_lora_adapter")
     def load_lora_adapter(body: LoadLoRAAdapterRequest):
         with measured("load_lora_adapter", body.lora_name):
-            engine.load_adapter(body.lora_name, body.lora_path, replace=body.load_inplace)
+            try:
+                engine.load_adapter(body.lora_name, body.lora_path, replace=body.load_inplace)
+            except EngineError as error:
+                if error.status != 503:  # 503: the base model still loading, not a refusal
+                    metrics.load_failures.labels(body.lora_name or "").inc()
+                log("adapter_load_failed", name=body.lora_name, uri=body.lora_path, error=error.message)
+                raise
             metrics.loaded_adapters.set(len(engine.adapters()))
             log("adapter_loaded", name=body.lora_name, uri=body.lora_path)
             return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")

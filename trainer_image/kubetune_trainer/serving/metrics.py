@@ -20,6 +20,8 @@ class ServingMetrics:
         self.latency = Histogram(PREFIX + "request_duration_seconds", "Time to answer a request, by endpoint.",
                                  ["endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.loaded_adapters = Gauge(PREFIX + "loaded_adapters", "Adapters loaded now.", registry=self.registry)
+        self.load_failures = Counter(PREFIX + "adapter_load_failures", "Adapter loads refused, by adapter name.",
+                                     ["adapter"], registry=self.registry)
         self.ready = Gauge(PREFIX + "ready", "1 once the base model and the startup adapters are loaded.",
                            registry=self.registry)
 

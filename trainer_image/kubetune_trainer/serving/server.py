@@ -1,6 +1,8 @@
-"""`kubetune serve`: the process. The API answers at once (`/health`), the model and the
-command-line adapters load in the background, and `/ready` turns 200 once all are loaded. If any of
-them fails to load, the process exits 1, so its pod restarts and its logs say why."""
+"""`kubetune serve`: the process. The API answers at once (`/live`), the model, the command-line
+adapters and those of the adapters file load in the background, and `/health` (also `/ready`) turns
+200 once all are loaded. If the model or a command-line adapter fails to load, the process exits 1,
+so its pod restarts and its logs say why; an adapter of the adapters file that fails is reported on
+/health and the others serve. The adapters file is then polled for changes."""
 
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..launch import local_cache, quiet_libraries
+    from .adapters_file import AdaptersFileSync
     from .app import Startup, create_app
     from .engine import Engine
     from .metrics import ServingMetrics
@@ -58,20 +61,30 @@ def run(args: argparse.Namespace) -> int:
         max_adapters=args.max_adapters, max_lora_rank=args.max_lora_rank, device=args.device, dtype=args.dtype,
     )
     metrics = ServingMetrics()
-    startup = Startup(engine, adapters, metrics)
+    adapters_file = None
+    if args.adapters_file:
+        adapters_file = AdaptersFileSync(engine, Path(args.adapters_file), metrics, args.adapters_file_interval)
+    startup = Startup(engine, adapters, metrics, adapters_file)
     server = uvicorn.Server(uvicorn.Config(create_app(engine, metrics, startup), host=args.host, port=args.port,
                                            log_level="warning", timeout_graceful_shutdown=30))
+
+    stop = threading.Event()
 
     def load() -> None:
         try:
             startup.run()
         except Exception:  # logged by Startup; exit so that the pod restarts
             server.should_exit = True
+            return
+        if adapters_file is not None:
+            adapters_file.run(stop)
 
     log("starting", model=engine.served_name, uri=args.model, host=args.host, port=args.port,
-        adapters=[name for name, _ in adapters], max_adapters=args.max_adapters, max_lora_rank=args.max_lora_rank)
+        adapters=[name for name, _ in adapters], adapters_file=args.adapters_file,
+        max_adapters=args.max_adapters, max_lora_rank=args.max_lora_rank)
     loader = threading.Thread(target=load, name="kubetune-load", daemon=True)
     loader.start()
     server.run()
+    stop.set()
     loader.join(timeout=1)
     return 1 if startup.error else 0
