@@ -34,12 +34,17 @@ class Wanted:
     sha256: str | None = None
     pending: str = ""
     reason: str = ""
+    path: str | None = None  # what the runtime is given and reports as `root` (vLLM: a local path); None: the URI
+
+    @property
+    def root(self) -> str | None:
+        return self.path or self.uri
 
 
 @dataclass
 class Replica:
-    """One ready replica as seen by the operator. `loaded`: adapter name → URI (the `root` the runtime
-    reports; None when it does not say), None when the replica could not be asked. `failed`:
+    """One ready replica as seen by the operator. `loaded`: adapter name → the `root` the runtime
+    reports (the path it was given; None when it does not say), None when the replica could not be asked. `failed`:
     adapter name → (URI, the runtime's message) for loads it refused; never retried on this replica
     for the same URI. `error`: why it could not be asked."""
 
@@ -102,7 +107,7 @@ def plan_actions(wanted: list[Wanted], replicas: list[Replica]) -> list[Action]:
             continue
         for name, root in sorted(replica.loaded.items()):
             want = by_name.get(name)
-            if want is None or (want.uri is not None and root is not None and root != want.uri):
+            if want is None or (want.uri is not None and root is not None and root != want.root):
                 actions.append(Action(replica.name, "unload", name))
         for want in wanted:
             if want.uri is None:
@@ -118,7 +123,7 @@ def has(replica: Replica, want: Wanted) -> bool:
     if replica.loaded is None or want.name not in replica.loaded:
         return False
     root = replica.loaded[want.name]
-    return root is None or root == want.uri
+    return root is None or root == want.root
 
 
 def adapter_statuses(wanted: list[Wanted], replicas: list[Replica]) -> list[dict[str, Any]]:

@@ -129,3 +129,16 @@ def test_replica_urls_and_error_messages():
     assert error_message(openai) == "adapter rank 128 exceeds maxLoraRank 64"
     assert error_message(httpx.Response(400, json={"object": "error", "message": "vllm says no"})) == "vllm says no"
     assert error_message(httpx.Response(400, text="plain")) == "plain"
+
+
+def test_an_adapter_is_recognised_by_the_path_its_runtime_reports():
+    """vLLM reports the local path it was given as `root`, not the pvc:// URI: no reload each sync."""
+    from kubetune_operator.handlers.adapterdeployment import with_runtime_path
+
+    want = with_runtime_path(Wanted("a", "pvc://adapters/a"), "vllm")
+    assert want.root == "/mnt/pvc/adapters/a"
+    vllm = Replica("pod-0", "http://x", loaded={"a": "/mnt/pvc/adapters/a"})
+    assert plan_actions([want], [vllm]) == []
+    assert derive_status({}, observed([want], [vllm]))["adapters"][0]["state"] == "Loaded"
+    assert with_runtime_path(Wanted("a", "pvc://adapters/a"), "builtin").root == "pvc://adapters/a"
+    assert with_runtime_path(Wanted("s", "s3://b/s"), "vllm").root == "s3://b/s"  # refused at load, with a message

@@ -14,6 +14,7 @@ Testing hook: with the operator's --allow-metrics-url-annotation switch
 """
 
 import asyncio
+import dataclasses
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -177,7 +178,7 @@ def execute(http: httpx.Client, runtime_kind: str, replica: ad_logic.Replica, ac
         response = http.post(f"{replica.url}/v1/load_lora_adapter",
                              json={"lora_name": action.adapter, "lora_path": path}, timeout=LOAD_TIMEOUT)
         if response.is_success:
-            replica.loaded[action.adapter] = action.uri
+            replica.loaded[action.adapter] = path  # as the runtime reports it in /v1/models
             replica.failed.pop(action.adapter, None)
         elif 400 <= response.status_code < 500:
             replica.failed[action.adapter] = (action.uri, error_message(response))
@@ -189,6 +190,17 @@ def execute(http: httpx.Client, runtime_kind: str, replica: ad_logic.Replica, ac
 
 
 # --- the reconcile -------------------------------------------------------------------------------
+
+
+def with_runtime_path(want: ad_logic.Wanted, runtime_kind: str) -> ad_logic.Wanted:
+    """`want` with the path its runtime loads and reports back (vLLM: pvc://C/P → /mnt/pvc/C/P), so
+    that an adapter loaded as wanted is recognised as such in /v1/models."""
+    if want.uri is None:
+        return want
+    try:
+        return dataclasses.replace(want, path=adapter_path(runtime_kind, want.uri))
+    except RenderError:
+        return want  # vLLM cannot read it: the load is refused with that message
 
 
 def reconcile_adapterdeployment(runtime: Any, state: AdapterState, namespace: str, name: str) -> None:
@@ -213,7 +225,8 @@ def reconcile(runtime: Any, state: AdapterState, key: Key) -> None:
     if obj is None:
         return
     spec_wire = body.get("spec") or {}
-    wanted = ad_logic.resolve(spec_wire.get("adapters") or [], fetch_jobs(client, namespace, spec_wire))
+    wanted = [with_runtime_path(w, obj.spec.runtime)
+              for w in ad_logic.resolve(spec_wire.get("adapters") or [], fetch_jobs(client, namespace, spec_wire))]
     from_jobs = {a["name"] for a in spec_wire.get("adapters") or [] if a.get("fromJob")}
     try:
         objects = render_adapterdeployment(obj, runtime.config,
