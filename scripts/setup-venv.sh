@@ -34,6 +34,8 @@ ln -sfn "$venv" .venv
 # The project itself: an editable install (no dependencies, no network) so the `kubetune`
 # command exists. The Makefile also puts this clone's sources first on PYTHONPATH, so a
 # shared environment always runs the clone that invoked it.
-if ! .venv/bin/python -c 'import kubetune_operator, sys; sys.exit(0 if kubetune_operator.__file__.startswith(sys.argv[1]) else 1)' "$PWD" 2>/dev/null; then
+# Checked without PYTHONPATH (make exports it, which would hide a missing install); an install
+# that points at a clone since deleted fails the import and is redone.
+if [ ! -x .venv/bin/kubetune ] || ! env -u PYTHONPATH .venv/bin/python -c 'import kubetune_operator' 2>/dev/null; then
     .venv/bin/pip install -q --no-deps --no-build-isolation -e .
 fi
