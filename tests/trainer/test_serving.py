@@ -287,15 +287,19 @@ def test_metrics_count_requests_tokens_and_adapters(server):
                 for family in text_string_to_metric_families(response.text) for s in family.samples}
 
     key = ("kubetune_serve_requests_total", (("endpoint", "chat_completions"), ("model", "alpha"), ("status", "200")))
-    before = samples().get(key, 0)
+    latency = ("kubetune_serve_request_duration_seconds_count", (("endpoint", "chat_completions"), ("model", "alpha")))
+    before = samples()
+    before, latency_before = before.get(key, 0), before.get(latency, 0)
     chat_text(server, "alpha")
+    assert chat(server, "nope").status_code == 404
     after = samples()
     assert after[key] == before + 1
     assert after[("kubetune_serve_generation_tokens_total", (("model", "alpha"),))] > 0
     assert after[("kubetune_serve_loaded_adapters", ())] == 1
     assert after[("kubetune_serve_ready", ())] == 1
-    assert after[("kubetune_serve_request_duration_seconds_count", (("endpoint", "chat_completions"),))] >= 1
-    assert any(name == "kubetune_serve_requests_total" and ("status", "404") in labels for name, labels in after)
+    assert after[latency] == latency_before + 1  # one latency histogram per adapter
+    unknown = ("kubetune_serve_requests_total", (("endpoint", "chat_completions"), ("model", "unknown"), ("status", "404")))
+    assert after[unknown] >= 1  # unknown names share one series
 
 
 def test_an_adapter_that_cannot_load_at_startup_stops_the_server(files):

@@ -17,8 +17,9 @@ class ServingMetrics:
                                      registry=self.registry)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated.", ["model"],
                                          registry=self.registry)
-        self.latency = Histogram(PREFIX + "request_duration_seconds", "Time to answer a request, by endpoint.",
-                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.latency = Histogram(PREFIX + "request_duration_seconds", "Time to answer a request, by endpoint and model "
+                                 "(the base or an adapter).", ["endpoint", "model"], buckets=LATENCY_BUCKETS,
+                                 registry=self.registry)
         self.loaded_adapters = Gauge(PREFIX + "loaded_adapters", "Adapters loaded now.", registry=self.registry)
         self.load_failures = Counter(PREFIX + "adapter_load_failures", "Adapter loads refused, by adapter name.",
                                      ["adapter"], registry=self.registry)
@@ -27,7 +28,7 @@ class ServingMetrics:
 
     def request(self, endpoint: str, model: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, model, str(status)).inc()
-        self.latency.labels(endpoint).observe(seconds)
+        self.latency.labels(endpoint, model).observe(seconds)
 
     def tokens(self, model: str, prompt: int, generated: int) -> None:
         self.prompt_tokens.labels(model).inc(prompt)
