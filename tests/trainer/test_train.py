@@ -200,3 +200,26 @@ def test_merged_weights_equal_base_plus_adapter(tiny_model, tmp_path):
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "output" / "adapter").eval()
     with torch.no_grad():
         assert torch.allclose(merged(**batch).logits, adapted(**batch).logits, atol=1e-4)
+
+
+def test_a_qlora_adapter_is_merged_into_the_original_weights_not_the_4_bit_ones(tiny_model, tmp_path):
+    """Merging into NF4 weights would quantize the adapter again: the merged model must be the
+    unquantized base plus the adapter, in the compute dtype, with no quantization config."""
+    from transformers import AutoModelForCausalLM
+
+    method = {"type": "qlora", "quantization": {"computeDtype": "bfloat16"}, "lora": {"r": 8, "alpha": 16,
+                                                                                     "dropout": 0.0}}
+    config = make_config(tiny_model, tmp_path, steps=5, every_save=1000, method=method)
+    config.spec.output.merge_weights = True
+    assert train.run_training(config) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "output" / "merged")
+    assert getattr(merged.config, "quantization_config", None) is None
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    lora = adapter_weights(tmp_path)
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    delta = (lora[f"{prefix}.lora_B.weight"].float() @ lora[f"{prefix}.lora_A.weight"].float()) * (16 / 8)
+    weight = merged.model.layers[0].self_attn.q_proj.weight
+    assert weight.dtype == torch.bfloat16
+    expected = base.model.layers[0].self_attn.q_proj.weight.float() + delta
+    assert delta.abs().max() > 1e-3  # the adapter changed the layer ...
+    assert (weight.float() - expected).abs().max() < 2e-3  # ... and is folded into the original weights

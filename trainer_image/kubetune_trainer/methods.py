@@ -32,13 +32,16 @@ def load_tokenizer(model_dir: Path):
     return tokenizer
 
 
-def load_base_model(model_dir: Path, spec: FineTuneJobSpec, on_gpu: bool):
+def load_base_model(model_dir: Path, spec: FineTuneJobSpec, on_gpu: bool, quantized: bool = True):
+    """The base model to train (QLoRA: quantized, compute dtype) or, with `quantized=False`, to merge
+    an adapter into (QLoRA: the original weights in the compute dtype)."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": base_dtype(spec, on_gpu)}
     if spec.method.type == "qlora":
-        kwargs["quantization_config"] = quantization_config(spec.method)
         kwargs["dtype"] = COMPUTE_DTYPES[spec.method.effective_quantization().compute_dtype]
+        if quantized:
+            kwargs["quantization_config"] = quantization_config(spec.method)
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     return model

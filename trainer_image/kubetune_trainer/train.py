@@ -381,13 +381,16 @@ def save_outputs(run: Run) -> dict | None:
 
 
 def _merged_model(run: Run, adapter_dir: Path):
-    """The base with the adapter folded in. When no rank holds the whole model (FSDP, ZeRO-3),
-    rank 0 reloads the base on its CPU and applies the adapter it has just saved."""
-    if not run.strategy.gathers_to_merge:
+    """The base with the adapter folded in. Rank 0 reloads the base on its CPU and applies the
+    adapter it has just saved when no rank holds the whole model (FSDP, ZeRO-3) and for QLoRA:
+    folding an adapter into 4-bit weights would quantize it again and lose part of it, so the merge
+    goes into the original weights, in the compute dtype."""
+    quantized = run.config.spec.method.type == "qlora"
+    if not run.strategy.gathers_to_merge and not quantized:
         return run.strategy.module.merge_and_unload()
     from peft import PeftModel
 
-    base = methods.load_base_model(run.model_dir, run.config.spec, on_gpu=run.device.type == "cuda")
+    base = methods.load_base_model(run.model_dir, run.config.spec, on_gpu=run.device.type == "cuda", quantized=False)
     return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
 
