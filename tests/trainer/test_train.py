@@ -223,3 +223,14 @@ def test_a_qlora_adapter_is_merged_into_the_original_weights_not_the_4_bit_ones(
     expected = base.model.layers[0].self_attn.q_proj.weight.float() + delta
     assert delta.abs().max() > 1e-3  # the adapter changed the layer ...
     assert (weight.float() - expected).abs().max() < 2e-3  # ... and is folded into the original weights
+
+
+def test_qlora_gradient_checkpointing_is_non_reentrant(tiny_model, tmp_path):
+    import warnings
+
+    method = {"type": "qlora", "quantization": {"computeDtype": "float32"}}
+    config = make_config(tiny_model, tmp_path, steps=2, every_save=1000, method=method, gradientCheckpointing=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert train.run_training(config) == 0
+    assert not [w for w in caught if "use_reentrant" in str(w.message)]

@@ -122,10 +122,14 @@ def apply_method(model, spec: FineTuneJobSpec, total_steps: int, tokenizer_dir: 
     import peft
 
     checkpointing = spec.hyperparameters.gradient_checkpointing
+    # Non-reentrant checkpointing: the reentrant kind is being retired by torch and needs inputs that
+    # require grad to reach frozen layers.
+    non_reentrant = {"use_reentrant": False}
     if spec.method.type == "qlora":
-        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                                     gradient_checkpointing_kwargs=non_reentrant)
     elif checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
         if spec.method.is_adapter:
             model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph
     config = peft_config(spec.method, total_steps, tokenizer_dir)
