@@ -76,3 +76,31 @@ def test_sigterm_to_the_launcher_is_forwarded_and_reported_as_preemption(tmp_pat
     launcher.stdout.read()
     assert launcher.wait(timeout=120) == EXIT_PREEMPTED
     assert sorted(p.name for p in (tmp_path / "output" / "checkpoints").iterdir() if p.name.startswith("step-"))
+
+
+def test_a_stop_goes_to_the_workers_not_to_torchrun(tmp_path):
+    """torchrun kills its workers 30 s after it is signalled; signalled directly, the workers take
+    the time their checkpoint needs. Stand-ins: a parent that records a SIGTERM and two workers that
+    record theirs and exit 143."""
+    from kubetune_trainer.launch import stop_workers
+
+    worker = ("import pathlib, signal, sys, time\n"
+              "def stop(*_):\n"
+              "    pathlib.Path(sys.argv[1]).write_text('stopped'); sys.exit(143)\n"
+              "signal.signal(signal.SIGTERM, stop)\n"
+              "pathlib.Path(sys.argv[1] + '.up').write_text('up')\n"
+              "time.sleep(60)\n")
+    parent = ("import pathlib, signal, subprocess, sys, time\n"
+              "signal.signal(signal.SIGTERM, lambda *_: pathlib.Path(sys.argv[1], 'parent').write_text('signalled'))\n"
+              "workers = [subprocess.Popen([sys.executable, '-c', sys.argv[2], str(pathlib.Path(sys.argv[1], f'w{i}'))])\n"
+              "           for i in range(2)]\n"
+              "sys.exit(max(w.wait() for w in workers))\n")
+    torchrun = subprocess.Popen([sys.executable, "-c", parent, str(tmp_path), worker])
+    deadline = time.monotonic() + 30
+    while not all((tmp_path / f"w{i}.up").exists() for i in range(2)):
+        assert time.monotonic() < deadline and torchrun.poll() is None
+        time.sleep(0.05)
+    stop_workers(torchrun.pid, signal.SIGTERM)
+    assert torchrun.wait(timeout=30) == 143
+    assert (tmp_path / "w0").read_text() == (tmp_path / "w1").read_text() == "stopped"
+    assert not (tmp_path / "parent").exists()

@@ -53,21 +53,40 @@ def torchrun_arguments(nproc_flag: int | None) -> list[str] | None:
 
 
 def relaunch_with_torchrun(argv: list[str], torchrun_args: list[str]) -> int:
-    """One launcher path: several processes are torchrun's job, here and in a pod. SIGTERM (a
-    preemption) is forwarded to torchrun, which passes it to the workers; they checkpoint and exit
-    143, but torchrun itself reports 1, so a stop we forwarded is reported as 143 again."""
+    """One launcher path: several processes are torchrun's job, here and in a pod. A SIGTERM (a
+    preemption) goes straight to the workers (`stop_workers`); they checkpoint and exit 143, but
+    torchrun itself reports 1, so a stop we forwarded is reported as 143 again."""
     command = [sys.executable, "-m", "torch.distributed.run", *torchrun_args, "-m", "kubetune_operator.cli", *argv]
     child = subprocess.Popen(command, env={**os.environ, LAUNCHED: "1"})
     stopped = []
 
     def forward(signum, frame):
         stopped.append(signum)
-        child.send_signal(signum)
+        stop_workers(child.pid, signum)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, forward)
     code = child.wait()
     return EXIT_PREEMPTED if stopped and code != 0 else code
+
+
+def stop_workers(torchrun_pid: int, signum: int) -> None:
+    """Signal torchrun's worker processes, not torchrun: torchrun would pass the signal on but kill
+    the workers 30 s later, cutting short a large sharded checkpoint that the pod's grace period
+    (the operator's checkpointGraceSeconds) leaves time for. The workers save in step (barriers), so
+    when the first exits the others are done too, and torchrun then ends. Before the workers exist
+    there is nothing to save: torchrun itself is signalled."""
+    import psutil
+
+    try:
+        workers = psutil.Process(torchrun_pid).children()
+    except psutil.NoSuchProcess:
+        return
+    for process in workers or [psutil.Process(torchrun_pid)]:
+        try:
+            process.send_signal(signum)
+        except psutil.NoSuchProcess:
+            pass
 
 
 def train_main(path: Path, nproc: int | None, metrics_port: int, argv: list[str]) -> int:
