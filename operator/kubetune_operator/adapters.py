@@ -51,6 +51,7 @@ class Replica:
     name: str
     url: str
     loaded: dict[str, str | None] | None = None
+    digests: dict[str, str] = field(default_factory=dict)  # adapter name → sha256 of its weights, where told
     failed: dict[str, tuple[str, str]] = field(default_factory=dict)
     unload_failed: dict[str, str] = field(default_factory=dict)
     error: str = ""
@@ -67,6 +68,12 @@ class Action:
 def adapters_from_models(models: Mapping[str, Any]) -> dict[str, str | None]:
     """The adapters in a /v1/models answer: the cards with a parent (the base model has none)."""
     return {card["id"]: card.get("root") for card in models.get("data") or [] if card.get("parent")}
+
+
+def digests_from_models(models: Mapping[str, Any]) -> dict[str, str]:
+    """The weights' sha256 of each adapter card that has one (the builtin runtime says; vLLM does not)."""
+    return {card["id"]: card["sha256"] for card in models.get("data") or []
+            if card.get("parent") and isinstance(card.get("sha256"), str)}
 
 
 def resolve(spec_adapters: Iterable[Mapping[str, Any]], jobs: Mapping[str, Mapping[str, Any] | None]) -> list[Wanted]:
@@ -137,14 +144,21 @@ def adapter_statuses(wanted: list[Wanted], replicas: list[Replica]) -> list[dict
             out.append(entry)
             continue
         entry["uri"] = want.uri
-        if want.sha256:
-            entry["sha256"] = want.sha256
+        served = {r.digests[want.name] for r in answering if has(r, want) and want.name in r.digests}
+        sha256 = want.sha256 or (min(served) if len(served) == 1 else None)
+        if sha256:
+            entry["sha256"] = sha256
         loaded = sum(1 for r in answering if has(r, want))
         entry["loadedReplicas"] = loaded
         refusals = [r.failed[want.name][1] for r in answering if r.failed.get(want.name, ("", ""))[0] == want.uri
                     and not has(r, want)]  # fmt: skip
+        different = sorted(served - {sha256}) if sha256 else sorted(served)
         if refusals:
             entry.update(state=FAILED, message=refusals[0])
+        elif different:  # the files at the URI were replaced, or replicas loaded it at different times
+            expected = f"the FineTuneJob reported {sha256[:12]}" if want.sha256 else "the replicas disagree"
+            entry.update(state=FAILED, message=f"replicas serve weights with sha256 "
+                         f"{', '.join(d[:12] for d in different)}; {expected}")
         elif not answering:
             entry.update(state=PENDING, message="no ready replica to load it on yet")
         elif loaded == len(answering):

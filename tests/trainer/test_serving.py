@@ -172,6 +172,8 @@ def test_ready_once_loaded_and_models_list_the_base_and_the_startup_adapter(serv
     assert base["id"] == "tiny" and base["object"] == "model" and base["parent"] is None
     assert base["root"] == str(files[0]) and base["owned_by"]
     assert alpha["id"] == "alpha" and alpha["parent"] == "tiny" and alpha["root"] == f"file://{files[1]['alpha']}"
+    report = json.loads((files[1]["alpha"].parent / "report.json").read_text())
+    assert alpha["sha256"] == report["adapter"]["sha256"]  # what the FineTuneJob reported, for the operator
 
 
 def test_base_and_adapters_answer_as_generate_does(server, files, offline):

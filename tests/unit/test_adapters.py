@@ -142,3 +142,24 @@ def test_an_adapter_is_recognised_by_the_path_its_runtime_reports():
     assert derive_status({}, observed([want], [vllm]))["adapters"][0]["state"] == "Loaded"
     assert with_runtime_path(Wanted("a", "pvc://adapters/a"), "builtin").root == "pvc://adapters/a"
     assert with_runtime_path(Wanted("s", "s3://b/s"), "vllm").root == "s3://b/s"  # refused at load, with a message
+
+
+def test_sha256_comes_from_the_job_or_the_replicas_and_a_mismatch_fails():
+    from kubetune_operator.adapters import digests_from_models
+
+    models = {"data": [{"id": "base", "parent": None}, {"id": "a", "parent": "base", "root": "u/a", "sha256": "aa" * 32},
+                       {"id": "v", "parent": "base", "root": "/mnt/v"}]}
+    assert digests_from_models(models) == {"a": "aa" * 32}  # vLLM's cards carry none
+
+    def replica(name, digest):
+        return Replica(name, "http://x", loaded={"a": "u/a"}, digests={"a": digest})
+
+    given = derive_status({}, observed([Wanted("a", "u/a")], [replica("pod-0", "aa" * 32)]))["adapters"][0]
+    assert given["sha256"] == "aa" * 32 and given["state"] == "Loaded"
+    from_job = derive_status({}, observed([Wanted("a", "u/a", sha256="bb" * 32)], [replica("pod-0", "aa" * 32)]))
+    entry = from_job["adapters"][0]
+    assert entry["sha256"] == "bb" * 32 and entry["state"] == "Failed"
+    assert entry["message"] == "replicas serve weights with sha256 aaaaaaaaaaaa; the FineTuneJob reported bbbbbbbbbbbb"
+    split = derive_status({}, observed([Wanted("a", "u/a")], [replica("pod-0", "aa" * 32), replica("pod-1", "cc" * 32)],
+                                       ready=2))["adapters"][0]
+    assert "sha256" not in split and split["state"] == "Failed" and "the replicas disagree" in split["message"]

@@ -154,7 +154,9 @@ def query(http: httpx.Client, replica: ad_logic.Replica) -> None:
     try:
         response = http.get(f"{replica.url}/v1/models", timeout=QUERY_TIMEOUT)
         response.raise_for_status()
-        replica.loaded = ad_logic.adapters_from_models(response.json())
+        models = response.json()
+        replica.loaded = ad_logic.adapters_from_models(models)
+        replica.digests = ad_logic.digests_from_models(models)
     except (httpx.HTTPError, ValueError) as error:
         replica.error = f"GET /v1/models: {error}"
 

@@ -164,7 +164,8 @@ def create_app(engine: Engine, metrics: ServingMetrics, startup: Startup) -> Fas
                 "root": engine.model_uri, "parent": None, "max_model_len": engine.max_model_len, "permission": []}
         adapters = [
             {"id": a.name, "object": "model", "created": a.created, "owned_by": "kubetune", "root": a.uri,
-             "parent": engine.served_name, "max_model_len": engine.max_model_len, "permission": []}
+             "parent": engine.served_name, "max_model_len": engine.max_model_len, "permission": [],
+             "sha256": a.sha256}  # beyond OpenAI's card: lets the operator report what each replica serves
             for a in engine.adapters()
         ]
         return [base, *adapters]

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..storage import StorageError, resolve_input
+from ..storage import StorageError, resolve_input, sha256_of
 from .text import TextTracker
 
 
@@ -47,6 +47,7 @@ class Adapter:
     path: Path
     rank: int
     internal: str
+    sha256: str | None = None  # of the weights file, as a FineTuneJob reports its adapter
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -98,6 +99,15 @@ def read_adapter_config(path: Path, uri: str, max_lora_rank: int) -> dict:
     if rank > max_lora_rank:
         raise EngineError(f"adapter rank {rank} exceeds maxLoraRank {max_lora_rank}")
     return config
+
+
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def weights_sha256(path: Path) -> str | None:
+    """SHA-256 of the adapter's weights file: the digest a FineTuneJob reports in status.adapter."""
+    file = next((path / name for name in WEIGHT_FILES if (path / name).is_file()), None)
+    return sha256_of(file) if file else None
 
 
 def weight_mismatches(model, path: Path) -> list[str]:
@@ -203,6 +213,7 @@ class Engine:
             raise EngineError(f"No adapter found for {uri}: {error}" if status == 404 else str(error), status,
                               "NotFoundError" if status == 404 else "BadRequestError") from None
         config = read_adapter_config(path, uri, self.max_lora_rank)
+        digest = weights_sha256(path)
         with self._lock:
             self._check_room(name, replace)
             problems = weight_mismatches(self.base, path)
@@ -212,7 +223,7 @@ class Engine:
                     f"adapter {name} does not fit base model {self.served_name} (it was trained on {declared}): "
                     + "; ".join(problems[:3]) + (f" and {len(problems) - 3} more" if len(problems) > 3 else "")
                 )
-            adapter = Adapter(name, uri, path, adapter_rank(config), f"kubetune_adapter_{next(self._ids)}")
+            adapter = Adapter(name, uri, path, adapter_rank(config), f"kubetune_adapter_{next(self._ids)}", digest)
             self._attach(adapter)
             old = self._adapters.pop(name, None)
             if old is not None:
