@@ -7,7 +7,10 @@ the strategy's format: replicated (DDP: rank 0 writes trainable.safetensors + op
 (FSDP: every rank writes its shards with torch.distributed.checkpoint), or DeepSpeed's own.
 The data position needs no saving: the order of examples is a pure function of (seed, epoch,
 step), so resuming at step N reads exactly the batches an unbroken run would have.
-Checkpoints are written into a staging folder and published atomically by the storage layer.
+Checkpoints are written into a staging folder and published atomically by the storage layer. The
+staging folder is one for all ranks when the output's local folder is shared (one node, or pvc://);
+for s3:// across nodes each node has its own, holding its ranks' files, and the nodes publish the
+union together (train.save_checkpoint), so a resuming node fetches every rank's files.
 """
 
 import json
@@ -117,7 +120,8 @@ def _sharded_state(model, optimizer) -> dict:
 
 
 def save_sharded(folder: Path, model, optimizer) -> None:
-    """Collective: every rank writes its shards into the same (shared) folder."""
+    """Collective: every rank writes its shards into the staging folder (its node's own, when the
+    nodes share none: DCP's coordinator, rank 0, writes .metadata, each rank its __RANK_0.distcp)."""
     import torch.distributed.checkpoint as dcp
 
     dcp.save(_sharded_state(model, optimizer), checkpoint_id=str(folder / "dcp"))

@@ -397,15 +397,37 @@ class OutputLocation(ABC):
     """
 
     uri: str
+    # Whether `local_dir()` is one folder seen by every node of a multi-node run (a ReadWriteMany
+    # volume) or each node's own disk. In the second case a folder written by several nodes is
+    # published in phases: `begin_dir` once, `upload_part` from every node, `finish_dir` once.
+    local_dir_shared: bool
 
     @abstractmethod
     def local_dir(self) -> Path:
-        """A real directory to write into."""
+        """A real directory to write into (shared by the nodes when `local_dir_shared`)."""
         ...
 
     @abstractmethod
     def publish_dir(self, src: Path, name: str) -> str:
         """Publish the folder `src` as <location>/<name>, whole or not at all; return its URI."""
+        ...
+
+    @abstractmethod
+    def begin_dir(self, name: str) -> None:
+        """Start publishing <location>/<name> in parts: it stops counting as complete (the marker goes
+        first) and whatever it held is removed. Called once, before any `upload_part`."""
+        ...
+
+    @abstractmethod
+    def upload_part(self, src: Path, name: str) -> list[str]:
+        """Add the files of the folder `src` to the unfinished <location>/<name> (several callers,
+        e.g. one per node, may add theirs at once); return their relative paths. Writes no marker."""
+        ...
+
+    @abstractmethod
+    def finish_dir(self, name: str, files: list[str]) -> str:
+        """Mark <location>/<name> complete, once every part is in: `files` are the relative paths every
+        `upload_part` returned, and each must be there, or StorageError (and no marker). Returns its URI."""
         ...
 
     @abstractmethod
@@ -421,7 +443,8 @@ class OutputLocation(ABC):
 
     @abstractmethod
     def fetch_dir(self, name: str, dest: Path) -> Path:
-        """A local path holding the complete published folder `name`."""
+        """A local path holding the complete published folder `name`. Where that means downloading
+        into `dest`, a `dest` that already holds a copy of this very publication is returned as it is."""
         ...
 
     @abstractmethod
@@ -461,7 +484,10 @@ def _check_name(uri: str, name: str) -> PurePosixPath:
 
 
 def _marker_text(name: str, files: int) -> str:
-    return json.dumps({"name": name, "files": files, "publishedAt": datetime.now(UTC).isoformat()}) + "\n"
+    """The marker's content; `id` makes every publication's marker unique (see `S3Output.fetch_dir`)."""
+    return json.dumps(
+        {"name": name, "files": files, "publishedAt": datetime.now(UTC).isoformat(), "id": uuid.uuid4().hex}
+    ) + "\n"
 
 
 def _files_under(folder: Path) -> list[tuple[str, Path]]:
@@ -472,6 +498,8 @@ def _files_under(folder: Path) -> list[tuple[str, Path]]:
 
 class LocalOutput(OutputLocation):
     """pvc:// or file://: a directory on a mounted volume, written in place."""
+
+    local_dir_shared = True  # a pvc:// claim is mounted on every node; file:// runs have one machine
 
     def __init__(self, uri: str, root: Path):
         self.uri = uri
@@ -500,6 +528,31 @@ class LocalOutput(OutputLocation):
             _swap_in(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        return self._join(name)
+
+    def begin_dir(self, name: str) -> None:
+        """In place: the folder is unmarked (then removed) first, so it is never complete meanwhile."""
+        self.delete(name)
+        self._path(name).mkdir(parents=True, exist_ok=True)
+
+    def upload_part(self, src: Path, name: str) -> list[str]:
+        target = self._path(name)
+        files = _files_under(Path(src))
+        for relative, path in files:
+            destination = target / relative
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, destination)
+            _fsync_file(destination)
+        for sub in {(target / relative).parent for relative, _ in files}:
+            _fsync_dir(sub)
+        return [relative for relative, _ in files]
+
+    def finish_dir(self, name: str, files: list[str]) -> str:
+        target = self._path(name)
+        missing = sorted(set(files) - {relative for relative, _ in _files_under(target)})
+        if missing:
+            raise StorageError(f"{self._join(name)}: not marked complete, {len(missing)} files missing ({missing[:3]})")
+        _write_marker(target, name)
         return self._join(name)
 
     def publish_file(self, src: Path, name: str) -> str:
@@ -614,7 +667,13 @@ def _fsync_dir(path: Path) -> None:
 
 
 class S3Output(OutputLocation):
-    """s3://BUCKET/PREFIX: files are staged locally, then uploaded; the marker object goes last."""
+    """s3://BUCKET/PREFIX: files are staged locally, then uploaded; the marker object goes last.
+
+    The staging folder (`local_dir`) is in this node's cache, not shared with other nodes: a folder
+    written by several nodes is published with `begin_dir`, one `upload_part` per node, `finish_dir`.
+    """
+
+    local_dir_shared = False
 
     def __init__(self, uri: str, bucket: str, key: str, cache_dir: Path):
         self.uri = uri
@@ -629,20 +688,41 @@ class S3Output(OutputLocation):
         return folder
 
     def publish_dir(self, src: Path, name: str) -> str:
-        """Unmark, upload every file, drop objects the new folder does not have, then mark complete.
+        """Unmark and empty, upload every file, then mark complete: the phased publish with one part.
 
         While this runs the folder has no marker, so readers treat it as absent rather than see a mix.
         """
+        self.begin_dir(name)
+        return self.finish_dir(name, self.upload_part(src, name))
+
+    def begin_dir(self, name: str) -> None:
+        """Delete the marker, then every object under the name (a stale or half-written earlier try)."""
+        base = self._key(name) + "/"
+        with _s3_errors(self._join(name)):
+            self.client.delete_object(Bucket=self.bucket, Key=base + COMPLETE_MARKER)
+            self._delete_keys(list(_s3_keys(self.client, self.bucket, base)))
+
+    def upload_part(self, src: Path, name: str) -> list[str]:
         base = self._key(name) + "/"
         files = _files_under(Path(src))
         with _s3_errors(self._join(name)):
-            self.client.delete_object(Bucket=self.bucket, Key=base + COMPLETE_MARKER)
             for relative, path in files:
                 self.client.upload_file(str(path), self.bucket, base + relative)
-            uploaded = {base + relative for relative, _ in files}
-            self._delete_keys([k for k in _s3_keys(self.client, self.bucket, base) if k not in uploaded])
+        return [relative for relative, _ in files]
+
+    def finish_dir(self, name: str, files: list[str]) -> str:
+        """Check every expected object is there (a part that failed or never came leaves the folder
+        unmarked), then write the marker."""
+        base = self._key(name) + "/"
+        with _s3_errors(self._join(name)):
+            present = {key[len(base) :] for key in _s3_keys(self.client, self.bucket, base)}
+            missing = sorted(set(files) - present)
+            if missing:
+                raise StorageError(
+                    f"{self._join(name)}: not marked complete, {len(missing)} files missing ({missing[:3]})"
+                )
             self.client.put_object(
-                Bucket=self.bucket, Key=base + COMPLETE_MARKER, Body=_marker_text(name, len(files)).encode()
+                Bucket=self.bucket, Key=base + COMPLETE_MARKER, Body=_marker_text(name, len(set(files))).encode()
             )
         return self._join(name)
 
@@ -663,21 +743,47 @@ class S3Output(OutputLocation):
         return sorted(names)
 
     def fetch_dir(self, name: str, dest: Path) -> Path:
-        """Download into a hidden sibling of `dest`, then rename it into place (replacing `dest`)."""
-        base = self._key(name) + "/"
+        """Download into a hidden sibling of `dest`, then rename it into place (replacing `dest`).
+
+        Beside `dest`, `.NAME._COMPLETE` keeps a copy of the marker it was downloaded under (each
+        publication's marker is unique): when it matches the marker now published, `dest` is returned
+        without downloading again (a restarted pod, or the other ranks of a node after the first).
+        Concurrent calls for one `dest` are the caller's to avoid (one process per node fetches).
+        """
         uri = self._join(name)
+        base = self._key(name) + "/"
         dest = Path(dest)
+        record = dest.parent / f".{dest.name}.{COMPLETE_MARKER}"
+        with _s3_errors(uri):
+            marker = self._marker(base + COMPLETE_MARKER)
+        if marker is None:
+            raise StorageError(f"{uri}: no complete folder there (no {COMPLETE_MARKER} marker object)")
+        if dest.is_dir() and record.is_file() and record.read_bytes() == marker:
+            return dest
         dest.parent.mkdir(parents=True, exist_ok=True)
+        record.unlink(missing_ok=True)  # dest is about to change: it no longer matches any marker
         staging = _sibling(dest, "publishing")
         try:
             with _s3_errors(uri):
-                if not _s3_object_exists(self.client, self.bucket, base + COMPLETE_MARKER):
-                    raise StorageError(f"{uri}: no complete folder there (no {COMPLETE_MARKER} marker object)")
                 _s3_download_prefix(self.client, uri, self.bucket, base, staging)
+                if self._marker(base + COMPLETE_MARKER) != marker:  # republished meanwhile: a mix
+                    raise StorageError(f"{uri}: the folder was published again during the download; retry")
             _swap_in(staging, dest)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        record.write_bytes(marker)  # a torn write cannot match a marker: the next call downloads again
         return dest
+
+    def _marker(self, key: str) -> bytes | None:
+        """The marker object's content, or None when there is none."""
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
 
     def delete(self, name: str) -> None:
         base = self._key(name) + "/"

@@ -142,12 +142,19 @@ def _scheduler(optimizer, h, total_steps: int):
 
 
 def resume_if_possible(run: Run) -> None:
-    """Continue from the newest complete checkpoint in the output location, if there is one."""
-    names = run.output.list_complete(checkpoint.CHECKPOINTS)
+    """Continue from the newest complete checkpoint in the output location, if there is one.
+
+    Rank 0 picks it, so every rank loads the same one. On each node the first process fetches it
+    (downloads it, for s3://; a pvc:// folder is read in place), then the node's other processes use
+    that copy: ranks of one node never download into the same folder at once."""
+    env = run.env
+    names = _on_ranks(env, env.is_main, lambda: run.output.list_complete(checkpoint.CHECKPOINTS))[0]
     if not names:
         return
     newest = names[-1] if "/" in names[-1] else f"{checkpoint.CHECKPOINTS}/{names[-1]}"
-    folder = run.output.fetch_dir(newest, Path(run.config.runtime.cache_dir) / "resume" / Path(newest).name)
+    dest = Path(run.config.runtime.cache_dir) / "resume" / Path(newest).name
+    fetched = _on_ranks(env, env.is_local_main, lambda: run.output.fetch_dir(newest, dest))[env.rank]
+    folder = fetched if env.is_local_main else run.output.fetch_dir(newest, dest)  # found, not downloaded
     strategies.check_resumable(run.strategy, checkpoint.read_layout(folder), newest)
     state = checkpoint.load_trainer_files(folder, run.scheduler, run.env.rank)
     if state.fingerprint != run.data_report.fingerprint:
@@ -158,6 +165,25 @@ def resume_if_possible(run: Run) -> None:
     run.strategy.load_state(folder)  # weights and optimizer state, in the strategy's format
     run.state = state
     log("resumed", checkpoint=newest, step=state.step)
+
+
+def _on_ranks(env: DistEnv, selected: bool, action) -> list:
+    """Run `action` on the selected ranks; every rank gets every rank's result (None where not
+    selected), in rank order. Collective, and a failure anywhere is raised on every rank, so no
+    rank is left waiting in the next collective for one that gave up."""
+    result, failure = None, None
+    if selected:
+        try:
+            result = action()
+        except Exception as error:
+            failure = error
+    outcomes = env.all_gather((result, None if failure is None else f"rank {env.rank}: {failure}"))
+    if failure is not None:
+        raise failure
+    failed = [message for _, message in outcomes if message]
+    if failed:
+        raise storage.StorageError(failed[0])
+    return [value for value, _ in outcomes]
 
 
 def micro_batches(run: Run, step: int) -> list[list[int]]:
@@ -325,18 +351,24 @@ def _publish_metrics(run: Run, entry: dict, tokens_per_second: float, steps_per_
 
 
 def save_checkpoint(run: Run) -> None:
-    """Every rank writes its own files into one staging folder; rank 0 publishes it atomically and
-    prunes old checkpoints. In multi-node runs the staging folder lives on the shared output volume."""
+    """Every rank writes its own files into a staging folder, published atomically; rank 0 then
+    prunes old checkpoints. When the output's local folder is shared by all ranks (one node, or a
+    pvc:// volume every node mounts), rank 0 publishes the one staging folder. Otherwise (s3:// across
+    nodes) each node stages in its own cache and the nodes publish together (`_publish_from_every_node`)."""
     step = run.state.step
-    staging = _shared_staging(run, f"step-{step:08d}")
+    per_node = run.env.multi_node and not run.output.local_dir_shared
+    staging = _shared_staging(run, f"step-{step:08d}", per_node)
     run.strategy.save_state(staging)  # rank 0 alone (replicated) or every rank its shards
     checkpoint.save_rank_files(staging, run.env.rank)
     if run.env.is_main:
         checkpoint.save_trainer_files(staging, run.scheduler, run.state, strategies.describe(run.strategy))
     run.env.barrier()
-    if run.env.is_main:
+    if per_node:
+        uri = _publish_from_every_node(run, staging, checkpoint.checkpoint_name(step))
+    elif run.env.is_main:
         uri = run.output.publish_dir(staging, checkpoint.checkpoint_name(step))
         shutil.rmtree(staging, ignore_errors=True)
+    if run.env.is_main:
         kept = run.output.list_complete(checkpoint.CHECKPOINTS)
         for old in kept[: -run.config.spec.checkpointing.keep]:
             run.output.delete(old if "/" in old else f"{checkpoint.CHECKPOINTS}/{old}")
@@ -344,14 +376,34 @@ def save_checkpoint(run: Run) -> None:
     run.env.barrier()
 
 
-def _shared_staging(run: Run, name: str) -> Path:
+def _shared_staging(run: Run, name: str, per_node: bool = False) -> Path:
+    """The staging folder the ranks write into, made empty before anyone writes: by rank 0 in the
+    output's shared local folder, or (`per_node`) by each node's first process in its node's own."""
     root = run.output.local_dir() / ".staging"
     folder = root / name
-    if run.env.is_main:
+    if run.env.is_local_main if per_node else run.env.is_main:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
     run.env.barrier()
     return folder
+
+
+def _publish_from_every_node(run: Run, staging: Path, name: str) -> str | None:
+    """A folder whose files lie on several nodes, published in phases, each ended by a collective:
+    rank 0 unmarks and empties `name`; each node's first process uploads its node's staging folder;
+    rank 0 checks that every uploaded file is there and writes the marker. Until then the folder
+    has no marker, so no reader takes it for complete. Returns its URI on rank 0."""
+    env, output = run.env, run.output
+    _on_ranks(env, env.is_main, lambda: output.begin_dir(name))
+
+    def upload() -> list[str]:
+        files = output.upload_part(staging, name)
+        shutil.rmtree(staging, ignore_errors=True)
+        return files
+
+    parts = _on_ranks(env, env.is_local_main, upload)
+    files = sorted({file for part in parts if part for file in part})
+    return _on_ranks(env, env.is_main, lambda: output.finish_dir(name, files))[0]
 
 
 # --- output ------------------------------------------------------------------------------------
