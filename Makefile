@@ -13,7 +13,7 @@ TINY_MODEL := .cache/models/tiny-llama
 .PHONY: help setup test test-unit test-trainer demo crds k8s-binaries cluster-up cluster-down clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 setup: ## Python environment from the lock file (cached by its hash) and the tiny model
 	@bash scripts/setup-venv.sh
@@ -46,3 +46,11 @@ cluster-down: ## stop it
 
 clean: ## remove this clone's caches (the shared environment in ~/.cache/kubetune stays)
 	rm -rf .cache .pytest_cache $(VENV)
+
+.PHONY: images test-e2e
+
+images: setup ## container images: Docker engine, debootstrapped base, trainer and operator (offline wheelhouse)
+	@bash scripts/images.sh
+
+test-e2e: images ## the e2e tier: kubetune's images run as real containers (tests/e2e)
+	@$(PYTHON) -m pytest -m e2e tests/e2e

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Make a Docker engine available, idempotently.
+#
+#   - `docker info` already answers (a system engine, Docker Desktop, DOCKER_HOST): nothing to do.
+#   - otherwise, as root: install Debian's engine (`apt-get install docker.io`) when `dockerd` is
+#     missing (a `docker` binary alone may be only the client), start `dockerd` in the background
+#     (storage driver overlay2; log and pid file under this clone's ignored .cache/docker/) and wait
+#     until `docker info` answers.
+#
+# Machines without systemd (containers, CI sandboxes) are the case this is for: dockerd is started
+# directly, not through a service manager. The engine keeps running after the script exits; stop
+# it with `bash scripts/docker-engine.sh --stop` (only an engine this script started).
+#
+# Environment: KUBETUNE_DOCKERD_ARGS  extra dockerd flags (e.g. "--iptables=false --bridge=none")
+#              KUBETUNE_DOCKER_WAIT   seconds to wait for the engine (default 60)
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+state=$repo/.cache/docker
+log=$state/dockerd.log
+pidfile=$state/dockerd.pid
+wait_s=${KUBETUNE_DOCKER_WAIT:-60}
+
+say() { echo "docker-engine: $*"; }
+die() { echo "docker-engine: ERROR: $*" >&2; exit 1; }
+
+engine_up() { docker info >/dev/null 2>&1; }
+
+if [ "${1:-}" = "--stop" ]; then
+    if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+        pid=$(cat "$pidfile")
+        say "stopping dockerd (pid $pid)"
+        kill "$pid"
+        for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+        kill -0 "$pid" 2>/dev/null && die "dockerd (pid $pid) did not stop within 20 s"
+    else
+        say "no dockerd started by this script is running"
+    fi
+    exit 0
+fi
+
+if ! command -v docker >/dev/null 2>&1 && ! command -v dockerd >/dev/null 2>&1; then
+    : # nothing installed yet: handled below (docker.io brings the client too)
+elif engine_up; then
+    say "engine available ($(docker info --format 'Docker {{.ServerVersion}}, storage {{.Driver}}, cgroup {{.CgroupVersion}}' 2>/dev/null))"
+    exit 0
+fi
+
+if [ "$(id -u)" != 0 ]; then
+    die "no Docker engine answers \`docker info\`, and starting one needs root (this is uid $(id -u)).
+  Either run \`sudo bash scripts/docker-engine.sh\`, start your system's engine
+  (\`sudo systemctl start docker\`), or point DOCKER_HOST at a running one."
+fi
+
+if ! command -v dockerd >/dev/null 2>&1; then
+    say "dockerd not found: installing Debian's engine (apt-get install docker.io)"
+    export DEBIAN_FRONTEND=noninteractive
+    if ! apt-get install -y --no-install-recommends docker.io >"$repo/.cache/apt-docker.log" 2>&1; then
+        apt-get update >/dev/null 2>&1 || true
+        apt-get install -y --no-install-recommends docker.io >"$repo/.cache/apt-docker.log" 2>&1 \
+            || { tail -20 "$repo/.cache/apt-docker.log" >&2; die "apt-get install docker.io failed (log above)"; }
+    fi
+fi
+command -v docker >/dev/null 2>&1 || die "dockerd is installed but no docker client is on PATH"
+
+mkdir -p "$state"
+# A dockerd of ours that is alive but not answering yet (started by a concurrent run): just wait.
+if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+    say "dockerd (pid $(cat "$pidfile")) is already starting; waiting"
+else
+    # Another dockerd (not ours) running without answering would hold /var/run/docker.pid.
+    if pgrep -x dockerd >/dev/null 2>&1; then
+        die "a dockerd process is running (pid $(pgrep -x dockerd | tr '\n' ' ')) but \`docker info\` fails;
+  look at its log, or stop it and run this script again"
+    fi
+    # shellcheck disable=SC2206
+    extra=(${KUBETUNE_DOCKERD_ARGS:-})
+    say "starting dockerd (log: $log)"
+    # setsid: the engine outlives this script and make; its own process group, so an interrupted
+    # make does not take it down.
+    setsid dockerd --storage-driver=overlay2 --pidfile="$pidfile.daemon" "${extra[@]}" >"$log" 2>&1 < /dev/null &
+    echo $! >"$pidfile"
+fi
+
+pid=$(cat "$pidfile")
+for _ in $(seq $((wait_s * 5))); do
+    if engine_up; then
+        say "engine started in the background (pid $pid; $(docker info --format 'Docker {{.ServerVersion}}, storage {{.Driver}}' 2>/dev/null))"
+        exit 0
+    fi
+    if ! kill -0 "$pid" 2>/dev/null; then
+        echo "docker-engine: dockerd exited; the end of its log ($log):" >&2
+        tail -25 "$log" >&2
+        die "the Docker engine could not start (see above). Flags can be added with KUBETUNE_DOCKERD_ARGS,
+  e.g. KUBETUNE_DOCKERD_ARGS='--iptables=false --bridge=none' where iptables/bridges are unavailable"
+    fi
+    sleep 0.2
+done
+tail -25 "$log" >&2
+die "dockerd (pid $pid) is running but \`docker info\` did not answer within $wait_s s (log: $log)"

@@ -1,0 +1,223 @@
+#!/usr/bin/env bash
+# Build kubetune's container images from parts the project makes itself (no registry needed):
+#
+#   kubetune/base:bookworm        a Debian bookworm root filesystem made with `debootstrap
+#                                 --variant=minbase`, `docker import`ed (skipped when present)
+#   kubetune/trainer:<version>    trainer_image/Dockerfile: train + serve, torch and the lock
+#   kubetune/operator:<version>   operator/Dockerfile: the operator, [operator] extra only
+#
+# Python packages come from a wheelhouse prepared on this machine ($cache/images/wheels, every pin
+# of requirements/lock.txt plus a deepspeed wheel built here), never from inside a build: each
+# image's build context (.cache/images/context/<image>) gets hard links to just the wheels it
+# needs and the Dockerfile installs them with `pip install --no-index`. On a normal machine the
+# same Dockerfiles build from the repository root against public images and PyPI:
+#   docker build -f trainer_image/Dockerfile -t kubetune/trainer:dev .
+#
+# Usage: bash scripts/images.sh [base|wheels|trainer|operator|all]...   (default: all)
+# Environment: KUBETUNE_CACHE (default ~/.cache/kubetune), DEBIAN_MIRROR (default deb.debian.org),
+#              KUBETUNE_BASE_IMAGE (default kubetune/base:bookworm: the image both builds start FROM)
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+cache=${KUBETUNE_CACHE:-$HOME/.cache/kubetune}/images
+mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+base_image=${KUBETUNE_BASE_IMAGE:-kubetune/base:bookworm}
+version=$(sed -n 's/^version = "\(.*\)"$/\1/p' pyproject.toml | head -1)
+[ -n "$version" ] || { echo "images: no version in pyproject.toml" >&2; exit 1; }
+wheels=$cache/wheels
+ctx_root=$repo/.cache/images/context
+timings=$repo/.cache/images/timings.txt
+
+say() { echo "images: $*"; }
+die() { echo "images: ERROR: $*" >&2; exit 1; }
+have_image() { docker image inspect "$1" >/dev/null 2>&1; }
+elapsed() { echo $(( $(date +%s) - $1 )); }
+record() { mkdir -p "$(dirname "$timings")"; echo "$(date -u +%FT%TZ) $*" >>"$timings"; say "$*"; }
+
+# --- the engine ---------------------------------------------------------------------------------
+engine() { bash "$repo/scripts/docker-engine.sh"; }
+
+# --- kubetune/base:bookworm ---------------------------------------------------------------------
+build_base() {
+    if have_image "$base_image"; then
+        say "$base_image present ($(docker image inspect -f '{{.Size}}' "$base_image" | numfmt --to=iec)); not rebuilt"
+        return 0
+    fi
+    [ "$base_image" = kubetune/base:bookworm ] \
+        || die "KUBETUNE_BASE_IMAGE=$base_image is not present and only kubetune/base:bookworm can be made here"
+    [ "$(id -u)" = 0 ] || die "debootstrap needs root to make $base_image"
+    if ! command -v debootstrap >/dev/null 2>&1; then
+        say "installing debootstrap (apt-get)"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends debootstrap >/dev/null \
+            || { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends debootstrap >/dev/null; } \
+            || die "apt-get install debootstrap failed"
+    fi
+    local rootfs=$cache/rootfs/bookworm-minbase t0
+    t0=$(date +%s)
+    if [ ! -f "$rootfs.complete" ]; then
+        say "debootstrap --variant=minbase bookworm $rootfs ($mirror; a few minutes, log: $cache/debootstrap.log)"
+        rm -rf "$rootfs"
+        mkdir -p "$rootfs"
+        if ! debootstrap --variant=minbase bookworm "$rootfs" "$mirror" >"$cache/debootstrap.log" 2>&1; then
+            tail -20 "$cache/debootstrap.log" >&2
+            die "debootstrap failed (log: $cache/debootstrap.log)"
+        fi
+        # What the official slim images do: no docs/man/locales from later apt installs, no
+        # recommends, no package cache kept.
+        cat >"$rootfs/etc/dpkg/dpkg.cfg.d/kubetune-slim" <<'EOF'
+path-exclude /usr/share/doc/*
+path-include /usr/share/doc/*/copyright
+path-exclude /usr/share/man/*
+path-exclude /usr/share/info/*
+path-exclude /usr/share/locale/*
+path-exclude /usr/share/lintian/*
+path-exclude /usr/share/linda/*
+EOF
+        cat >"$rootfs/etc/apt/apt.conf.d/kubetune-slim" <<'EOF'
+APT::Install-Recommends "false";
+APT::Install-Suggests "false";
+DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+Dir::Cache::pkgcache "";
+Dir::Cache::srcpkgcache "";
+EOF
+        echo "deb $mirror bookworm main
+deb $mirror bookworm-updates main
+deb http://deb.debian.org/debian-security bookworm-security main" >"$rootfs/etc/apt/sources.list"
+        rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/log/* \
+               "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/* "$rootfs"/usr/share/locale/* "$rootfs"/tmp/*
+        touch "$rootfs.complete"
+        record "base: debootstrap in $(elapsed "$t0") s"
+    fi
+    t0=$(date +%s)
+    say "docker import $rootfs as $base_image"
+    tar --numeric-owner --xattrs -C "$rootfs" -c . \
+        | docker import --change 'ENV LANG=C.UTF-8' \
+            --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+            --change 'CMD ["bash"]' \
+            --message "debootstrap --variant=minbase bookworm ($mirror)" - "$base_image" >/dev/null
+    record "base: $base_image imported in $(elapsed "$t0") s, $(docker image inspect -f '{{.Size}}' "$base_image" | numfmt --to=iec)"
+}
+
+# --- the wheelhouse -----------------------------------------------------------------------------
+host_pip() { # the project's environment: Python 3.11 (what the lock resolves for) with torch, for deepspeed
+    if [ ! -x "$repo/.venv/bin/python" ]; then bash "$repo/scripts/setup-venv.sh"; fi
+    local v
+    v=$("$repo/.venv/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+    [ "$v" = 3.11 ] || die ".venv is Python $v; the images run Debian bookworm's Python 3.11, which the lock is for"
+    echo "$repo/.venv/bin/pip"
+}
+
+build_wheels() {
+    local key stamp pip t0
+    key=$(cat requirements/lock.txt requirements/deepspeed.txt | sha256sum | cut -c1-16)
+    stamp=$wheels/.complete-$key
+    if [ -f "$stamp" ]; then
+        say "wheelhouse $wheels complete for this lock ($(du -sh "$wheels" | cut -f1))"
+        return 0
+    fi
+    pip=$(host_pip)
+    t0=$(date +%s)
+    mkdir -p "$wheels"
+    say "wheelhouse: pip download of every pin in requirements/lock.txt into $wheels (pip's cache is reused)"
+    # Files already in the folder are not downloaded again.
+    "$pip" download -q --no-deps --only-binary=:all: --find-links "$wheels" -r requirements/lock.txt -d "$wheels"
+    # deepspeed is an sdist whose setup.py imports torch: built once here (DS_BUILD_OPS=0: ops are
+    # JIT-built at run time), so the images need no compiler.
+    if ! ls "$wheels"/deepspeed-"$(sed -n 's/^deepspeed==//p' requirements/deepspeed.txt)"-*.whl >/dev/null 2>&1; then
+        say "wheelhouse: building the deepspeed wheel"
+        DS_BUILD_OPS=0 "$pip" wheel -q --no-deps --no-build-isolation -r requirements/deepspeed.txt -w "$wheels"
+    fi
+    touch "$stamp"
+    record "wheels: wheelhouse ready in $(elapsed "$t0") s ($(du -sh "$wheels" | cut -f1))"
+}
+
+# --- build contexts -----------------------------------------------------------------------------
+# stage_context IMAGE EXTRAS: .cache/images/context/IMAGE = the project's sources + wheels/ with
+# hard links to exactly the wheels `pip install kubetune[EXTRAS]` needs under the lock.
+stage_context() {
+    local name=$1 extras=$2 ctx=$ctx_root/$1 pip report reqs
+    pip=$(host_pip)
+    rm -rf "$ctx"
+    mkdir -p "$ctx/wheels"
+    tar -c --exclude=__pycache__ --exclude='*.pyc' --exclude='*.egg-info' \
+        pyproject.toml README.md requirements operator trainer_image kernels scripts/image-entrypoint.sh \
+        | tar -x -C "$ctx"
+    reqs=$ctx/.requirements.txt
+    report=$ctx/.resolution.json
+    # The project's requirements for these extras (what the Dockerfile installs), plus setuptools
+    # to build the project itself.
+    "$repo/.venv/bin/python" - "$extras" >"$reqs" <<'PY'
+import sys, tomllib
+meta = tomllib.load(open("pyproject.toml", "rb"))["project"]
+reqs = list(meta["dependencies"])
+for extra in sys.argv[1].split(","):
+    reqs += meta["optional-dependencies"][extra]
+print("\n".join(dict.fromkeys(reqs + ["setuptools"])))
+PY
+    "$pip" install -q --dry-run --ignore-installed --no-index --find-links "$wheels" --only-binary=:all: \
+        -c requirements/lock.txt -c requirements/deepspeed.txt -r "$reqs" --report "$report" \
+        || die "the wheelhouse $wheels cannot satisfy kubetune[$extras] under the lock"
+    "$repo/.venv/bin/python" - "$report" "$ctx/wheels" <<'PY'
+import json, os, shutil, sys
+from urllib.parse import unquote, urlparse
+report, dest = sys.argv[1], sys.argv[2]
+for item in json.load(open(report))["install"]:
+    src = unquote(urlparse(item["download_info"]["url"]).path)
+    target = os.path.join(dest, os.path.basename(src))
+    try:
+        os.link(src, target)
+    except OSError:  # another file system: copy
+        shutil.copy2(src, target)
+PY
+    say "context $ctx: $(find "$ctx/wheels" -name '*.whl' | wc -l) wheels, $(du -shL "$ctx" | cut -f1)"
+}
+
+build_image() { # build_image NAME DOCKERFILE EXTRAS
+    local name=$1 dockerfile=$2 extras=$3 tag=kubetune/$1:$version t0
+    stage_context "$name" "$extras"
+    # Up to date: the image carries the hash of everything its build reads.
+    local hash
+    hash=$( (cat "$dockerfile"; docker image inspect -f '{{.Id}}' "$base_image"
+             cd "$ctx_root/$name" && find . -path ./wheels -prune -o -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum
+             ls wheels) | sha256sum | cut -c1-32)
+    if [ "$(docker image inspect -f '{{index .Config.Labels "io.kubetune.build-inputs"}}' "$tag" 2>/dev/null)" = "$hash" ]; then
+        say "$tag is up to date (same Dockerfile, base image, sources and wheels); not rebuilt"
+        return 0
+    fi
+    local previous
+    previous=$(docker image inspect -f '{{.Id}}' "$tag" 2>/dev/null || true)
+    t0=$(date +%s)
+    say "docker build $tag ($dockerfile, FROM $base_image; log: .cache/images/$name-build.log)"
+    # The classic builder (BuildKit would need the buildx plugin, which Debian bookworm lacks);
+    # DOCKER_BUILDKIT=0 keeps newer clients from insisting on it.
+    if ! DOCKER_BUILDKIT=0 docker build --force-rm -f "$dockerfile" --build-arg "BASE_IMAGE=$base_image" -t "$tag" \
+            --label "io.kubetune.build-inputs=$hash" \
+            "$ctx_root/$name" >"$repo/.cache/images/$name-build.log" 2>&1; then
+        tail -30 "$repo/.cache/images/$name-build.log" >&2
+        die "docker build $tag failed (log: .cache/images/$name-build.log)"
+    fi
+    # The image this one replaces would stay behind untagged (GBs for the trainer).
+    if [ -n "$previous" ] && [ "$previous" != "$(docker image inspect -f '{{.Id}}' "$tag")" ]; then
+        docker rmi "$previous" >/dev/null 2>&1 || true
+    fi
+    record "$name: $tag built in $(elapsed "$t0") s, $(docker image inspect -f '{{.Size}}' "$tag" | numfmt --to=iec)"
+}
+
+targets=("$@")
+[ ${#targets[@]} -gt 0 ] || targets=(all)
+for t in "${targets[@]}"; do
+    case "$t" in
+        base | wheels | trainer | operator | all) ;;
+        *) die "unknown target '$t' (base, wheels, trainer, operator, all)" ;;
+    esac
+done
+want() { local t; for t in "${targets[@]}"; do [ "$t" = "$1" ] || [ "$t" = all ] && return 0; done; return 1; }
+
+t_all=$(date +%s)
+if want base || want trainer || want operator; then engine; build_base; fi
+if want wheels || want trainer || want operator; then build_wheels; fi
+if want operator; then build_image operator operator/Dockerfile operator; fi
+if want trainer; then build_image trainer trainer_image/Dockerfile trainer,serve; fi
+say "done in $(elapsed "$t_all") s"
+docker images --format '  {{.Repository}}:{{.Tag}}  {{.Size}}' 'kubetune/*' 2>/dev/null || true
