@@ -217,7 +217,14 @@ want() { local t; for t in "${targets[@]}"; do [ "$t" = "$1" ] || [ "$t" = all ]
 t_all=$(date +%s)
 if want base || want trainer || want operator; then engine; build_base; fi
 if want wheels || want trainer || want operator; then build_wheels; fi
-if want operator; then build_image operator operator/Dockerfile operator; fi
-if want trainer; then build_image trainer trainer_image/Dockerfile trainer,serve; fi
+# The names the Helm chart and the operator's configuration use by default (ghcr.io/kubetune/...),
+# so a cluster that is given these images (e.g. `kind load docker-image`) needs no overrides. The
+# trainer image is also the builtin serving image.
+chart_names() { # chart_names IMAGE NAME...
+    local image=$1 name; shift
+    for name in "$@"; do docker tag "kubetune/$image:$version" "ghcr.io/kubetune/$name:$version"; done
+}
+if want operator; then build_image operator operator/Dockerfile operator; chart_names operator operator; fi
+if want trainer; then build_image trainer trainer_image/Dockerfile trainer,serve; chart_names trainer trainer serve; fi
 say "done in $(elapsed "$t_all") s"
 docker images --format '  {{.Repository}}:{{.Tag}}  {{.Size}}' 'kubetune/*' 2>/dev/null || true
