@@ -2,11 +2,11 @@
 
 create/resume/update: apply the adapters ConfigMap, the Service and the Deployment (created once,
 409 = exists; patched when the adapters, the rendered pod template, replicas or Service differ), then
-sync adapters and status. The sync loop
-(started here, not a kopf timer: timers force finalizers) repeats the whole reconcile for every
-AdapterDeployment each `metricsScrapeIntervalSeconds`: it resolves `fromJob` adapters, asks every
-ready replica for /v1/models over HTTP (http://<podIP>:<port>), loads what is missing and unloads
-what is no longer wanted, and writes the status only when it changed.
+sync adapters and status. The sync loop (started here, not a kopf timer: timers force finalizers)
+repeats the whole reconcile for every AdapterDeployment each `metricsScrapeIntervalSeconds`: it
+resolves `fromJob` adapters, rewrites the adapters ConfigMap, asks every ready replica for
+/v1/models over HTTP (http://<podIP>:<port>), loads what is missing and unloads what is no longer
+wanted, and writes the status only when it changed.
 
 Testing hook: with the operator's --allow-metrics-url-annotation switch
 (KUBETUNE_OPERATOR_ALLOW_METRICS_URL_ANNOTATION=1), the annotation `kubetune.io/replica-urls`
