@@ -146,3 +146,76 @@ def test_trainer_image_serves_the_base_model_and_the_adapter(trained):
             assert [m["id"] for m in json.loads(response.read())["data"]] == ["tiny", "a"]
     finally:
         docker("rm", "-f", name, check=False)
+
+
+def _docker_flags_for(container: dict, volumes: dict[str, list[str]]) -> list[str]:
+    """`docker run` flags that give the image what the rendered pod gives it: the user, a read-only
+    root, the env, and each volume mount (`volumes`: volume name → flags for it at a mount path)."""
+    security = container["securityContext"]
+    flags = ["--user", f"{security['runAsUser']}:{security['runAsUser']}", "--cap-drop", "ALL",
+             "--security-opt", "no-new-privileges"]
+    if security.get("readOnlyRootFilesystem"):
+        flags.append("--read-only")
+    for variable in container["env"]:
+        flags += ["-e", f"{variable['name']}={variable['value']}"]
+    for mount in container["volumeMounts"]:
+        flags += [flag.replace("@PATH@", mount["mountPath"]) for flag in volumes[mount["name"]]]
+    return flags
+
+
+def test_the_rendered_serving_pod_runs_in_the_trainer_image(trained, shared_dir):
+    """The Deployment the operator renders for an AdapterDeployment, run as Docker runs a pod: its
+    command, env, user, read-only root, scratch volumes and the adapters ConfigMap as a mounted file.
+    The replica must come up ready with the ConfigMap's adapter and answer through it."""
+    from kubetune_operator.api.adapterdeployment import AdapterDeployment
+    from kubetune_operator.config import OperatorConfig
+    from kubetune_operator.render.adapterdeployment import render_adapterdeployment
+
+    ad = AdapterDeployment.model_validate({
+        "metadata": {"name": "e2e", "namespace": "ml", "uid": "u-1"},
+        "spec": {"baseModel": {"uri": "pvc://models/tiny"}, "resources": {"gpusPerReplica": 0},
+                 "adapters": [{"name": "support", "uri": "pvc://outputs/adapter"}]}})
+    objects = render_adapterdeployment(ad, OperatorConfig())
+    container = objects.deployment["spec"]["template"]["spec"]["containers"][0]
+    config = shared_dir / "adapters-configmap"
+    config.mkdir(mode=0o755)
+    for key, text in objects.adapters["data"].items():
+        (config / key).write_text(text)
+        (config / key).chmod(0o644)
+    volumes = {
+        "scratch": ["--tmpfs", "@PATH@:rw,exec,uid=1000,gid=1000,mode=0755"],
+        "dshm": [],  # Docker gives every container its own /dev/shm
+        "adapters": ["-v", f"{config}:@PATH@:ro"],
+        "pvc-models": ["-v", f"{trained['model']}:@PATH@/tiny:ro"],
+        "pvc-outputs": ["-v", f"{trained['out']}:@PATH@:ro"],
+    }
+    port = _free_port()
+    name = f"kubetune-e2e-pod-{uuid.uuid4().hex[:8]}"
+    container_port = container["ports"][0]["containerPort"]
+    docker("run", "-d", "--name", name, *_docker_flags_for(container, volumes),
+           "-p", f"127.0.0.1:{port}:{container_port}", "--entrypoint", container["command"][0],
+           TRAINER_IMAGE, *container["command"][1:])
+    try:
+        base = f"http://127.0.0.1:{port}"
+        ready = container["readinessProbe"]["httpGet"]["path"]
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}{ready}", timeout=5) as response:
+                    health = json.loads(response.read())
+                    break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            state = docker("inspect", "-f", "{{.State.Status}}", name).stdout.strip()
+            if state != "running" or time.monotonic() > deadline:
+                logs = docker("logs", "--tail", "40", name, check=False)
+                pytest.fail(f"the pod's server in {name} is {state}, not ready on {base}{ready}:\n"
+                            f"{logs.stdout}{logs.stderr}")
+            time.sleep(0.5)
+        assert health["adapters"] == ["support"]  # from the mounted ConfigMap, before it said ready
+        status, reply = _post(f"{base}/v1/chat/completions", {
+            "model": "support", "messages": [{"role": "user", "content": "How long are backups kept?"}],
+            "max_tokens": 8, "temperature": 0})
+        assert status == 200 and reply["model"] == "support", reply
+    finally:
+        docker("rm", "-f", name, check=False)
