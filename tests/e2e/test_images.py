@@ -219,3 +219,57 @@ def test_the_rendered_serving_pod_runs_in_the_trainer_image(trained, shared_dir)
         assert status == 200 and reply["model"] == "support", reply
     finally:
         docker("rm", "-f", name, check=False)
+
+
+def test_the_rendered_training_pod_trains_in_the_trainer_image(tiny_model, shared_dir):
+    """The Indexed Job's pod the operator renders for a FineTuneJob, run as Docker runs a pod: the
+    trainer config from its ConfigMap as a mounted file, claims as bind mounts, the pod's user and
+    read-only root. It must train, publish the adapter on the output claim and leave the result in
+    the termination message, which is what the operator reads."""
+    from kubetune_operator.api.finetunejob import FineTuneJob
+    from kubetune_operator.config import OperatorConfig
+    from kubetune_operator.render import render_finetunejob
+
+    job = FineTuneJob.model_validate({
+        "metadata": {"name": "e2e", "namespace": "ml", "uid": "u-1"},
+        "spec": {"model": {"uri": "pvc://models/tiny"},
+                 "dataset": {"uri": "pvc://datasets/chat.jsonl", "format": "chat", "maxSeqLength": 96},
+                 "method": {"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
+                 "hyperparameters": {"maxSteps": 6, "learningRate": "1e-2", "globalBatchSize": 8,
+                                     "microBatchSize": 4, "precision": "fp32", "gradientCheckpointing": False},
+                 "resources": {"gpusPerNode": 0, "cpu": "1", "memory": "2Gi"},
+                 "checkpointing": {"everySteps": 3, "keep": 1},
+                 "output": {"uri": "pvc://outputs/e2e-run"}}})
+    objects = render_finetunejob(job, OperatorConfig())
+    pod = objects.job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    root = shared_dir / "training-pod"
+    config, datasets, outputs = root / "config", root / "datasets", root / "outputs"
+    for folder in (root, config, datasets, outputs):
+        folder.mkdir(mode=0o755)
+    outputs.chmod(0o777)  # in a cluster the pod's fsGroup makes the claim writable
+    for key, text in objects.config_map["data"].items():
+        (config / key).write_text(text)
+        (config / key).chmod(0o644)
+    shutil.copy(DATA, datasets / "chat.jsonl")
+    (datasets / "chat.jsonl").chmod(0o644)
+    termination = root / "termination-log"
+    termination.touch(mode=0o666)
+    termination.chmod(0o666)
+    volumes = {
+        "config": ["-v", f"{config}:@PATH@:ro"],
+        "scratch": ["--tmpfs", "@PATH@:rw,exec,uid=1000,gid=1000,mode=0755"],
+        "dshm": [],
+        "pvc-datasets": ["-v", f"{datasets}:@PATH@:ro"],
+        "pvc-models": ["-v", f"{tiny_model}:@PATH@/tiny:ro"],
+        "pvc-outputs": ["-v", f"{outputs}:@PATH@"],
+    }
+    message_path = container.get("terminationMessagePath", "/dev/termination-log")
+    run = docker("run", "--rm", "--name", f"kubetune-e2e-job-{uuid.uuid4().hex[:8]}",
+                 *_docker_flags_for(container, volumes), "-v", f"{termination}:{message_path}",
+                 "--entrypoint", container["command"][0], TRAINER_IMAGE, *container["command"][1:], timeout=600)
+    adapter = outputs / "e2e-run" / "adapter"
+    assert (adapter / "adapter_model.safetensors").stat().st_size > 0, run.stdout[-2000:]
+    assert (adapter / "_COMPLETE").is_file()  # published atomically
+    result = json.loads(termination.read_text())
+    assert result["phase"] == "Succeeded" and result["adapter"]["uri"] == "pvc://outputs/e2e-run/adapter", result
