@@ -34,6 +34,7 @@ from ..render.adapterdeployment import (
     SPEC_HASH_ANNOTATION,
     adapter_path,
     label_selector,
+    readable_path,
     render_adapterdeployment,
 )
 from ..render.common import RenderError
@@ -199,10 +200,7 @@ def with_runtime_path(want: ad_logic.Wanted, runtime_kind: str) -> ad_logic.Want
     that an adapter loaded as wanted is recognised as such in /v1/models."""
     if want.uri is None:
         return want
-    try:
-        return dataclasses.replace(want, path=adapter_path(runtime_kind, want.uri))
-    except RenderError:
-        return want  # vLLM cannot read it: the load is refused with that message
+    return dataclasses.replace(want, path=readable_path(runtime_kind, want.uri))
 
 
 def reconcile_adapterdeployment(runtime: Any, state: AdapterState, namespace: str, name: str) -> None:

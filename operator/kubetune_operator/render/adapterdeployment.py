@@ -120,6 +120,15 @@ def adapter_path(runtime: str, uri: str) -> str:
     return uri if runtime == "builtin" else local_path(uri)
 
 
+def readable_path(runtime: str, uri: str) -> str | None:
+    """`adapter_path`, or None where the runtime cannot read the URI (vLLM and s3://): such an
+    adapter is left out of the adapters file, and the operator's load is refused with the reason."""
+    try:
+        return adapter_path(runtime, uri)
+    except RenderError:
+        return None
+
+
 def claims(spec: AdapterDeploymentSpec, adapter_uris: Iterable[str] = ()) -> list[str]:
     """The claims to mount (read-only): the base model's and those of adapters given by URI or
     resolved from a FineTuneJob (`adapter_uris`)."""
@@ -283,13 +292,8 @@ def resolved_adapters(spec: AdapterDeploymentSpec, from_jobs: Mapping[str, str])
 def adapters_file_entries(ad: AdapterDeployment, adapters: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """(name, path the runtime loads) for each adapter; one vLLM cannot read (s3://) is left out
     here and refused with a message by the operator's load."""
-    entries = []
-    for name, uri in adapters:
-        try:
-            entries.append((name, adapter_path(ad.spec.runtime, uri)))
-        except RenderError:
-            continue
-    return entries
+    paths = [(name, readable_path(ad.spec.runtime, uri)) for name, uri in adapters]
+    return [(name, path) for name, path in paths if path is not None]
 
 
 def render_adapters_configmap(ad: AdapterDeployment, adapters: Iterable[tuple[str, str]]) -> dict[str, Any]:
