@@ -4,8 +4,6 @@ SHELL := /bin/bash
 
 VENV    := .venv
 PYTHON  := $(VENV)/bin/python
-# This clone's sources come first, even when .venv is shared with another clone.
-export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/trainer_image:$(CURDIR)/kernels:$(CURDIR)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 TINY_MODEL := .cache/models/tiny-llama
@@ -15,9 +13,9 @@ TINY_MODEL := .cache/models/tiny-llama
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
-setup: ## Python environment from the lock file (cached by its hash) and the tiny model
+setup: ## this clone's .venv from requirements/lock.txt (uv, seconds when cached) and the tiny model
 	@bash scripts/setup-venv.sh
-	@test -f $(TINY_MODEL)/model.safetensors || $(PYTHON) -m kubetune_operator.cli tiny-model $(TINY_MODEL)
+	@test -f $(TINY_MODEL)/model.safetensors || $(PYTHON) -m kubetune tiny-model $(TINY_MODEL)
 
 test: setup ## the whole suite: unit, trainer, cluster (builds Kubernetes once), e2e, gpu
 	@bash scripts/run-tests.sh
@@ -32,8 +30,8 @@ demo: setup ## fine-tune the tiny model from a FineTuneJob manifest and ask the 
 	@bash scripts/demo.sh
 
 crds: setup ## regenerate crds/ and the chart's copy from the API models
-	@$(PYTHON) -m kubetune_operator.cli crds --write crds
-	@$(PYTHON) -m kubetune_operator.cli crds --write helm/kubetune/crds
+	@$(PYTHON) -m kubetune crds --write crds
+	@$(PYTHON) -m kubetune crds --write helm/kubetune/crds
 
 k8s-binaries: ## build etcd, kube-apiserver, ..., kwok, helm, kind from the Go module proxy (cached)
 	@bash scripts/k8s-build.sh
@@ -44,7 +42,7 @@ cluster-up: k8s-binaries ## start a local control plane with kwok GPU nodes; kub
 cluster-down: ## stop it
 	@python3 tests/cluster/harness.py down
 
-clean: ## remove this clone's caches (the shared environment in ~/.cache/kubetune stays)
+clean: ## remove this clone's .venv and caches (uv's download cache in ~/.cache/kubetune stays)
 	rm -rf .cache .pytest_cache $(VENV)
 
 .PHONY: images test-e2e

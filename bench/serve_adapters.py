@@ -45,8 +45,12 @@ def make_adapters(model: Path, out: Path, count: int, rank: int = 8) -> list[Pat
     for seed in range(count):
         torch.manual_seed(seed)
         base = AutoModelForCausalLM.from_pretrained(model)
-        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                            init_lora_weights=False)
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=2 * rank,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            init_lora_weights=False,
+        )
         path = out / f"adapter-{seed:02d}"
         get_peft_model(base, config).save_pretrained(path)
         paths.append(path)
@@ -60,11 +64,25 @@ def free_port() -> int:
 
 
 def start_server(model: Path, port: int, log: Path) -> subprocess.Popen:
-    sources = os.pathsep.join(str(REPO / p) for p in ("operator", "trainer_image", "kernels"))
-    env = {**os.environ, "PYTHONPATH": sources + os.pathsep + os.environ.get("PYTHONPATH", ""), "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "kubetune_operator.cli", "serve", "--model", str(model), "--served-model-name",
-               "base", "--host", "127.0.0.1", "--port", str(port), "--max-adapters", str(ADAPTERS),
-               "--cache-dir", str(log.parent / "cache")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "kubetune",
+        "serve",
+        "--model",
+        str(model),
+        "--served-model-name",
+        "base",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-adapters",
+        str(ADAPTERS),
+        "--cache-dir",
+        str(log.parent / "cache"),
+    ]
     with log.open("w") as out:
         return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
 
@@ -87,8 +105,9 @@ def wait_until_ready(client: httpx.Client, server: subprocess.Popen, log: Path, 
 def complete(client: httpx.Client, model: str, max_tokens: int) -> tuple[float, int]:
     """One greedy completion: its latency in seconds and the tokens it generated."""
     started = time.perf_counter()
-    response = client.post("/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": max_tokens,
-                                                    "temperature": 0})
+    response = client.post(
+        "/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}
+    )
     seconds = time.perf_counter() - started
     if response.status_code != 200:
         sys.exit(f"{model}: HTTP {response.status_code}: {response.text}")
@@ -110,8 +129,12 @@ def measure(client: httpx.Client, models: list[str], requests: int, concurrency:
         results = list(pool.map(lambda model: complete(client, model, max_tokens), names))
     seconds = time.perf_counter() - started
     latencies = [latency for latency, _ in results]
-    return {"rps": requests / seconds, "tps": sum(tokens for _, tokens in results) / seconds,
-            "p50": 1000 * percentile(latencies, 0.5), "p99": 1000 * percentile(latencies, 0.99)}
+    return {
+        "rps": requests / seconds,
+        "tps": sum(tokens for _, tokens in results) / seconds,
+        "p50": 1000 * percentile(latencies, 0.5),
+        "p99": 1000 * percentile(latencies, 0.99),
+    }
 
 
 def keep(best: dict, label: str, result: dict) -> None:
@@ -157,19 +180,27 @@ def main() -> None:
         log = work / "serve.log"
         port = free_port()
         server = start_server(model, port, log)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600,
-                          limits=httpx.Limits(max_connections=args.concurrency + 1)) as client:
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", timeout=600, limits=httpx.Limits(max_connections=args.concurrency + 1)
+        ) as client:
             wait_until_ready(client, server, log)
             names = [f"adapter-{i:02d}" for i in range(ADAPTERS)]
-            configurations = [("base, 16 adapters loaded", ["base"]), ("1 adapter", names[:1]),
-                              ("4 adapters", names[:4]), ("16 adapters", names)]
+            configurations = [
+                ("base, 16 adapters loaded", ["base"]),
+                ("1 adapter", names[:1]),
+                ("4 adapters", names[:4]),
+                ("16 adapters", names),
+            ]
             best: dict[str, dict] = {}
             loads = []  # seconds to load the 16 adapters, each round
             # Rounds alternate the configurations and each keeps its best round, so a busy moment
             # on a shared machine does not decide a ratio.
             for _ in range(args.rounds):
-                keep(best, "base, no adapter loaded",
-                     measure(client, ["base"], args.requests, args.concurrency, args.max_tokens))
+                keep(
+                    best,
+                    "base, no adapter loaded",
+                    measure(client, ["base"], args.requests, args.concurrency, args.max_tokens),
+                )
                 loads.append(load_adapters(client, names, adapters))
                 for label, models in configurations:
                     keep(best, label, measure(client, models, args.requests, args.concurrency, args.max_tokens))
@@ -178,16 +209,20 @@ def main() -> None:
         import torch
 
         device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
-        print(f"\nkubetune serve, {model.name}, {device}: {args.requests} greedy /v1/completions per configuration "
-              f"(max_tokens {args.max_tokens}, {args.concurrency} concurrent clients), best of {args.rounds} rounds; "
-              f"LoRA r=8 on q/k/v/o; loading the {ADAPTERS} adapters through the API took {loads[0]:.2f} s "
-              "the first time" + (f", {min(loads[1:]):.2f} s later" if len(loads) > 1 else "") + "\n")
+        print(
+            f"\nkubetune serve, {model.name}, {device}: {args.requests} greedy /v1/completions per configuration "
+            f"(max_tokens {args.max_tokens}, {args.concurrency} concurrent clients), best of {args.rounds} rounds; "
+            f"LoRA r=8 on q/k/v/o; loading the {ADAPTERS} adapters through the API took {loads[0]:.2f} s "
+            "the first time" + (f", {min(loads[1:]):.2f} s later" if len(loads) > 1 else "") + "\n"
+        )
         print("| config | requests/s | tokens/s | p50 latency ms | p99 latency ms | requests/s vs base |")
         print("|---|---:|---:|---:|---:|---:|")
         base = best["base, no adapter loaded"]["rps"]
         for label, r in best.items():
-            print(f"| {label} | {r['rps']:.1f} | {r['tps']:.0f} | {r['p50']:.0f} | {r['p99']:.0f} | "
-                  f"{r['rps'] / base:.2f} |")
+            print(
+                f"| {label} | {r['rps']:.1f} | {r['tps']:.0f} | {r['p50']:.0f} | {r['p99']:.0f} | "
+                f"{r['rps'] / base:.2f} |"
+            )
     finally:
         if server is not None:
             server.terminate()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from kubetune_operator.api.trainerconfig import TrainerConfig
+from kubetune.contract import TrainerConfig
 from kubetune_trainer import train
 from kubetune_trainer.data import collate
 from kubetune_trainer.distributed import DistEnv
@@ -40,20 +40,37 @@ SIZES = {
 }
 
 
-def config(model: Path, out: Path, steps: int, packing: bool, precision: str = "fp32", global_batch: int = 8,
-           micro_batch: int = 4, seq_length: int = 128, data: Path = DATA) -> TrainerConfig:
+def config(
+    model: Path,
+    out: Path,
+    steps: int,
+    packing: bool,
+    precision: str = "fp32",
+    global_batch: int = 8,
+    micro_batch: int = 4,
+    seq_length: int = 128,
+    data: Path = DATA,
+) -> TrainerConfig:
     spec = {
         "model": {"uri": f"file://{model}"},
         "dataset": {"uri": f"file://{data}", "format": "chat", "maxSeqLength": seq_length, "packing": packing},
         "method": {"type": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.0}},
-        "hyperparameters": {"maxSteps": steps, "learningRate": "1e-3", "globalBatchSize": global_batch,
-                            "microBatchSize": micro_batch, "precision": precision, "gradientCheckpointing": False},
+        "hyperparameters": {
+            "maxSteps": steps,
+            "learningRate": "1e-3",
+            "globalBatchSize": global_batch,
+            "microBatchSize": micro_batch,
+            "precision": precision,
+            "gradientCheckpointing": False,
+        },
         "resources": {"gpusPerNode": 0},
         "checkpointing": {"everySteps": 10**6},
         "evaluation": {"everySteps": 0},
         "output": {"uri": f"file://{out}/output"},
     }
-    return TrainerConfig.model_validate({"spec": spec, "runtime": {"local": True, "cacheDir": str(out / "cache"), "metricsPort": 0}})
+    return TrainerConfig.model_validate(
+        {"spec": spec, "runtime": {"local": True, "cacheDir": str(out / "cache"), "metricsPort": 0}}
+    )
 
 
 def trainable_tokens(examples) -> int:
@@ -88,8 +105,10 @@ def run_hf_trainer(cfg: TrainerConfig) -> tuple[float, int]:
     if len(rows) % h.micro_batch_size or (len(rows) // h.micro_batch_size) % accumulation:
         # The Trainer ends an optimizer step at every epoch's end: its steps would hold fewer
         # sequences than ours, and the comparison would flatter it.
-        print(f"warning: {len(rows)} examples are not a whole number of global batches of {h.global_batch_size} "
-              f"(micro-batch {h.micro_batch_size}): hf-trainer's steps at epoch ends are shorter than ours")
+        print(
+            f"warning: {len(rows)} examples are not a whole number of global batches of {h.global_batch_size} "
+            f"(micro-batch {h.micro_batch_size}): hf-trainer's steps at epoch ends are shorter than ours"
+        )
 
     def collator(features):
         from kubetune_trainer.data import Example
@@ -97,11 +116,21 @@ def run_hf_trainer(cfg: TrainerConfig) -> tuple[float, int]:
         return collate([Example(**f) for f in features], run.tokenizer.pad_token_id)
 
     args = TrainingArguments(
-        output_dir=str(Path(cfg.runtime.cache_dir) / "hf"), max_steps=h.max_steps, per_device_train_batch_size=h.micro_batch_size,
-        gradient_accumulation_steps=accumulation, learning_rate=h.lr, lr_scheduler_type="cosine",
-        logging_steps=10**6, save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True,
-        bf16=h.precision == "bf16", fp16=h.precision == "fp16",
+        output_dir=str(Path(cfg.runtime.cache_dir) / "hf"),
+        max_steps=h.max_steps,
+        per_device_train_batch_size=h.micro_batch_size,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=h.lr,
+        lr_scheduler_type="cosine",
+        logging_steps=10**6,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        bf16=h.precision == "bf16",
+        fp16=h.precision == "fp16",
     )
     trainer = Trainer(model=run.model, args=args, train_dataset=rows, data_collator=collator)
     _synchronize()
@@ -119,15 +148,23 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="model folder (default: build the tiny model)")
     parser.add_argument("--packing", action="store_true")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best of each runner counts")
-    parser.add_argument("--size", choices=sorted(SIZES), default="tiny",
-                        help="model to build when --model is not given (small: hidden 1024, 8 layers, ~100M params)")
+    parser.add_argument(
+        "--size",
+        choices=sorted(SIZES),
+        default="tiny",
+        help="model to build when --model is not given (small: hidden 1024, 8 layers, ~100M params)",
+    )
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
     parser.add_argument("--global-batch", type=int, default=8, help="sequences per optimizer step")
     parser.add_argument("--micro-batch", type=int, default=4, help="sequences per forward pass")
     parser.add_argument("--seq-length", type=int, default=128, help="maxSeqLength (and the packing length)")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="repeat the 48-example data set this many times (batches big enough to load a GPU)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="repeat the 48-example data set this many times (batches big enough to load a GPU)",
+    )
     args = parser.parse_args()
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before CUDA is first touched: every runner sees no GPU
@@ -147,15 +184,28 @@ def main() -> None:
         for round_ in range(args.rounds):
             for name, runner in (("kubetune", run_kubetune), ("hf-trainer", run_hf_trainer)):
                 out = work / f"{name}-{round_}"
-                cfg = config(model, out, args.steps, args.packing, args.precision, args.global_batch, args.micro_batch,
-                             args.seq_length, data)
+                cfg = config(
+                    model,
+                    out,
+                    args.steps,
+                    args.packing,
+                    args.precision,
+                    args.global_batch,
+                    args.micro_batch,
+                    args.seq_length,
+                    data,
+                )
                 seconds, tokens = runner(cfg)
                 if name not in results or seconds < results[name][0]:
                     results[name] = (seconds, tokens)
-        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU x{torch.get_num_threads()} threads"
-        print(f"\ntraining throughput (best of {args.rounds}), {args.steps} steps of {args.global_batch} sequences "
-              f"(micro-batch {args.micro_batch}, max {args.seq_length} tokens{', packed' if args.packing else ''}), "
-              f"{f'data x{args.repeat}, ' if args.repeat > 1 else ''}LoRA r=16, {args.precision}, {shape}, {device}")
+        device = (
+            torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU x{torch.get_num_threads()} threads"
+        )
+        print(
+            f"\ntraining throughput (best of {args.rounds}), {args.steps} steps of {args.global_batch} sequences "
+            f"(micro-batch {args.micro_batch}, max {args.seq_length} tokens{', packed' if args.packing else ''}), "
+            f"{f'data x{args.repeat}, ' if args.repeat > 1 else ''}LoRA r=16, {args.precision}, {shape}, {device}"
+        )
         print(f"{'runner':<12} {'seconds':>8} {'tokens/s':>10}")
         for name, (seconds, tokens) in results.items():
             print(f"{name:<12} {seconds:>8.2f} {tokens / seconds:>10.0f}")

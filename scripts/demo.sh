@@ -6,11 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 cache=$root/.cache
-# This clone's sources (as the Makefile sets them, so the script also runs on its own).
-export PYTHONPATH=$root/operator:$root/trainer_image:$root/kernels:$root${PYTHONPATH:+:$PYTHONPATH}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1
 python=.venv/bin/python
-kubetune=("$python" -m kubetune_operator.cli)   # = `kubetune`, with or without the console script
+kubetune=(.venv/bin/kubetune)   # this clone's own command (make setup installs it editable)
 
 mkdir -p "$cache/demo"
 sed -e "s|@ROOT@|$root|g" -e "s|@CACHE@|$cache|g" examples/local-demo.yaml.in > "$cache/demo/job.yaml"

@@ -1,41 +1,37 @@
 #!/usr/bin/env bash
-# Create (once) the Python environment for this lock file and point ./.venv at it.
+# This clone's Python environment, ./.venv, exactly as requirements/lock.txt says (hash-checked).
 #
-# The environment lives outside the clone, under $KUBETUNE_CACHE (default ~/.cache/kubetune),
-# in a folder named after the hash of the lock files: torch from PyPI is the multi-GB CUDA
-# build, so a fresh clone with the same lock reuses it instead of reinstalling. pip's own
-# cache is kept too, so a changed lock installs from cached wheels. Idempotent.
+# uv installs from its cache under $KUBETUNE_CACHE/uv (default ~/.cache/kubetune/uv): the first
+# run downloads the lock (torch is the multi-GB CUDA build), every later run or clone links the
+# cached files in seconds. The environment belongs to this clone alone: the project is installed
+# editable from here, so .venv/bin/kubetune always runs this clone's code. Idempotent: nothing is
+# done while the lock files and the venv's Python are unchanged.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/lib/common.sh"
+cd "$repo"
 
-cache=${KUBETUNE_CACHE:-$HOME/.cache/kubetune}
+uv=$(ensure_uv)
+export UV_CACHE_DIR=${UV_CACHE_DIR:-$kubetune_cache/uv}
 python=${PYTHON:-python3}
-key=$( (cat requirements/lock.txt requirements/deepspeed.txt; "$python" -c 'import sys; print(sys.version)') \
+key=$( (cat requirements/lock.txt requirements/deepspeed.txt pyproject.toml; "$python" -c 'import sys; print(sys.version)'; pwd) \
        | sha256sum | cut -c1-16)
-venv="$cache/venvs/$key"
-
-if [ ! -f "$venv/.complete" ]; then
-    echo "setup: creating Python environment $venv (first run: several minutes, torch is large)"
-    start=$(date +%s)
-    rm -rf "$venv"
-    mkdir -p "$cache/venvs"
-    "$python" -m venv "$venv"
-    "$venv/bin/pip" install -q --upgrade pip==25.3
-    # --no-deps: the lock is already the whole resolution; nothing may float.
-    "$venv/bin/pip" install -q --no-deps -r requirements/lock.txt
-    # deepspeed's setup.py imports torch, so it builds against the torch just installed.
-    DS_BUILD_OPS=0 "$venv/bin/pip" install -q --no-deps --no-build-isolation -r requirements/deepspeed.txt
-    "$venv/bin/pip" check
-    touch "$venv/.complete"
-    echo "setup: environment ready in $(( $(date +%s) - start )) s"
+stamp=.venv/.kubetune-setup
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$key" ] && [ -x .venv/bin/kubetune ]; then
+    exit 0
 fi
 
-ln -sfn "$venv" .venv
-# The project itself: an editable install (no dependencies, no network) so the `kubetune`
-# command exists. The Makefile also puts this clone's sources first on PYTHONPATH, so a
-# shared environment always runs the clone that invoked it.
-# Checked without PYTHONPATH (make exports it, which would hide a missing install); an install
-# that points at a clone since deleted fails the import and is redone.
-if [ ! -x .venv/bin/kubetune ] || ! env -u PYTHONPATH .venv/bin/python -c 'import kubetune_operator' 2>/dev/null; then
-    .venv/bin/pip install -q --no-deps --no-build-isolation -e .
+start=$(date +%s)
+# An older clone layout linked .venv to a shared environment: replace the link, not its target.
+[ -L .venv ] && rm .venv
+if [ ! -x .venv/bin/python ]; then
+    "$uv" venv --quiet --python "$python" .venv
 fi
+say "installing requirements/lock.txt into .venv (uv cache: $UV_CACHE_DIR)"
+"$uv" pip sync --quiet --python .venv/bin/python --require-hashes requirements/lock.txt
+# deepspeed's setup.py imports torch: built (once; uv caches the wheel) against the torch just installed.
+DS_BUILD_OPS=0 "$uv" pip install --quiet --python .venv/bin/python --no-deps --no-build-isolation \
+    --require-hashes -r requirements/deepspeed.txt
+"$uv" pip install --quiet --python .venv/bin/python --no-deps --no-build-isolation -e .
+"$uv" pip check --quiet --python .venv/bin/python
+echo "$key" > "$stamp"
+say "environment ready in $(elapsed "$start") s"

@@ -72,8 +72,11 @@ def adapters_from_models(models: Mapping[str, Any]) -> dict[str, str | None]:
 
 def digests_from_models(models: Mapping[str, Any]) -> dict[str, str]:
     """The weights' sha256 of each adapter card that has one (the builtin runtime says; vLLM does not)."""
-    return {card["id"]: card["sha256"] for card in models.get("data") or []
-            if card.get("parent") and isinstance(card.get("sha256"), str)}
+    return {
+        card["id"]: card["sha256"]
+        for card in models.get("data") or []
+        if card.get("parent") and isinstance(card.get("sha256"), str)
+    }
 
 
 def resolve(spec_adapters: Iterable[Mapping[str, Any]], jobs: Mapping[str, Mapping[str, Any] | None]) -> list[Wanted]:
@@ -87,8 +90,9 @@ def resolve(spec_adapters: Iterable[Mapping[str, Any]], jobs: Mapping[str, Mappi
         job_name = adapter.get("fromJob") or ""
         job = jobs.get(job_name)
         if job is None:
-            out.append(Wanted(name, pending=f"waiting for FineTuneJob {job_name} to exist and succeed",
-                              reason=WAITING_FOR_JOB))
+            out.append(
+                Wanted(name, pending=f"waiting for FineTuneJob {job_name} to exist and succeed", reason=WAITING_FOR_JOB)
+            )
             continue
         status = job.get("status") or {}
         result = status.get("adapter") or {}
@@ -96,8 +100,13 @@ def resolve(spec_adapters: Iterable[Mapping[str, Any]], jobs: Mapping[str, Mappi
             out.append(Wanted(name, result["uri"], result.get("sha256")))
         elif c.is_true(status.get("conditions"), c.FAILED):
             failed = c.find(status.get("conditions"), c.FAILED) or {}
-            out.append(Wanted(name, pending=f"FineTuneJob {job_name} failed: {failed.get('message', '')}".strip(),
-                              reason=JOB_FAILED))
+            out.append(
+                Wanted(
+                    name,
+                    pending=f"FineTuneJob {job_name} failed: {failed.get('message', '')}".strip(),
+                    reason=JOB_FAILED,
+                )
+            )
         else:
             out.append(Wanted(name, pending=f"waiting for FineTuneJob {job_name} to succeed", reason=WAITING_FOR_JOB))
     return out
@@ -157,8 +166,10 @@ def adapter_statuses(wanted: list[Wanted], replicas: list[Replica]) -> list[dict
             entry.update(state=FAILED, message=refusals[0])
         elif different:  # the files at the URI were replaced, or replicas loaded it at different times
             expected = f"the FineTuneJob reported {sha256[:12]}" if want.sha256 else "the replicas disagree"
-            entry.update(state=FAILED, message=f"replicas serve weights with sha256 "
-                         f"{', '.join(d[:12] for d in different)}; {expected}")
+            entry.update(
+                state=FAILED,
+                message=f"replicas serve weights with sha256 {', '.join(d[:12] for d in different)}; {expected}",
+            )
         elif not answering:
             entry.update(state=PENDING, message="no ready replica to load it on yet")
         elif loaded == len(answering):
@@ -229,12 +240,20 @@ def derive_status(current: Mapping[str, Any] | None, obs: Observed) -> dict[str,
     else:
         put(AVAILABLE, False, "NoReadyReplicas", f"0 of {obs.replicas} replicas ready")
 
-    rolling = not obs.deployment_observed or obs.updated < obs.replicas or obs.existing > obs.replicas \
+    rolling = (
+        not obs.deployment_observed
+        or obs.updated < obs.replicas
+        or obs.existing > obs.replicas
         or obs.ready < obs.replicas
+    )
     busy = [a["name"] for a in adapters if a["state"] in (LOADING, UNLOADING)]
     if rolling:
-        put(PROGRESSING, True, "ReplicasUpdating", f"{obs.ready} of {obs.replicas} replicas ready, "
-            f"{obs.updated} up to date")
+        put(
+            PROGRESSING,
+            True,
+            "ReplicasUpdating",
+            f"{obs.ready} of {obs.replicas} replicas ready, {obs.updated} up to date",
+        )
     elif busy:
         put(PROGRESSING, True, "AdaptersChanging", "loading or unloading: " + ", ".join(busy))
     else:

@@ -13,9 +13,10 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
-from .api.finetunejob import FineTuneJob, TrainingPlan
-from .api.validation import validate
-from .planning import ModelShape, Plan, make_plan
+from kubetune.api.finetunejob import FineTuneJob, TrainingPlan
+from kubetune.api.validation import validate
+from kubetune.planning import ModelShape, Plan, plan_for_spec
+
 from .render import name_problems
 
 MODEL_PARAMS_ANNOTATION = "kubetune.io/model-params"
@@ -58,8 +59,17 @@ KNOWN_MODELS: tuple[tuple[re.Pattern[str], Architecture], ...] = tuple(
 
 # Memory of common data-centre GPUs, by a fragment of their nvidia.com/gpu.product label, checked
 # after a "<N>GB" in the label itself.
-GPU_PRODUCTS_GIB = (("H200", 141.0), ("H100", 80.0), ("B200", 180.0), ("A100", 40.0), ("L40", 48.0),
-                    ("A10", 24.0), ("L4", 24.0), ("T4", 16.0), ("V100", 16.0))
+GPU_PRODUCTS_GIB = (
+    ("H200", 141.0),
+    ("H100", 80.0),
+    ("B200", 180.0),
+    ("A100", 40.0),
+    ("L40", 48.0),
+    ("A10", 24.0),
+    ("L4", 24.0),
+    ("T4", 16.0),
+    ("V100", 16.0),
+)
 
 
 @dataclass(frozen=True)
@@ -74,7 +84,7 @@ class Admission:
 
 
 def parse_param_count(text: str) -> int | None:
-    """"7B", "1.5b", "494M", "7e9", "8030261248" → a parameter count; None if unreadable."""
+    """ "7B", "1.5b", "494M", "7e9", "8030261248" → a parameter count; None if unreadable."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMbBtT]?)\s*", text or "")
     if not match:
         return None
@@ -113,7 +123,7 @@ def model_architecture(job: FineTuneJob) -> tuple[Architecture | None, str]:
     if arch is None:
         return None, (
             f"the size of {job.spec.model.uri} is unknown to the operator; "
-            f"set annotation {MODEL_PARAMS_ANNOTATION} (e.g. \"7B\") to check GPU memory"
+            f'set annotation {MODEL_PARAMS_ANNOTATION} (e.g. "7B") to check GPU memory'
         )
     return arch, f"{job.spec.model.uri} is a known {arch.shape.total_params / 1e9:.1f}B model"
 
@@ -192,15 +202,7 @@ def gpu_memory_gib(job: FineTuneJob) -> tuple[float, str]:
 
 
 def plan_for(job: FineTuneJob, arch: Architecture, budget_gib: float) -> Plan:
-    spec = job.spec
-    h, r = spec.hyperparameters, spec.resources
-    return make_plan(
-        arch.shape, trainable_params(job, arch),
-        method=spec.method.type, precision=h.precision, strategy=spec.distributed.strategy,
-        offload=spec.distributed.offload == "cpu", nodes=r.nodes, gpus_per_node=r.gpus_per_node,
-        global_batch=h.global_batch_size, micro_batch=h.micro_batch_size, seq_len=spec.dataset.max_seq_length,
-        gradient_checkpointing=h.gradient_checkpointing, gpu_memory_gib=budget_gib if r.gpus_per_node else None,
-    )  # fmt: skip
+    return plan_for_spec(job.spec, arch.shape, trainable_params(job, arch), budget_gib)
 
 
 def training_plan(plan: Plan) -> TrainingPlan:

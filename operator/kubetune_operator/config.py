@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
-from . import __version__
+from kubetune import __version__
 
 CONFIG_FILE_ENV = "KUBETUNE_CONFIG"
 

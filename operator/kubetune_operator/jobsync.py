@@ -10,8 +10,9 @@ from typing import Any
 
 import yaml
 
-from .api.finetunejob import FineTuneJob
-from .render.finetunejob import CONFIG_KEY
+from kubetune.api.finetunejob import FineTuneJob
+from kubetune.contract import CONFIG_KEY
+
 from .status import job_outcome, job_suspended
 
 MUTABLE_FIELDS = ("activeDeadlineSeconds", "ttlSecondsAfterFinished")

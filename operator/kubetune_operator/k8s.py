@@ -18,7 +18,7 @@ import kubernetes
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config import ConfigException
 
-from .api.common import GROUP, VERSION
+from kubetune.api.common import GROUP, VERSION
 
 MERGE_PATCH = "application/merge-patch+json"
 COMPONENT = "kubetune-operator"

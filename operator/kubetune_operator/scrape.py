@@ -39,7 +39,7 @@ def parse_metrics(text: str) -> dict[str, float]:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 if sample.name.startswith(PREFIX) and not sample.labels:
-                    values[sample.name[len(PREFIX):]] = float(sample.value)
+                    values[sample.name[len(PREFIX) :]] = float(sample.value)
     except ValueError as error:
         raise ScrapeError(f"not Prometheus text: {error}") from None
     values = {k: v for k, v in values.items() if k in NAMES and math.isfinite(v)}

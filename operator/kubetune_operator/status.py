@@ -8,24 +8,23 @@ Where the facts come from, the Kubernetes way:
 * Running: the Job's pods (all of them Running), Suspended: the Job's `spec.suspend`.
 * Succeeded / Failed: the Job's terminal conditions (Complete, or Failed with the Job's reason:
   BackoffLimitExceeded, PodFailurePolicy, DeadlineExceeded, ...).
-* The result: rank 0's termination message, a JSON object the trainer writes
-  (`{"phase", "adapter": {"uri", "sizeBytes", "sha256"}, "metrics": {...}, "steps", ...}`).
+* The result: rank 0's termination message, `kubetune.contract.TrainerResult` as JSON, parsed with
+  the same model (and its limits) the trainer wrote it with.
 * restarts: the Job's failed count, without pod disruptions (preemption, drain, eviction).
 """
 
 import copy
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from kubetune.api.finetunejob import FineTuneJob
+from kubetune.contract import TRAINER_CONTAINER, TrainerResult, adapter_uri
+
 from . import conditions as c
-from .api.finetunejob import FineTuneJob
 
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
-TRAINER_CONTAINER = "trainer"
 DISRUPTION_TARGET = "DisruptionTarget"
-ADAPTER_SUFFIX = "/adapter"  # the trainer publishes the adapter under the output URI
 FAILURE_DETAIL_LIMIT = 2000  # characters of a pod's termination message quoted in the Failed condition
 
 Status = dict[str, Any]
@@ -43,7 +42,7 @@ def job_condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
 
 
 def job_outcome(job: dict[str, Any]) -> str | None:
-    """"Complete", "Failed", or None while the Job runs (or is suspended)."""
+    """ "Complete", "Failed", or None while the Job runs (or is suspended)."""
     for type_ in ("Failed", "Complete"):
         if job_condition(job, type_):
             return type_
@@ -151,51 +150,36 @@ def restarts(job: dict[str, Any], pods: list[dict[str, Any]]) -> int:
 
 
 @dataclass(frozen=True)
-class TrainerResult:
-    """What rank 0 wrote to its termination message; `error` says why nothing usable was found."""
+class ReportedResult:
+    """What rank 0 reported (`TrainerResult`, the trainer's own model), or why nothing usable was found."""
 
-    adapter: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)
-    steps: int | None = None
+    result: TrainerResult | None
     error: str = ""
 
+    @property
+    def adapter(self) -> dict[str, Any]:
+        artifact = self.result.adapter if self.result else None
+        return artifact.model_dump(by_alias=True, exclude_none=True) if artifact else {}
 
-_ADAPTER_KEYS = {"uri": str, "sizeBytes": int, "sha256": str}
-_RESULT_METRICS = ("trainLoss", "evalLoss", "tokensPerSecond")
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self.result.metrics.model_dump(by_alias=True, exclude_none=True) if self.result else {}
 
-
-def _typed(value: Any, type_: type) -> bool:
-    return isinstance(value, type_) and not isinstance(value, bool)  # JSON true is not a size
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if value == value else None  # NaN is not a reading
-
-
-def parse_result(message: str) -> TrainerResult:
-    """The trainer's termination message, tolerating anything: a missing, truncated or non-JSON
-    message gives an empty result with `error` set; fields of the wrong type are dropped."""
-    if not message:
-        return TrainerResult(error="rank 0 left no termination message")
-    try:
-        document = json.loads(message)
-    except ValueError as error:
-        return TrainerResult(error=f"rank 0's termination message is not JSON ({error.msg}): {message[:200]!r}")
-    if not isinstance(document, dict):
-        return TrainerResult(error=f"rank 0's termination message is not a JSON object: {message[:200]!r}")
-    raw_adapter = document.get("adapter") if isinstance(document.get("adapter"), dict) else {}
-    adapter = {k: raw_adapter[k] for k, t in _ADAPTER_KEYS.items() if _typed(raw_adapter.get(k), t)}
-    raw_metrics = document.get("metrics") if isinstance(document.get("metrics"), dict) else {}
-    metrics = {k: v for k in _RESULT_METRICS if (v := _number(raw_metrics.get(k))) is not None}
-    steps = document["steps"] if _typed(document.get("steps"), int) else None
-    return TrainerResult(adapter=adapter, metrics=metrics, steps=steps)
+    @property
+    def steps(self) -> int | None:
+        return self.result.steps if self.result else None
 
 
-def adapter_artifact(result: TrainerResult, output_uri: str) -> dict[str, Any]:
+def parse_result(message: str) -> ReportedResult:
+    """The trainer's termination message, tolerating anything: a missing, truncated, oversized or
+    non-JSON message, or one that does not match `TrainerResult`, gives no result and `error`."""
+    result, error = TrainerResult.parse(message)
+    return ReportedResult(result, error)
+
+
+def adapter_artifact(result: ReportedResult, output_uri: str) -> dict[str, Any]:
     """status.adapter: the trainer's word, else where the trainer always writes it."""
-    artifact = {"uri": result.adapter.get("uri") or output_uri.rstrip("/") + ADAPTER_SUFFIX}
+    artifact = {"uri": result.adapter.get("uri") or adapter_uri(output_uri)}
     for key in ("sizeBytes", "sha256"):
         if key in result.adapter:
             artifact[key] = result.adapter[key]
@@ -290,16 +274,12 @@ def failure_detail(pods: list[dict[str, Any]]) -> str:
 
 
 def trainer_error(message: str) -> str:
-    """The trainer's own words from its termination message: `{"phase": "Failed", "reason",
-    "message"}` as "reason: message"; anything else (a log tail, a crash) as written."""
-    try:
-        document = json.loads(message)
-    except ValueError:
+    """The trainer's own words from its termination message (a failed `TrainerResult`) as
+    "reason: message"; anything else (a log tail, a crash) as written."""
+    result, _ = TrainerResult.parse(message)
+    if result is None or not result.message:
         return message
-    if not isinstance(document, dict) or not isinstance(document.get("message"), str):
-        return message
-    reason = document.get("reason")
-    return f"{reason}: {document['message']}" if isinstance(reason, str) and reason else document["message"]
+    return f"{result.reason}: {result.message}" if result.reason else result.message
 
 
 def failed_condition(conds: c.Conditions, ctx: Context) -> c.Conditions:
@@ -311,11 +291,11 @@ def failed_condition(conds: c.Conditions, ctx: Context) -> c.Conditions:
     return c.set_condition(conds, c.FAILED, c.TRUE, reason, message, ctx.generation, ctx.now)
 
 
-def succeeded_result(ctx: Context) -> TrainerResult:
+def succeeded_result(ctx: Context) -> ReportedResult:
     for pod in rank0_pods(ctx.pods):
         if pod_phase(pod) == "Succeeded":
             return parse_result(termination_message(pod))
-    return TrainerResult(error="rank 0's pod is gone, so its termination message could not be read")
+    return ReportedResult(None, "rank 0's pod is gone, so its termination message could not be read")
 
 
 def apply_success(status: Status, ctx: Context) -> Status:

@@ -74,8 +74,9 @@ def crds(cluster):
 
     Returns the CRD names. A rejected CRD fails every test that needs it with the API server's own
     words. The CRDs are left installed (a reused `harness.py up` cluster keeps them)."""
-    applied = cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(harness.REPO / "crds"),
-                              "-o", "name", check=False)
+    applied = cluster.kubectl(
+        "apply", "--server-side", "--force-conflicts", "-f", str(harness.REPO / "crds"), "-o", "name", check=False
+    )
     if applied.returncode != 0:
         pytest.fail(f"the API server rejected crds/:\n{applied.stderr.strip()}", pytrace=False)
     names = [line.split("/", 1)[1] for line in applied.stdout.split()]
@@ -85,8 +86,10 @@ def crds(cluster):
         group, plural = crd["spec"]["group"], crd["spec"]["names"]["plural"]
         for version in (v["name"] for v in crd["spec"]["versions"] if v.get("served")):
             # The REST endpoint can lag the Established condition by a moment.
-            cluster.wait_for(lambda: cluster.api("GET", f"/apis/{group}/{version}/{plural}?limit=1")[0] == 200,
-                             f"/apis/{group}/{version}/{plural} served")
+            cluster.wait_for(
+                lambda: cluster.api("GET", f"/apis/{group}/{version}/{plural}?limit=1")[0] == 200,
+                f"/apis/{group}/{version}/{plural} served",
+            )
     return names
 
 
@@ -95,9 +98,17 @@ def helm(cluster, tmp_path):
     binary = cluster.bin_dir / "helm"
     if not os.access(binary, os.X_OK):
         pytest.skip(f"cluster tier NOT RUN: no helm in {cluster.bin_dir}; run `bash scripts/k8s-build.sh`")
-    env = dict(os.environ, HELM_CACHE_HOME=str(tmp_path / "cache"), HELM_CONFIG_HOME=str(tmp_path / "config"),
-               HELM_DATA_HOME=str(tmp_path / "data"), KUBECONFIG=str(cluster.kubeconfig))
+    env = dict(
+        os.environ,
+        HELM_CACHE_HOME=str(tmp_path / "cache"),
+        HELM_CONFIG_HOME=str(tmp_path / "config"),
+        HELM_DATA_HOME=str(tmp_path / "data"),
+        KUBECONFIG=str(cluster.kubeconfig),
+    )
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(binary), *args], capture_output=True, text=True, env=env, cwd=harness.REPO, timeout=60)
+        return subprocess.run(
+            [str(binary), *args], capture_output=True, text=True, env=env, cwd=harness.REPO, timeout=60
+        )
+
     return run

@@ -41,8 +41,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 VERSIONS_FILE = REPO / "scripts" / "k8s-versions.env"
@@ -215,7 +216,6 @@ def _pid_alive(pid: int, starttime: str | None) -> bool:
         return False
 
 
-
 def _terminate(pgid: int | None, procs: list[tuple[int, str | None]], reap: Iterable = ()) -> None:
     """SIGTERM (10 s grace), then SIGKILL: the process group pgid, if one of procs (pid, starttime:
     verified against /proc so a recycled pid is never hit) still leads or is in it, and each of procs."""
@@ -316,17 +316,63 @@ def generate_pki(pki: Path) -> None:
 
     def leaf(name: str, subj: str, ext: str) -> None:
         key(f"{name}.key")
-        _openssl("req", "-new", "-config", "openssl.cnf", "-key", f"{name}.key", "-subj", subj,
-                 "-out", f"{name}.csr", cwd=pki)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                 "-set_serial", "0x" + secrets.token_hex(16), "-days", "3650", "-sha256",
-                 "-extfile", "openssl.cnf", "-extensions", ext, "-out", f"{name}.crt", cwd=pki)
+        _openssl(
+            "req",
+            "-new",
+            "-config",
+            "openssl.cnf",
+            "-key",
+            f"{name}.key",
+            "-subj",
+            subj,
+            "-out",
+            f"{name}.csr",
+            cwd=pki,
+        )
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-set_serial",
+            "0x" + secrets.token_hex(16),
+            "-days",
+            "3650",
+            "-sha256",
+            "-extfile",
+            "openssl.cnf",
+            "-extensions",
+            ext,
+            "-out",
+            f"{name}.crt",
+            cwd=pki,
+        )
         (pki / f"{name}.csr").unlink()
 
     key("ca.key")
-    _openssl("req", "-x509", "-new", "-config", "openssl.cnf", "-key", "ca.key", "-subj",
-             "/CN=kubetune-test-ca", "-days", "3650", "-sha256", "-extensions", "ca",
-             "-out", "ca.crt", cwd=pki)
+    _openssl(
+        "req",
+        "-x509",
+        "-new",
+        "-config",
+        "openssl.cnf",
+        "-key",
+        "ca.key",
+        "-subj",
+        "/CN=kubetune-test-ca",
+        "-days",
+        "3650",
+        "-sha256",
+        "-extensions",
+        "ca",
+        "-out",
+        "ca.crt",
+        cwd=pki,
+    )
     leaf("apiserver", "/CN=kube-apiserver", "serving")
     leaf("admin", "/O=system:masters/CN=kubetune-admin", "client")
     key("sa.key")
@@ -340,12 +386,21 @@ def write_kubeconfig(path: Path, server: str, pki: Path) -> None:
     config = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "kubetune-test", "cluster": {
-            "server": server, "certificate-authority-data": b64("ca.crt")}}],
-        "users": [{"name": "kubetune-admin", "user": {
-            "client-certificate-data": b64("admin.crt"), "client-key-data": b64("admin.key")}}],
-        "contexts": [{"name": "kubetune-test", "context": {
-            "cluster": "kubetune-test", "user": "kubetune-admin", "namespace": "default"}}],
+        "clusters": [
+            {"name": "kubetune-test", "cluster": {"server": server, "certificate-authority-data": b64("ca.crt")}}
+        ],
+        "users": [
+            {
+                "name": "kubetune-admin",
+                "user": {"client-certificate-data": b64("admin.crt"), "client-key-data": b64("admin.key")},
+            }
+        ],
+        "contexts": [
+            {
+                "name": "kubetune-test",
+                "context": {"cluster": "kubetune-test", "user": "kubetune-admin", "namespace": "default"},
+            }
+        ],
         "current-context": "kubetune-test",
     }
     tmp = path.with_suffix(".tmp")
@@ -372,13 +427,13 @@ class LocalCluster:
     GPU_RESOURCE = GPU_RESOURCE
     GPU_TOLERATION = GPU_TOLERATION
 
-    def __init__(self, data_dir: Path | str = DATA_DIR, bin_dir: Path | str | None = None,
-                 nodes: list[dict] | None = None):
+    def __init__(
+        self, data_dir: Path | str = DATA_DIR, bin_dir: Path | str | None = None, nodes: list[dict] | None = None
+    ):
         self.bin_dir = Path(bin_dir) if bin_dir else find_bin_dir()
         missing = [b for b in REQUIRED_BINARIES if not os.access(self.bin_dir / b, os.X_OK)]
         if missing:
-            raise ClusterBinariesMissing(
-                f"missing in {self.bin_dir}: {', '.join(missing)}; run `{BUILD_SCRIPT}`")
+            raise ClusterBinariesMissing(f"missing in {self.bin_dir}: {', '.join(missing)}; run `{BUILD_SCRIPT}`")
         self.data_dir = Path(data_dir)
         self.kubeconfig = self.data_dir / "kubeconfig"
         self.pki = self.data_dir / "pki"
@@ -396,13 +451,13 @@ class LocalCluster:
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def start(self, timeout: float = 90, die_with_parent: bool = True) -> "LocalCluster":
+    def start(self, timeout: float = 90, die_with_parent: bool = True) -> LocalCluster:
         """Start from scratch (an earlier cluster of this data dir is stopped first).
 
         die_with_parent: the components get SIGKILL when this process dies (for test sessions;
@@ -416,7 +471,7 @@ class LocalCluster:
             print(f"harness: {e}; starting again", file=sys.stderr)
             return self._start(timeout, die_with_parent)
 
-    def _start(self, timeout: float, die_with_parent: bool) -> "LocalCluster":
+    def _start(self, timeout: float, die_with_parent: bool) -> LocalCluster:
         t0 = time.monotonic()
         self.pgid = None
         self.stop_recorded()
@@ -424,8 +479,9 @@ class LocalCluster:
             shutil.rmtree(self.data_dir)
         self.logs.mkdir(parents=True)
         generate_pki(self.pki)
-        self.ports = {name: free_port() for name in
-                      ("etcd", "etcd_peer", "apiserver", "controller_manager", "scheduler")}
+        self.ports = {
+            name: free_port() for name in ("etcd", "etcd_peer", "apiserver", "controller_manager", "scheduler")
+        }
         self.server = f"https://127.0.0.1:{self.ports['apiserver']}"
         write_kubeconfig(self.kubeconfig, self.server, self.pki)
         (self.data_dir / "kwok-stages.yaml").write_text(kwok_pod_stages())
@@ -446,7 +502,7 @@ class LocalCluster:
         self._save_state()
         return self
 
-    def attach(self) -> "LocalCluster":
+    def attach(self) -> LocalCluster:
         """Adopt the cluster recorded in state.json (started by `harness.py up`), if healthy."""
         state = self._load_state()
         if not state or not self._recorded_alive(state):
@@ -498,57 +554,102 @@ class LocalCluster:
         peer_url = f"http://127.0.0.1:{p['etcd_peer']}"
         kc = str(self.kubeconfig)
         return [
-            ("etcd", [
-                str(b / "etcd"), "--name=kubetune", f"--data-dir={d / 'etcd'}",
-                f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
-                f"--listen-peer-urls={peer_url}", f"--initial-advertise-peer-urls={peer_url}",
-                f"--initial-cluster=kubetune={peer_url}", "--initial-cluster-state=new",
-                "--unsafe-no-fsync=true", "--log-level=warn",
-            ]),
-            ("kube-apiserver", [
-                str(b / "kube-apiserver"), f"--etcd-servers={etcd_url}",
-                "--bind-address=127.0.0.1", f"--secure-port={p['apiserver']}",
-                "--advertise-address=127.0.0.1", "--endpoint-reconciler-type=none",
-                f"--cert-dir={d / 'apiserver'}",
-                f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
-                f"--client-ca-file={pki / 'ca.crt'}",
-                # Front-proxy auth nobody can use (no cert has that CN); set so the delegated
-                # authentication of the controller-manager and scheduler does not log errors.
-                f"--requestheader-client-ca-file={pki / 'ca.crt'}",
-                "--requestheader-allowed-names=kubetune-front-proxy-unused",
-                "--requestheader-username-headers=X-Remote-User",
-                "--requestheader-group-headers=X-Remote-Group",
-                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-                f"--service-account-key-file={pki / 'sa.pub'}",
-                f"--service-account-signing-key-file={pki / 'sa.key'}",
-                f"--service-cluster-ip-range={SERVICE_CIDR}",
-                "--authorization-mode=Node,RBAC", "--allow-privileged=true",
-                "--enable-priority-and-fairness=false", "--profiling=false",
-            ]),
-            ("kube-controller-manager", [
-                str(b / "kube-controller-manager"), f"--kubeconfig={kc}",
-                f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
-                "--bind-address=127.0.0.1", f"--secure-port={p['controller_manager']}",
-                f"--cert-dir={d / 'controller-manager'}",
-                "--leader-elect=false", "--controllers=*", "--use-service-account-credentials=false",
-                f"--service-account-private-key-file={pki / 'sa.key'}", f"--root-ca-file={pki / 'ca.crt'}",
-                f"--cluster-signing-cert-file={pki / 'ca.crt'}", f"--cluster-signing-key-file={pki / 'ca.key'}",
-                f"--service-cluster-ip-range={SERVICE_CIDR}",
-                "--kube-api-qps=200", "--kube-api-burst=400", "--profiling=false",
-            ]),
-            ("kube-scheduler", [
-                str(b / "kube-scheduler"), f"--kubeconfig={kc}",
-                f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
-                "--bind-address=127.0.0.1", f"--secure-port={p['scheduler']}",
-                f"--cert-dir={d / 'scheduler'}", "--leader-elect=false", "--profiling=false",
-            ]),
-            ("kwok", [
-                str(b / "kwok"), f"--kubeconfig={kc}", f"--config={d / 'kwok-stages.yaml'}",
-                "--manage-all-nodes=false",
-                f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
-                "--node-lease-duration-seconds=40", "--cidr=10.244.0.0/16", "--node-ip=10.0.0.1",
-            ]),
+            (
+                "etcd",
+                [
+                    str(b / "etcd"),
+                    "--name=kubetune",
+                    f"--data-dir={d / 'etcd'}",
+                    f"--listen-client-urls={etcd_url}",
+                    f"--advertise-client-urls={etcd_url}",
+                    f"--listen-peer-urls={peer_url}",
+                    f"--initial-advertise-peer-urls={peer_url}",
+                    f"--initial-cluster=kubetune={peer_url}",
+                    "--initial-cluster-state=new",
+                    "--unsafe-no-fsync=true",
+                    "--log-level=warn",
+                ],
+            ),
+            (
+                "kube-apiserver",
+                [
+                    str(b / "kube-apiserver"),
+                    f"--etcd-servers={etcd_url}",
+                    "--bind-address=127.0.0.1",
+                    f"--secure-port={p['apiserver']}",
+                    "--advertise-address=127.0.0.1",
+                    "--endpoint-reconciler-type=none",
+                    f"--cert-dir={d / 'apiserver'}",
+                    f"--tls-cert-file={pki / 'apiserver.crt'}",
+                    f"--tls-private-key-file={pki / 'apiserver.key'}",
+                    f"--client-ca-file={pki / 'ca.crt'}",
+                    # Front-proxy auth nobody can use (no cert has that CN); set so the delegated
+                    # authentication of the controller-manager and scheduler does not log errors.
+                    f"--requestheader-client-ca-file={pki / 'ca.crt'}",
+                    "--requestheader-allowed-names=kubetune-front-proxy-unused",
+                    "--requestheader-username-headers=X-Remote-User",
+                    "--requestheader-group-headers=X-Remote-Group",
+                    "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                    "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                    f"--service-account-key-file={pki / 'sa.pub'}",
+                    f"--service-account-signing-key-file={pki / 'sa.key'}",
+                    f"--service-cluster-ip-range={SERVICE_CIDR}",
+                    "--authorization-mode=Node,RBAC",
+                    "--allow-privileged=true",
+                    "--enable-priority-and-fairness=false",
+                    "--profiling=false",
+                ],
+            ),
+            (
+                "kube-controller-manager",
+                [
+                    str(b / "kube-controller-manager"),
+                    f"--kubeconfig={kc}",
+                    f"--authentication-kubeconfig={kc}",
+                    f"--authorization-kubeconfig={kc}",
+                    "--bind-address=127.0.0.1",
+                    f"--secure-port={p['controller_manager']}",
+                    f"--cert-dir={d / 'controller-manager'}",
+                    "--leader-elect=false",
+                    "--controllers=*",
+                    "--use-service-account-credentials=false",
+                    f"--service-account-private-key-file={pki / 'sa.key'}",
+                    f"--root-ca-file={pki / 'ca.crt'}",
+                    f"--cluster-signing-cert-file={pki / 'ca.crt'}",
+                    f"--cluster-signing-key-file={pki / 'ca.key'}",
+                    f"--service-cluster-ip-range={SERVICE_CIDR}",
+                    "--kube-api-qps=200",
+                    "--kube-api-burst=400",
+                    "--profiling=false",
+                ],
+            ),
+            (
+                "kube-scheduler",
+                [
+                    str(b / "kube-scheduler"),
+                    f"--kubeconfig={kc}",
+                    f"--authentication-kubeconfig={kc}",
+                    f"--authorization-kubeconfig={kc}",
+                    "--bind-address=127.0.0.1",
+                    f"--secure-port={p['scheduler']}",
+                    f"--cert-dir={d / 'scheduler'}",
+                    "--leader-elect=false",
+                    "--profiling=false",
+                ],
+            ),
+            (
+                "kwok",
+                [
+                    str(b / "kwok"),
+                    f"--kubeconfig={kc}",
+                    f"--config={d / 'kwok-stages.yaml'}",
+                    "--manage-all-nodes=false",
+                    f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
+                    "--node-lease-duration-seconds=40",
+                    "--cidr=10.244.0.0/16",
+                    "--node-ip=10.0.0.1",
+                ],
+            ),
         ]
 
     def _spawn(self, name: str, argv: list[str], die_with_parent: bool) -> None:
@@ -557,8 +658,12 @@ class LocalCluster:
         (self.data_dir / "home").mkdir(exist_ok=True)
         try:
             proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=self.data_dir, env=env,
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.data_dir,
+                env=env,
                 process_group=0 if self.pgid is None else self.pgid,
                 preexec_fn=_die_with_parent if die_with_parent else None,
             )
@@ -569,16 +674,17 @@ class LocalCluster:
         self._procs[name] = proc
 
     def _save_state(self) -> None:
-        self._state.update({
-            "pgid": self.pgid,
-            "server": self.server,
-            "kubeconfig": str(self.kubeconfig),
-            "ports": self.ports,
-            "bin_dir": str(self.bin_dir),
-            "owner_pid": os.getpid(),
-            "processes": {n: {"pid": p.pid, "starttime": _proc_starttime(p.pid)}
-                          for n, p in self._procs.items()},
-        })
+        self._state.update(
+            {
+                "pgid": self.pgid,
+                "server": self.server,
+                "kubeconfig": str(self.kubeconfig),
+                "ports": self.ports,
+                "bin_dir": str(self.bin_dir),
+                "owner_pid": os.getpid(),
+                "processes": {n: {"pid": p.pid, "starttime": _proc_starttime(p.pid)} for n, p in self._procs.items()},
+            }
+        )
         self.state_file.write_text(json.dumps(self._state, indent=2))
 
     def _load_state(self) -> dict | None:
@@ -632,14 +738,14 @@ class LocalCluster:
             _, nodes = self.api("GET", "/api/v1/nodes")
             wanted = {n["metadata"]["name"] for n in self.nodes}
             ready = {
-                n["metadata"]["name"] for n in nodes.get("items", [])
+                n["metadata"]["name"]
+                for n in nodes.get("items", [])
                 if any(c["type"] == "Ready" and c["status"] == "True" for c in n["status"].get("conditions", []))
                 and not any(t["key"].startswith("node.kubernetes.io/") for t in n["spec"].get("taints") or [])
             }
             return wanted <= ready
 
-        wait_for(all_ready, remaining(),
-                 "controller-manager, scheduler, default service account and Ready kwok nodes")
+        wait_for(all_ready, remaining(), "controller-manager, scheduler, default service account and Ready kwok nodes")
 
     # -- API access ------------------------------------------------------------------------------
 
@@ -650,12 +756,17 @@ class LocalCluster:
             self._ssl = ctx
         return self._ssl
 
-    def api(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
-            timeout: float = 10) -> tuple[int, Any]:
+    def api(
+        self, method: str, path: str, body: Any = None, content_type: str = "application/json", timeout: float = 10
+    ) -> tuple[int, Any]:
         """A raw API request as the admin; returns (HTTP status, decoded JSON or text)."""
         data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-        req = urllib.request.Request(self.server + path, data=data, method=method,
-                                     headers={"Content-Type": content_type, "Accept": "application/json"})
+        req = urllib.request.Request(
+            self.server + path,
+            data=data,
+            method=method,
+            headers={"Content-Type": content_type, "Accept": "application/json"},
+        )
         try:
             with urllib.request.urlopen(req, context=self._ssl_context(), timeout=timeout) as r:
                 status, raw = r.status, r.read()
@@ -666,15 +777,21 @@ class LocalCluster:
         except ValueError:
             return status, raw.decode(errors="replace")
 
-    def kubectl(self, *args: str, input: str | None = None, check: bool = True,
-                timeout: float = 60) -> subprocess.CompletedProcess:
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess:
         """Run kubectl against this cluster; CompletedProcess with text stdout/stderr.
 
         check=True raises ClusterError (with stderr) on a non-zero exit."""
-        env = dict(os.environ, KUBECONFIG=str(self.kubeconfig),
-                   KUBECACHEDIR=str(self.data_dir / "kubectl-cache"))
-        r = subprocess.run([str(self.bin_dir / "kubectl"), *args], input=input, capture_output=True,
-                           text=True, env=env, timeout=timeout)
+        env = dict(os.environ, KUBECONFIG=str(self.kubeconfig), KUBECACHEDIR=str(self.data_dir / "kubectl-cache"))
+        r = subprocess.run(
+            [str(self.bin_dir / "kubectl"), *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+        )
         if check and r.returncode != 0:
             raise ClusterError(f"kubectl {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
         return r
@@ -697,12 +814,20 @@ class LocalCluster:
 
     def create_namespace(self, prefix: str = "t-") -> str:
         """A fresh namespace, returned once its default service account exists (pods need it)."""
-        r = self.kubectl("create", "-f", "-", "-o", "jsonpath={.metadata.name}",
-                         input=json.dumps({"apiVersion": "v1", "kind": "Namespace",
-                                           "metadata": {"generateName": prefix}}))
+        r = self.kubectl(
+            "create",
+            "-f",
+            "-",
+            "-o",
+            "jsonpath={.metadata.name}",
+            input=json.dumps({"apiVersion": "v1", "kind": "Namespace", "metadata": {"generateName": prefix}}),
+        )
         ns = r.stdout.strip()
-        wait_for(lambda: self.api("GET", f"/api/v1/namespaces/{ns}/serviceaccounts/default")[0] == 200,
-                 30, f"service account default in {ns}")
+        wait_for(
+            lambda: self.api("GET", f"/api/v1/namespaces/{ns}/serviceaccounts/default")[0] == 200,
+            30,
+            f"service account default in {ns}",
+        )
         return ns
 
     def delete_namespace(self, ns: str) -> None:
@@ -725,28 +850,37 @@ class LocalCluster:
             raise ClusterError(f"list pods in {namespace}: {status} {body}")
         return body["items"]
 
-    def wait_pod(self, namespace: str, name: str, predicate: Callable[[dict], bool], what: str,
-                 timeout: float = 30) -> dict:
+    def wait_pod(
+        self, namespace: str, name: str, predicate: Callable[[dict], bool], what: str, timeout: float = 30
+    ) -> dict:
         def check() -> dict | None:
             p = self.pod(namespace, name)
             return p if p is not None and predicate(p) else None
+
         return wait_for(check, timeout, f"pod {namespace}/{name}: {what}")
 
     def wait_pod_phase(self, namespace: str, name: str, *phases: str, timeout: float = 30) -> dict:
-        return self.wait_pod(namespace, name, lambda p: p.get("status", {}).get("phase") in phases,
-                             f"phase in {phases}", timeout)
+        return self.wait_pod(
+            namespace, name, lambda p: p.get("status", {}).get("phase") in phases, f"phase in {phases}", timeout
+        )
 
     def wait_pod_gone(self, namespace: str, name: str, timeout: float = 30) -> None:
         wait_for(lambda: self.pod(namespace, name) is None, timeout, f"pod {namespace}/{name} deleted")
 
     def wait_job_pods(self, namespace: str, job: str, count: int = 1, timeout: float = 30) -> list[dict]:
-        return wait_for(lambda: (lambda ps: ps if len(ps) >= count else None)(
-            self.pods(namespace, f"job-name={job}")), timeout, f"{count} pod(s) of job {namespace}/{job}")
+        return wait_for(
+            lambda: (lambda ps: ps if len(ps) >= count else None)(self.pods(namespace, f"job-name={job}")),
+            timeout,
+            f"{count} pod(s) of job {namespace}/{job}",
+        )
 
     def _annotate(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
-        status, body = self.api("PATCH", f"/api/v1/namespaces/{namespace}/pods/{name}",
-                                {"metadata": {"annotations": annotations}},
-                                content_type="application/merge-patch+json")
+        status, body = self.api(
+            "PATCH",
+            f"/api/v1/namespaces/{namespace}/pods/{name}",
+            {"metadata": {"annotations": annotations}},
+            content_type="application/merge-patch+json",
+        )
         if status != 200:
             raise ClusterError(f"annotating pod {namespace}/{name}: {status} {body}")
 
@@ -756,20 +890,34 @@ class LocalCluster:
         self._annotate(namespace, name, {ANN_RESULT: "Succeeded"})
         return self.wait_pod_phase(namespace, name, "Succeeded", timeout=timeout) if wait else None
 
-    def fail_pod(self, namespace: str, name: str, exit_code: int = 1, reason: str = "Error",
-                 message: str = "container failed", wait: bool = True, timeout: float = 30) -> dict | None:
+    def fail_pod(
+        self,
+        namespace: str,
+        name: str,
+        exit_code: int = 1,
+        reason: str = "Error",
+        message: str = "container failed",
+        wait: bool = True,
+        timeout: float = 30,
+    ) -> dict | None:
         """Make a Running pod's containers exit with exit_code (phase Failed)."""
         self.wait_pod_phase(namespace, name, "Running", "Succeeded", "Failed", timeout=timeout)
-        self._annotate(namespace, name, {ANN_RESULT: "Failed", ANN_EXIT_CODE: str(exit_code),
-                                         ANN_REASON: reason, ANN_MESSAGE: message})
+        self._annotate(
+            namespace,
+            name,
+            {ANN_RESULT: "Failed", ANN_EXIT_CODE: str(exit_code), ANN_REASON: reason, ANN_MESSAGE: message},
+        )
         return self.wait_pod_phase(namespace, name, "Failed", timeout=timeout) if wait else None
 
     def evict_pod(self, namespace: str, name: str, grace_period_seconds: int | None = None) -> None:
         """The Eviction API (what `kubectl drain` and node-pressure/preemption tooling use): the API
         server adds the DisruptionTarget condition (reason EvictionByEvictionAPI) and deletes the
         pod; kwok then marks it Failed and removes it when its finalizers are gone."""
-        body: dict[str, Any] = {"apiVersion": "policy/v1", "kind": "Eviction",
-                                "metadata": {"name": name, "namespace": namespace}}
+        body: dict[str, Any] = {
+            "apiVersion": "policy/v1",
+            "kind": "Eviction",
+            "metadata": {"name": name, "namespace": namespace},
+        }
         if grace_period_seconds is not None:
             body["deleteOptions"] = {"gracePeriodSeconds": grace_period_seconds}
         status, resp = self.api("POST", f"/api/v1/namespaces/{namespace}/pods/{name}/eviction", body)
@@ -833,8 +981,10 @@ def main(argv: Iterable[str] | None = None) -> int:
                 pass
         t0 = time.monotonic()
         c.start(die_with_parent=False)
-        print(f"up in {time.monotonic() - t0:.1f} s: {c.server} (Kubernetes {c.versions['K8S_VERSION']}, "
-              f"logs in {c.logs})\nexport KUBECONFIG={c.kubeconfig}")
+        print(
+            f"up in {time.monotonic() - t0:.1f} s: {c.server} (Kubernetes {c.versions['K8S_VERSION']}, "
+            f"logs in {c.logs})\nexport KUBECONFIG={c.kubeconfig}"
+        )
         return 0
     except ClusterError as e:
         print(f"harness: {e}", file=sys.stderr)

@@ -22,8 +22,11 @@ def address_on_loopback(address: str) -> Iterator[bool]:
     """Yields True while `address` is on `lo` (removed again on exit), False where it can't be added."""
     added = _ip("addr", "add", f"{address}/32", "dev", "lo")
     if added.returncode != 0 and "File exists" not in added.stderr:
-        warnings.warn(f"cannot add the pod IP {address} to lo ({added.stderr.strip()}); "
-                      "the test reaches the replica through the operator's testing annotation instead", stacklevel=3)
+        warnings.warn(
+            f"cannot add the pod IP {address} to lo ({added.stderr.strip()}); "
+            "the test reaches the replica through the operator's testing annotation instead",
+            stacklevel=3,
+        )
         yield False
         return
     try:

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from kopf.testing import KopfRunner
 
-from kubetune_operator.api.adaptersfile import parse_adapters_file
+from kubetune.api.adaptersfile import parse_adapters_file
 from kubetune_operator.handlers import REGISTRY
 from kubetune_operator.handlers.adapterdeployment import REPLICA_URLS_ANNOTATION
 from kubetune_operator.handlers.runtime import ALLOW_METRICS_URL_ENV
@@ -48,7 +48,8 @@ class FakeReplica:
                     return self.reply(200, {"status": "ready"})
                 with fake.lock:
                     cards = [{"id": "base", "parent": None, "root": "hf://org/base"}] + [
-                        {"id": n, "parent": "base", "root": u} for n, u in fake.adapters.items()]
+                        {"id": n, "parent": "base", "root": u} for n, u in fake.adapters.items()
+                    ]
                 return self.reply(200, {"object": "list", "data": cards})
 
             def do_POST(self):  # noqa: N802
@@ -109,15 +110,27 @@ def replica_at_pod_ip(cluster):
     with ExitStack() as stack:
 
         def start(namespace: str, name: str) -> FakeReplica:
-            pod = cluster.wait_for(lambda: next((p for p in cluster.pods(namespace, f"kubetune.io/adapterdeployment={name}")
-                                                 if (p.get("status") or {}).get("podIP")), None),
-                                   "a serving pod with an IP", timeout=WAIT)
+            pod = cluster.wait_for(
+                lambda: next(
+                    (
+                        p
+                        for p in cluster.pods(namespace, f"kubetune.io/adapterdeployment={name}")
+                        if (p.get("status") or {}).get("podIP")
+                    ),
+                    None,
+                ),
+                "a serving pod with an IP",
+                timeout=WAIT,
+            )
             if stack.enter_context(address_on_loopback(pod["status"]["podIP"])):
                 fake = FakeReplica(pod["status"]["podIP"], 8000)
             else:
                 fake = FakeReplica()
-                patch(cluster, f"{API}/namespaces/{namespace}/adapterdeployments/{name}",
-                      {"metadata": {"annotations": {REPLICA_URLS_ANNOTATION: fake.url}}})
+                patch(
+                    cluster,
+                    f"{API}/namespaces/{namespace}/adapterdeployments/{name}",
+                    {"metadata": {"annotations": {REPLICA_URLS_ANNOTATION: fake.url}}},
+                )
             stack.callback(fake.close)
             return fake
 
@@ -162,6 +175,7 @@ def test_adapterdeployment_serves_and_hot_swaps_adapters(cluster, namespace, ope
         def check():
             obj = get(cluster, ad_path)
             return obj if obj and pred(obj.get("status") or {}) else None
+
         try:
             return cluster.wait_for(check, what, timeout=WAIT)
         except Exception:
@@ -172,8 +186,10 @@ def test_adapterdeployment_serves_and_hot_swaps_adapters(cluster, namespace, ope
     cm_path = f"/api/v1/namespaces/{ns}/configmaps/support-adapters"
     cm = get(cluster, cm_path)
     assert cm["metadata"]["ownerReferences"][0]["uid"] == uid
-    assert parse_adapters_file(cm["data"]["adapters.json"]) == {"legal": "s3://adapters/legal",
-                                                                  "bad": "s3://adapters/bad"}
+    assert parse_adapters_file(cm["data"]["adapters.json"]) == {
+        "legal": "s3://adapters/legal",
+        "bad": "s3://adapters/bad",
+    }
 
     def waiting_for_job(s):
         ready = next((c for c in s.get("conditions") or [] if c["type"] == "AdaptersReady"), {})
@@ -182,8 +198,14 @@ def test_adapterdeployment_serves_and_hot_swaps_adapters(cluster, namespace, ope
     status_where(waiting_for_job, "AdaptersReady=False, reason WaitingForJob")
     replica = replica_at_pod_ip(ns, "support")
 
-    st = status_where(lambda s: s.get("readyReplicas") == 1 and (adapter(s, "legal") or {}).get("state") == "Loaded"
-                      and (adapter(s, "bad") or {}).get("state") == "Failed", "legal Loaded, bad Failed")["status"]
+    st = status_where(
+        lambda s: (
+            s.get("readyReplicas") == 1
+            and (adapter(s, "legal") or {}).get("state") == "Loaded"
+            and (adapter(s, "bad") or {}).get("state") == "Failed"
+        ),
+        "legal Loaded, bad Failed",
+    )["status"]
     assert adapter(st, "bad")["message"] == BAD
     assert adapter(st, "v1")["state"] == "Pending" and "waiting for FineTuneJob trained" in adapter(st, "v1")["message"]
     assert st["endpoint"] == f"http://support.{ns}.svc:8000/v1"
@@ -195,13 +217,27 @@ def test_adapterdeployment_serves_and_hot_swaps_adapters(cluster, namespace, ope
 
     template_before = get(cluster, dep_path)
     # Add an adapter and remove one: loaded and unloaded, without touching the pod template.
-    patch(cluster, ad_path, {"spec": {"adapters": [{"name": "bad", "uri": "s3://adapters/bad"},
-                                                   {"name": "v1", "fromJob": "trained"},
-                                                   {"name": "extra", "uri": "s3://adapters/extra"}]}})
-    status_where(lambda s: (adapter(s, "extra") or {}).get("state") == "Loaded" and adapter(s, "legal") is None,
-                 "extra loaded, legal unloaded")
+    patch(
+        cluster,
+        ad_path,
+        {
+            "spec": {
+                "adapters": [
+                    {"name": "bad", "uri": "s3://adapters/bad"},
+                    {"name": "v1", "fromJob": "trained"},
+                    {"name": "extra", "uri": "s3://adapters/extra"},
+                ]
+            }
+        },
+    )
+    status_where(
+        lambda s: (adapter(s, "extra") or {}).get("state") == "Loaded" and adapter(s, "legal") is None,
+        "extra loaded, legal unloaded",
+    )
     assert parse_adapters_file(get(cluster, cm_path)["data"]["adapters.json"]) == {
-        "bad": "s3://adapters/bad", "extra": "s3://adapters/extra"}
+        "bad": "s3://adapters/bad",
+        "extra": "s3://adapters/extra",
+    }
     assert ("unload", "legal") in replica.calls and "legal" not in replica.adapters
     after = get(cluster, dep_path)
     assert after["metadata"]["generation"] == template_before["metadata"]["generation"]
@@ -209,10 +245,24 @@ def test_adapterdeployment_serves_and_hot_swaps_adapters(cluster, namespace, ope
 
     # The FineTuneJob succeeds with an adapter: v1 loads from its URI.
     now = "2026-01-01T00:00:00Z"
-    patch(cluster, f"{API}/namespaces/{ns}/finetunejobs/trained/status", {"status": {
-        "conditions": [{"type": "Succeeded", "status": "True", "reason": "Completed", "message": "done",
-                        "lastTransitionTime": now}],
-        "adapter": {"uri": "s3://outputs/trained", "sha256": "ab" * 32}}})
+    patch(
+        cluster,
+        f"{API}/namespaces/{ns}/finetunejobs/trained/status",
+        {
+            "status": {
+                "conditions": [
+                    {
+                        "type": "Succeeded",
+                        "status": "True",
+                        "reason": "Completed",
+                        "message": "done",
+                        "lastTransitionTime": now,
+                    }
+                ],
+                "adapter": {"uri": "s3://outputs/trained", "sha256": "ab" * 32},
+            }
+        },
+    )
     st = status_where(lambda s: (adapter(s, "v1") or {}).get("state") == "Loaded", "v1 loaded")["status"]
     assert adapter(st, "v1")["uri"] == "s3://outputs/trained" and adapter(st, "v1")["loadedReplicas"] == 1
     assert replica.adapters["v1"] == "s3://outputs/trained"

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubetune_operator.api import AdapterDeploymentSpec, FineTuneJobSpec, check_file, parse
+from kubetune.api import AdapterDeploymentSpec, FineTuneJobSpec, check_file, parse
 from tests.examples import invalid_examples, valid_examples
 
 pytestmark = pytest.mark.cluster
@@ -115,8 +115,9 @@ def table(cluster, *args: str) -> tuple[list[str], dict[str, list[str]]]:
 
 
 def merge_patch(cluster, kind: str, name: str, ns: str, patch: dict, *extra: str) -> subprocess.CompletedProcess:
-    return cluster.kubectl("patch", RESOURCE[kind], name, "-n", ns, "--type=merge", "-p", json.dumps(patch),
-                           *extra, check=False)
+    return cluster.kubectl(
+        "patch", RESOURCE[kind], name, "-n", ns, "--type=merge", "-p", json.dumps(patch), *extra, check=False
+    )
 
 
 def create(cluster, ns: str, obj: dict | str) -> subprocess.CompletedProcess:
@@ -143,8 +144,10 @@ def ns(cluster, crds):
 @pytest.fixture(scope="module")
 def applied(cluster, ns):
     """Every valid example, applied once with `kubectl apply --server-side`: {path: CompletedProcess}."""
-    return {path: cluster.kubectl("apply", "--server-side", "-n", ns, "-f", "-", input=manifest(path), check=False)
-            for path in valid_examples()}
+    return {
+        path: cluster.kubectl("apply", "--server-side", "-n", ns, "-f", "-", input=manifest(path), check=False)
+        for path in valid_examples()
+    }
 
 
 @pytest.fixture
@@ -212,7 +215,8 @@ def test_get_shows_printer_columns_short_names_and_category(cluster, ns, applied
 
     in_category = cluster.kubectl("get", "kubetune", "-n", ns, "-o", "name").stdout.split()
     assert sorted(in_category) == sorted(
-        [f"finetunejob.kubetune.io/{n}" for n in jobs] + [f"adapterdeployment.kubetune.io/{n}" for n in deployments])
+        [f"finetunejob.kubetune.io/{n}" for n in jobs] + [f"adapterdeployment.kubetune.io/{n}" for n in deployments]
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -247,16 +251,19 @@ def test_cel_message_is_the_offline_message_verbatim(cluster, ns, example):
         assert problem.message in messages, r.stderr
 
 
-@pytest.mark.parametrize(("batch", "micro", "nodes", "gpus", "world"),
-                         [(36, 3, 2, 4, 8), (10, 4, 1, 0, 1), (100, 7, 3, 5, 15)])
+@pytest.mark.parametrize(
+    ("batch", "micro", "nodes", "gpus", "world"), [(36, 3, 2, 4, 8), (10, 4, 1, 0, 1), (100, 7, 3, 5, 15)]
+)
 def test_batch_rule_message_expression_matches_python(cluster, ns, batch, micro, nodes, gpus, world):
     """The CEL messageExpression and the Python `describe` build the same words from the object."""
     obj = json.loads(json.dumps(MINIMAL_FTJ))
     obj["metadata"]["name"] = "batch"
     obj["spec"]["hyperparameters"] = {"epochs": 1, "globalBatchSize": batch, "microBatchSize": micro}
     obj["spec"]["resources"] = {"nodes": nodes, "gpusPerNode": gpus}
-    expected = (f"hyperparameters.globalBatchSize ({batch}) must be a multiple of microBatchSize ({micro})"
-                f" x world size ({world})")
+    expected = (
+        f"hyperparameters.globalBatchSize ({batch}) must be a multiple of microBatchSize ({micro})"
+        f" x world size ({world})"
+    )
     assert [(p.path, p.message) for p in parse(obj).problems] == [("spec", expected)]
     r = create(cluster, ns, obj)
     assert r.returncode != 0
@@ -336,16 +343,22 @@ def test_immutable_spec_field(cluster, ns, ftj, field):
 
 
 def test_method_type_and_hyperparameter_changes_are_rejected(cluster, ns, ftj):
-    for patch, field in (({"method": {"type": "qlora"}}, "method"),
-                         ({"hyperparameters": {"epochs": None, "maxSteps": 100}}, "hyperparameters"),
-                         ({"hyperparameters": {"learningRate": "1e-4"}}, "hyperparameters")):
+    for patch, field in (
+        ({"method": {"type": "qlora"}}, "method"),
+        ({"hyperparameters": {"epochs": None, "maxSteps": 100}}, "hyperparameters"),
+        ({"hyperparameters": {"learningRate": "1e-4"}}, "hyperparameters"),
+    ):
         r = merge_patch(cluster, "FineTuneJob", ftj, ns, {"spec": patch})
         assert r.returncode != 0 and f"spec.{field} is immutable" in r.stderr, (patch, r.stderr)
 
 
 def test_mutable_fields_and_metadata_can_change(cluster, ns, ftj):
-    for patch in ({"spec": {"runPolicy": {"suspend": True}}}, {"spec": {"runPolicy": {"backoffLimit": 5}}},
-                  {"spec": {"checkpointing": {"keep": 3}}}, {"metadata": {"labels": {"team": "a"}}}):
+    for patch in (
+        {"spec": {"runPolicy": {"suspend": True}}},
+        {"spec": {"runPolicy": {"backoffLimit": 5}}},
+        {"spec": {"checkpointing": {"keep": 3}}},
+        {"metadata": {"labels": {"team": "a"}}},
+    ):
         r = merge_patch(cluster, "FineTuneJob", ftj, ns, patch)
         assert r.returncode == 0, (patch, r.stderr)
     spec = get_obj(cluster, "FineTuneJob", ftj, ns)["spec"]
@@ -383,12 +396,18 @@ def test_adapterdeployment_base_model_is_immutable_and_adapters_are_not(cluster,
     obj["metadata"]["name"] = "immutable-base"
     obj["spec"]["adapters"] = [{"name": "a", "uri": "pvc://adapters/a"}]
     assert (r := create(cluster, ns, obj)).returncode == 0, r.stderr
-    r = merge_patch(cluster, "AdapterDeployment", "immutable-base", ns,
-                    {"spec": {"baseModel": {"uri": "hf://Qwen/Qwen2.5-7B-Instruct"}}})
+    r = merge_patch(
+        cluster,
+        "AdapterDeployment",
+        "immutable-base",
+        ns,
+        {"spec": {"baseModel": {"uri": "hf://Qwen/Qwen2.5-7B-Instruct"}}},
+    )
     assert ("spec.baseModel", rule(AdapterDeploymentSpec, ".baseModel").message) in server_errors(r.stderr), r.stderr
     adapters = [{"name": "a", "uri": "pvc://adapters/a"}, {"name": "b", "fromJob": "support-bot"}]
-    assert (r := merge_patch(cluster, "AdapterDeployment", "immutable-base", ns,
-                             {"spec": {"adapters": adapters}})).returncode == 0, r.stderr
+    assert (
+        r := merge_patch(cluster, "AdapterDeployment", "immutable-base", ns, {"spec": {"adapters": adapters}})
+    ).returncode == 0, r.stderr
 
 
 # ------------------------------------------------------------------------------------------------
@@ -396,15 +415,19 @@ def test_adapterdeployment_base_model_is_immutable_and_adapters_are_not(cluster,
 
 
 def test_status_is_written_only_through_the_status_subresource(cluster, ns, ftj):
-    status = {"phase": "Running", "progress": {"step": 35, "totalSteps": 100, "percent": 35},
-              "metrics": {"trainLoss": 1.25, "tokensPerSecond": 4321.5}}
+    status = {
+        "phase": "Running",
+        "progress": {"step": 35, "totalSteps": 100, "percent": 35},
+        "metrics": {"trainLoss": 1.25, "tokensPerSecond": 4321.5},
+    }
 
     r = merge_patch(cluster, "FineTuneJob", ftj, ns, {"status": status})
     assert r.returncode == 0, r.stderr
     assert "status" not in get_obj(cluster, "FineTuneJob", ftj, ns), "status written through the main resource"
 
-    r = merge_patch(cluster, "FineTuneJob", ftj, ns, {"status": status, "spec": {"image": "ignored:1"}},
-                    "--subresource=status")
+    r = merge_patch(
+        cluster, "FineTuneJob", ftj, ns, {"status": status, "spec": {"image": "ignored:1"}}, "--subresource=status"
+    )
     assert r.returncode == 0, r.stderr
     stored = get_obj(cluster, "FineTuneJob", ftj, ns)
     assert stored["status"] == status
@@ -425,8 +448,10 @@ def test_status_is_written_only_through_the_status_subresource(cluster, ns, ftj)
 
 def explain(cluster, path: str) -> str:
     # The OpenAPI document can lag the CRD's Established condition by a moment.
-    r = cluster.wait_for(lambda: (lambda r: r if r.returncode == 0 else None)(
-        cluster.kubectl("explain", path, check=False)), f"kubectl explain {path}")
+    r = cluster.wait_for(
+        lambda: (lambda r: r if r.returncode == 0 else None)(cluster.kubectl("explain", path, check=False)),
+        f"kubectl explain {path}",
+    )
     return " ".join(r.stdout.split())
 
 

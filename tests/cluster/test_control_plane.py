@@ -22,11 +22,13 @@ def gpu_pod(name: str, gpus: int, **extra_meta) -> dict:
         "spec": {
             "restartPolicy": "Never",
             "tolerations": [TOLERATION],
-            "containers": [{
-                "name": "trainer",
-                "image": "example.invalid/trainer:test",
-                "resources": {"limits": {GPU: str(gpus)}, "requests": {"cpu": "1", "memory": "1Gi"}},
-            }],
+            "containers": [
+                {
+                    "name": "trainer",
+                    "image": "example.invalid/trainer:test",
+                    "resources": {"limits": {GPU: str(gpus)}, "requests": {"cpu": "1", "memory": "1Gi"}},
+                }
+            ],
         },
     }
 
@@ -43,8 +45,13 @@ def job(name: str, template_annotations: dict | None = None, **spec) -> dict:
                 "spec": {
                     "restartPolicy": "Never",
                     "tolerations": [TOLERATION],
-                    "containers": [{"name": "trainer", "image": "example.invalid/trainer:test",
-                                    "resources": {"limits": {GPU: "8"}}}],
+                    "containers": [
+                        {
+                            "name": "trainer",
+                            "image": "example.invalid/trainer:test",
+                            "resources": {"limits": {GPU: "8"}},
+                        }
+                    ],
                 },
             },
             **spec,
@@ -112,8 +119,10 @@ def test_pod_driven_to_failed(cluster, namespace):
 
 def test_job_template_annotation_fails_the_job(cluster, namespace):
     # The annotation on the pod template: every pod of the Job fails by itself after 1 s.
-    cluster.apply(job("doomed", {cluster.ANN_RESULT: "Failed", cluster.ANN_RESULT_AFTER: "1s",
-                                 cluster.ANN_EXIT_CODE: "137"}), namespace=namespace)
+    cluster.apply(
+        job("doomed", {cluster.ANN_RESULT: "Failed", cluster.ANN_RESULT_AFTER: "1s", cluster.ANN_EXIT_CODE: "137"}),
+        namespace=namespace,
+    )
     cond = cluster.wait_for(lambda: job_condition(cluster, namespace, "doomed", "Failed"), "Job Failed")
     assert cond["reason"] == "BackoffLimitExceeded"
 
@@ -127,8 +136,16 @@ def test_evicted_pod_carries_disruption_target(cluster, namespace):
     cond = cluster.condition(pod, "DisruptionTarget")
     assert cond["status"] == "True" and cond["reason"] == "EvictionByEvictionAPI", cond
     assert pod["metadata"]["deletionTimestamp"]
-    cluster.kubectl("patch", "pod", "victim", "-n", namespace, "--type=json",
-                    "-p", json.dumps([{"op": "remove", "path": "/metadata/finalizers"}]))
+    cluster.kubectl(
+        "patch",
+        "pod",
+        "victim",
+        "-n",
+        namespace,
+        "--type=json",
+        "-p",
+        json.dumps([{"op": "remove", "path": "/metadata/finalizers"}]),
+    )
     cluster.wait_pod_gone(namespace, "victim")
 
 
@@ -142,8 +159,9 @@ def test_evicted_job_pod_is_replaced_under_pod_failure_policy(cluster, namespace
     cluster.wait_pod_gone(namespace, first["metadata"]["name"])  # job controller dropped its finalizer
 
     def replacement():
-        pods = [p for p in cluster.pods(namespace, "job-name=resilient")
-                if p["metadata"]["uid"] != first["metadata"]["uid"]]
+        pods = [
+            p for p in cluster.pods(namespace, "job-name=resilient") if p["metadata"]["uid"] != first["metadata"]["uid"]
+        ]
         return pods[0] if pods else None
 
     second = cluster.wait_for(replacement, "replacement pod")
@@ -154,15 +172,26 @@ def test_evicted_job_pod_is_replaced_under_pod_failure_policy(cluster, namespace
 
 def test_garbage_collector_deletes_dependents(cluster, namespace):
     owner = json.loads(cluster.kubectl("create", "configmap", "owner", "-n", namespace, "-o", "json").stdout)
-    cluster.apply({
-        "apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": "owned", "ownerReferences": [{
-            "apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner["metadata"]["uid"]}]},
-        "data": {"k": "v"},
-    }, namespace=namespace)
+    cluster.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": "owned",
+                "ownerReferences": [
+                    {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner["metadata"]["uid"]}
+                ],
+            },
+            "data": {"k": "v"},
+        },
+        namespace=namespace,
+    )
     cluster.kubectl("delete", "configmap", "owner", "-n", namespace, "--wait=false")
-    cluster.wait_for(lambda: cluster.get("configmap", "owned", namespace) is None,
-                 "garbage collection of configmap/owned", timeout=60)
+    cluster.wait_for(
+        lambda: cluster.get("configmap", "owned", namespace) is None,
+        "garbage collection of configmap/owned",
+        timeout=60,
+    )
 
 
 def test_crd_cel_validation_rejects_bad_object(cluster):
@@ -175,19 +204,30 @@ def test_crd_cel_validation_rejects_bad_object(cluster):
             "group": group,
             "scope": "Namespaced",
             "names": {"plural": "widgets", "singular": "widget", "kind": "Widget"},
-            "versions": [{
-                "name": "v1", "served": True, "storage": True,
-                "schema": {"openAPIV3Schema": {
-                    "type": "object",
-                    "properties": {"spec": {
-                        "type": "object",
-                        "properties": {"minReplicas": {"type": "integer"}, "replicas": {"type": "integer"}},
-                        "x-kubernetes-validations": [{
-                            "rule": "self.minReplicas <= self.replicas",
-                            "message": "minReplicas must not exceed replicas"}],
-                    }},
-                }},
-            }],
+            "versions": [
+                {
+                    "name": "v1",
+                    "served": True,
+                    "storage": True,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "properties": {
+                                "spec": {
+                                    "type": "object",
+                                    "properties": {"minReplicas": {"type": "integer"}, "replicas": {"type": "integer"}},
+                                    "x-kubernetes-validations": [
+                                        {
+                                            "rule": "self.minReplicas <= self.replicas",
+                                            "message": "minReplicas must not exceed replicas",
+                                        }
+                                    ],
+                                }
+                            },
+                        }
+                    },
+                }
+            ],
         },
     }
     cluster.apply(crd)
@@ -195,13 +235,20 @@ def test_crd_cel_validation_rejects_bad_object(cluster):
         cluster.kubectl("wait", "--for=condition=Established", f"crd/widgets.{group}", "--timeout=30s")
 
         def widget(name, lo, hi):
-            return json.dumps({"apiVersion": f"{group}/v1", "kind": "Widget",
-                               "metadata": {"name": name, "namespace": "default"},
-                               "spec": {"minReplicas": lo, "replicas": hi}})
+            return json.dumps(
+                {
+                    "apiVersion": f"{group}/v1",
+                    "kind": "Widget",
+                    "metadata": {"name": name, "namespace": "default"},
+                    "spec": {"minReplicas": lo, "replicas": hi},
+                }
+            )
 
         # The CRD's REST endpoint can lag Established by a moment: retry the good object.
-        cluster.wait_for(lambda: cluster.kubectl("create", "-f", "-", input=widget("good", 1, 2),
-                                                      check=False).returncode == 0, "good widget created")
+        cluster.wait_for(
+            lambda: cluster.kubectl("create", "-f", "-", input=widget("good", 1, 2), check=False).returncode == 0,
+            "good widget created",
+        )
         bad = cluster.kubectl("create", "-f", "-", input=widget("bad", 3, 2), check=False)
         assert bad.returncode != 0
         assert "minReplicas must not exceed replicas" in bad.stderr, bad.stderr

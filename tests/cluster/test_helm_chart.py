@@ -50,7 +50,10 @@ def test_rbac_covers_what_the_operator_does(helm):
     rules = by_kind(render(helm), "ClusterRole")["rules"]
     for group, resource, verb in NEEDED:
         assert any(group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"] for r in rules), (
-            group, resource, verb)
+            group,
+            resource,
+            verb,
+        )
 
 
 def test_the_api_server_accepts_the_rendered_objects(helm, cluster, crds, namespace):
@@ -58,5 +61,7 @@ def test_the_api_server_accepts_the_rendered_objects(helm, cluster, crds, namesp
     for doc in docs:
         if doc["metadata"].get("namespace"):
             doc["metadata"]["namespace"] = namespace
-    result = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=json.dumps({"kind": "List", "apiVersion": "v1", "items": docs}))
+    result = cluster.kubectl(
+        "apply", "--dry-run=server", "-f", "-", input=json.dumps({"kind": "List", "apiVersion": "v1", "items": docs})
+    )
     assert result.returncode == 0, result.stderr

@@ -156,6 +156,7 @@ def children(cluster, ns: str, name: str) -> dict[str, dict | None]:
 
 def job_pods(cluster, ns: str, name: str, phase: str | None = None) -> list[dict]:
     pods = cluster.pods(ns, f"kubetune.io/job={name}")
+
     def live_in_phase(p: dict) -> bool:
         return p["status"].get("phase") == phase and not p["metadata"].get("deletionTimestamp")
 
@@ -187,8 +188,12 @@ def succeed_with_message(cluster, ns: str, pod: dict, message: str) -> None:
         }],
     }  # fmt: skip
     name = pod["metadata"]["name"]
-    code, body = cluster.api("PATCH", f"/api/v1/namespaces/{ns}/pods/{name}/status", {"status": status},
-                             content_type="application/merge-patch+json")
+    code, body = cluster.api(
+        "PATCH",
+        f"/api/v1/namespaces/{ns}/pods/{name}/status",
+        {"status": status},
+        content_type="application/merge-patch+json",
+    )
     assert code == 200, body
 
 
@@ -206,8 +211,10 @@ def bound_claims(cluster, ns: str, *claims: str) -> list[str]:
                  "claimRef": {"namespace": ns, "name": claim}},
     } for pv, claim in zip(pvs, claims, strict=True)])  # fmt: skip
     for pv in pvs:
-        cluster.wait_for(lambda v=pv: (cluster.get("pv", v) or {}).get("status", {}).get("phase") == "Available",
-                         f"volume {pv} available")
+        cluster.wait_for(
+            lambda v=pv: (cluster.get("pv", v) or {}).get("status", {}).get("phase") == "Available",
+            f"volume {pv} available",
+        )
     cluster.apply(*[{
         "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim, "namespace": ns},
         "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": pv,
@@ -321,13 +328,19 @@ def test_cpu_job_is_admitted_runs_reports_progress_and_succeeds(cluster, namespa
         assert pod["spec"]["nodeName"] == "cpu-node"
         running = wait_condition(cluster, namespace, "tiny-support", "Running", reason="PodsRunning")
         assert running["status"]["phase"] == "Running"
+
         def scrape_failure_told(obj):
             return "metrics unavailable" in cond(obj, "Running")["message"]
 
         wait_status(cluster, namespace, "tiny-support", scrape_failure_told, "the scrape failure told in Running")
         rank0.text = TRAINER_METRICS
-        scraped = wait_status(cluster, namespace, "tiny-support",
-                              lambda o: o["status"].get("progress", {}).get("step") == 42, "progress scraped")
+        scraped = wait_status(
+            cluster,
+            namespace,
+            "tiny-support",
+            lambda o: o["status"].get("progress", {}).get("step") == 42,
+            "progress scraped",
+        )
         progress, metrics = scraped["status"]["progress"], scraped["status"]["metrics"]
         assert (progress["totalSteps"], progress["percent"], progress["epoch"]) == (60, 70, 0.7)
         assert datetime.fromisoformat(progress["eta"]) > datetime.now(UTC)
@@ -340,8 +353,9 @@ def test_cpu_job_is_admitted_runs_reports_progress_and_succeeds(cluster, namespa
                   "adapter": {"uri": "pvc://adapters/tiny-support/adapter", "sizeBytes": 1234, "sha256": "ab" * 32},
                   "metrics": {"trainLoss": 0.91, "evalLoss": 1.02, "tokensPerSecond": 900.0}}  # fmt: skip
         succeed_with_message(cluster, namespace, pod, json.dumps(result))
-        done = wait_status(cluster, namespace, "tiny-support", lambda o: o["status"].get("phase") == "Succeeded",
-                           "Succeeded")
+        done = wait_status(
+            cluster, namespace, "tiny-support", lambda o: o["status"].get("phase") == "Succeeded", "Succeeded"
+        )
         status = done["status"]
         assert cond(done, "Succeeded")["status"] == "True" and cond(done, "Running")["reason"] == "Completed"
         assert status["adapter"] == result["adapter"]
@@ -387,8 +401,11 @@ def test_gpu_job_runs_on_a_gpu_node_and_an_eviction_is_not_a_restart(cluster, na
     assert again["status"]["restarts"] == 0 and again["status"]["phase"] == "Running"
     job = cluster.get("job", "gpu-lora", namespace)
     assert not job["status"].get("failed")  # the podFailurePolicy ignored the disruption
-    cluster.wait_for(lambda: sample("kubetune_operator_gpu_hours_requested_total") > gpu_hours,
-                     "GPU-hours counted while Running", timeout=5)
+    cluster.wait_for(
+        lambda: sample("kubetune_operator_gpu_hours_requested_total") > gpu_hours,
+        "GPU-hours counted while Running",
+        timeout=5,
+    )
     assert sample("kubetune_operator_finetunejobs", phase="Running") >= 1
 
 
@@ -423,8 +440,10 @@ def test_suspend_resume_and_deadline_are_patched_onto_the_job(cluster, namespace
     wait_condition(cluster, namespace, "pausable", "Running")
 
     patch_ftj(cluster, namespace, "pausable", {"spec": {"runPolicy": {"suspend": True, "activeDeadlineSeconds": 7200}}})
-    cluster.wait_for(lambda: (cluster.get("job", "pausable", namespace) or {}).get("spec", {}).get("suspend") is True,
-                     "Job suspended")
+    cluster.wait_for(
+        lambda: (cluster.get("job", "pausable", namespace) or {}).get("spec", {}).get("suspend") is True,
+        "Job suspended",
+    )
     suspended = wait_condition(cluster, namespace, "pausable", "Suspended", reason="Suspended")
     assert suspended["status"]["phase"] == "Suspended" and cond(suspended, "Running")["status"] == "False"
     cluster.wait_for(lambda: not job_pods(cluster, namespace, "pausable", "Running"), "the pods stopped")
@@ -449,8 +468,10 @@ def test_suspend_resume_and_deadline_are_patched_onto_the_job(cluster, namespace
 
     # A deadline changes on a running Job too.
     patch_ftj(cluster, namespace, "pausable", {"spec": {"runPolicy": {"activeDeadlineSeconds": 3600}}})
-    cluster.wait_for(lambda: cluster.get("job", "pausable", namespace)["spec"].get("activeDeadlineSeconds") == 3600,
-                     "deadline patched")
+    cluster.wait_for(
+        lambda: cluster.get("job", "pausable", namespace)["spec"].get("activeDeadlineSeconds") == 3600,
+        "deadline patched",
+    )
 
 
 def test_a_trainer_failure_reports_the_jobs_reason_and_the_message(cluster, namespace, operator):
@@ -525,6 +546,9 @@ def test_deleting_the_finetunejob_garbage_collects_everything_and_a_lost_job_is_
     status, _ = cluster.api("DELETE", ftj_path(namespace, "short-lived"))
     assert status == 200
     assert get_ftj(cluster, namespace, "short-lived") is None  # no finalizer held it back
-    cluster.wait_for(lambda: not any(children(cluster, namespace, "short-lived").values()),
-                     "ConfigMap, Service and Job garbage-collected", timeout=60)
+    cluster.wait_for(
+        lambda: not any(children(cluster, namespace, "short-lived").values()),
+        "ConfigMap, Service and Job garbage-collected",
+        timeout=60,
+    )
     cluster.wait_for(lambda: not job_pods(cluster, namespace, "short-lived"), "pods gone", timeout=60)

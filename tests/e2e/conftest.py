@@ -38,8 +38,9 @@ def _docker_problem() -> str | None:
     if shutil.which("docker") is None:
         return "needs a Docker engine; no `docker` on PATH (`make images` installs and starts one, as root)"
     try:
-        info = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True,
-                              timeout=30)
+        info = subprocess.run(
+            ["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True, timeout=30
+        )
     except subprocess.TimeoutExpired:
         return "needs a Docker engine; `docker info` did not answer within 30 s"
     if info.returncode != 0:
@@ -49,8 +50,11 @@ def _docker_problem() -> str | None:
 
 
 def _missing_images(images: tuple[str, ...]) -> list[str]:
-    return [image for image in images
-            if subprocess.run(["docker", "image", "inspect", image], capture_output=True, timeout=30).returncode != 0]
+    return [
+        image
+        for image in images
+        if subprocess.run(["docker", "image", "inspect", image], capture_output=True, timeout=30).returncode != 0
+    ]
 
 
 _problem: dict[str, str | None] = {}
@@ -61,8 +65,10 @@ def pytest_collection_modifyitems(config, items):
     if not e2e:
         return
     if not _requested(config):
-        reason = ("NOT RUN: e2e tier not asked for (it needs Docker and the images): `make test` builds them "
-                  "and asks where Docker can run; or `make test-e2e`, `pytest -m e2e`, KUBETUNE_E2E=1")
+        reason = (
+            "NOT RUN: e2e tier not asked for (it needs Docker and the images): `make test` builds them "
+            "and asks where Docker can run; or `make test-e2e`, `pytest -m e2e`, KUBETUNE_E2E=1"
+        )
     else:
         reason = _docker_problem()
         if reason is None:
@@ -79,8 +85,10 @@ def docker(*args: str, check: bool = True, timeout: float = 600) -> subprocess.C
     """Run `docker ARGS`; on failure the assertion shows the command and its output."""
     run = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
     if check:
-        assert run.returncode == 0, (f"`docker {' '.join(args)}` exited {run.returncode}\n"
-                                     f"--- stdout\n{run.stdout[-4000:]}\n--- stderr\n{run.stderr[-4000:]}")
+        assert run.returncode == 0, (
+            f"`docker {' '.join(args)}` exited {run.returncode}\n"
+            f"--- stdout\n{run.stdout[-4000:]}\n--- stderr\n{run.stderr[-4000:]}"
+        )
     return run
 
 

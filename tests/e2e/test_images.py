@@ -4,7 +4,6 @@ tiny model from a FineTuneJob manifest and serving the result through a publishe
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import time
@@ -38,9 +37,16 @@ def test_operator_image_runs_the_cli_as_non_root():
     assert config["User"] == "1000:1000"
 
     # Small: no torch, no compilers.
-    probe = docker("run", "--rm", "--entrypoint", "sh", OPERATOR_IMAGE, "-c",
-                   "python3 -c 'import kopf, kubernetes, kubetune_operator'; "
-                   "python3 -c 'import torch' 2>/dev/null && echo HAS-TORCH; command -v gcc cc || true").stdout
+    probe = docker(
+        "run",
+        "--rm",
+        "--entrypoint",
+        "sh",
+        OPERATOR_IMAGE,
+        "-c",
+        "python3 -c 'import kopf, kubernetes, kubetune_operator'; "
+        "python3 -c 'import torch' 2>/dev/null && echo HAS-TORCH; command -v gcc cc || true",
+    ).stdout
     assert "HAS-TORCH" not in probe and "gcc" not in probe, probe
 
 
@@ -55,15 +61,30 @@ def trained(shared_dir, tiny_model):
     out.chmod(0o777)  # written by the image's user (uid 1000)
     shutil.copy(DATA, work / "data.jsonl")
     job = {
-        "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "e2e-tiny"},
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "e2e-tiny"},
         "spec": {
             "model": {"uri": "file:///models/tiny"},
-            "dataset": {"uri": "file:///work/data.jsonl", "format": "chat", "validation": {"fraction": 0.1},
-                        "maxSeqLength": 96},
-            "method": {"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0,
-                                                "targetModules": ["q_proj", "v_proj", "lm_head"]}},
-            "hyperparameters": {"maxSteps": STEPS, "learningRate": "1e-2", "warmupRatio": 0.0, "globalBatchSize": 8,
-                                "microBatchSize": 4, "precision": "fp32", "gradientCheckpointing": False},
+            "dataset": {
+                "uri": "file:///work/data.jsonl",
+                "format": "chat",
+                "validation": {"fraction": 0.1},
+                "maxSeqLength": 96,
+            },
+            "method": {
+                "type": "lora",
+                "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["q_proj", "v_proj", "lm_head"]},
+            },
+            "hyperparameters": {
+                "maxSteps": STEPS,
+                "learningRate": "1e-2",
+                "warmupRatio": 0.0,
+                "globalBatchSize": 8,
+                "microBatchSize": 4,
+                "precision": "fp32",
+                "gradientCheckpointing": False,
+            },
             "resources": {"gpusPerNode": 0},
             "checkpointing": {"everySteps": 10, "keep": 1},
             "evaluation": {"everySteps": 10},
@@ -75,10 +96,26 @@ def trained(shared_dir, tiny_model):
         path.chmod(0o755 if path.is_dir() else 0o644)
 
     start = time.monotonic()
-    run = docker("run", "--rm", "--name", f"kubetune-e2e-train-{uuid.uuid4().hex[:8]}",
-                 "-e", "HF_HUB_OFFLINE=1",
-                 "-v", f"{tiny_model}:/models/tiny:ro", "-v", f"{work}:/work:ro", "-v", f"{out}:/out",
-                 TRAINER_IMAGE, "kubetune", "train", "-f", "/work/job.yaml", timeout=600)
+    run = docker(
+        "run",
+        "--rm",
+        "--name",
+        f"kubetune-e2e-train-{uuid.uuid4().hex[:8]}",
+        "-e",
+        "HF_HUB_OFFLINE=1",
+        "-v",
+        f"{tiny_model}:/models/tiny:ro",
+        "-v",
+        f"{work}:/work:ro",
+        "-v",
+        f"{out}:/out",
+        TRAINER_IMAGE,
+        "kubetune",
+        "train",
+        "-f",
+        "/work/job.yaml",
+        timeout=600,
+    )
     print(f"\ne2e: kubetune train in {TRAINER_IMAGE} took {time.monotonic() - start:.1f} s")
     return {"out": out, "stdout": run.stdout, "model": tiny_model}
 
@@ -88,8 +125,11 @@ def test_trainer_image_trains_the_tiny_model(trained):
     adapter = out / "adapter"
     assert (adapter / "adapter_model.safetensors").stat().st_size > 0, sorted(p.name for p in out.iterdir())
     assert (adapter / "adapter_config.json").is_file()
-    steps = [json.loads(line) for line in trained["stdout"].splitlines()
-             if line.startswith("{") and '"step"' in line and '"loss"' in line]
+    steps = [
+        json.loads(line)
+        for line in trained["stdout"].splitlines()
+        if line.startswith("{") and '"step"' in line and '"loss"' in line
+    ]
     assert steps and max(s["step"] for s in steps) == STEPS, trained["stdout"][-2000:]
     report = json.loads((out / "report.json").read_text())
     assert report, "report.json is empty"
@@ -115,10 +155,33 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
 def test_trainer_image_serves_the_base_model_and_the_adapter(trained):
     port = _free_port()
     name = f"kubetune-e2e-serve-{uuid.uuid4().hex[:8]}"
-    docker("run", "-d", "--name", name, "-e", "HF_HUB_OFFLINE=1", "-p", f"127.0.0.1:{port}:8000",
-           "-v", f"{trained['model']}:/models/tiny:ro", "-v", f"{trained['out']}:/out:ro",
-           TRAINER_IMAGE, "kubetune", "serve", "--model", "file:///models/tiny", "--served-model-name", "tiny",
-           "--adapter", "a=file:///out/adapter", "--host", "0.0.0.0", "--port", "8000")
+    docker(
+        "run",
+        "-d",
+        "--name",
+        name,
+        "-e",
+        "HF_HUB_OFFLINE=1",
+        "-p",
+        f"127.0.0.1:{port}:8000",
+        "-v",
+        f"{trained['model']}:/models/tiny:ro",
+        "-v",
+        f"{trained['out']}:/out:ro",
+        TRAINER_IMAGE,
+        "kubetune",
+        "serve",
+        "--model",
+        "file:///models/tiny",
+        "--served-model-name",
+        "tiny",
+        "--adapter",
+        "a=file:///out/adapter",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8000",
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 180
@@ -136,9 +199,15 @@ def test_trainer_image_serves_the_base_model_and_the_adapter(trained):
             time.sleep(0.5)
 
         for model in ("tiny", "a"):
-            status, reply = _post(f"{base}/v1/chat/completions", {
-                "model": model, "messages": [{"role": "user", "content": "How long are backups kept?"}],
-                "max_tokens": 8, "temperature": 0})
+            status, reply = _post(
+                f"{base}/v1/chat/completions",
+                {
+                    "model": model,
+                    "messages": [{"role": "user", "content": "How long are backups kept?"}],
+                    "max_tokens": 8,
+                    "temperature": 0,
+                },
+            )
             assert status == 200, (model, reply)
             assert reply["model"] == model and reply["choices"][0]["message"]["role"] == "assistant"
             assert reply["usage"]["completion_tokens"] > 0
@@ -152,8 +221,14 @@ def _docker_flags_for(container: dict, volumes: dict[str, list[str]]) -> list[st
     """`docker run` flags that give the image what the rendered pod gives it: the user, a read-only
     root, the env, and each volume mount (`volumes`: volume name → flags for it at a mount path)."""
     security = container["securityContext"]
-    flags = ["--user", f"{security['runAsUser']}:{security['runAsUser']}", "--cap-drop", "ALL",
-             "--security-opt", "no-new-privileges"]
+    flags = [
+        "--user",
+        f"{security['runAsUser']}:{security['runAsUser']}",
+        "--cap-drop",
+        "ALL",
+        "--security-opt",
+        "no-new-privileges",
+    ]
     if security.get("readOnlyRootFilesystem"):
         flags.append("--read-only")
     for variable in container["env"]:
@@ -167,14 +242,20 @@ def test_the_rendered_serving_pod_runs_in_the_trainer_image(trained, shared_dir)
     """The Deployment the operator renders for an AdapterDeployment, run as Docker runs a pod: its
     command, env, user, read-only root, scratch volumes and the adapters ConfigMap as a mounted file.
     The replica must come up ready with the ConfigMap's adapter and answer through it."""
-    from kubetune_operator.api.adapterdeployment import AdapterDeployment
+    from kubetune.api.adapterdeployment import AdapterDeployment
     from kubetune_operator.config import OperatorConfig
     from kubetune_operator.render.adapterdeployment import render_adapterdeployment
 
-    ad = AdapterDeployment.model_validate({
-        "metadata": {"name": "e2e", "namespace": "ml", "uid": "u-1"},
-        "spec": {"baseModel": {"uri": "pvc://models/tiny"}, "resources": {"gpusPerReplica": 0},
-                 "adapters": [{"name": "support", "uri": "pvc://outputs/adapter"}]}})
+    ad = AdapterDeployment.model_validate(
+        {
+            "metadata": {"name": "e2e", "namespace": "ml", "uid": "u-1"},
+            "spec": {
+                "baseModel": {"uri": "pvc://models/tiny"},
+                "resources": {"gpusPerReplica": 0},
+                "adapters": [{"name": "support", "uri": "pvc://outputs/adapter"}],
+            },
+        }
+    )
     objects = render_adapterdeployment(ad, OperatorConfig())
     container = objects.deployment["spec"]["template"]["spec"]["containers"][0]
     config = shared_dir / "adapters-configmap"
@@ -192,9 +273,19 @@ def test_the_rendered_serving_pod_runs_in_the_trainer_image(trained, shared_dir)
     port = _free_port()
     name = f"kubetune-e2e-pod-{uuid.uuid4().hex[:8]}"
     container_port = container["ports"][0]["containerPort"]
-    docker("run", "-d", "--name", name, *_docker_flags_for(container, volumes),
-           "-p", f"127.0.0.1:{port}:{container_port}", "--entrypoint", container["command"][0],
-           TRAINER_IMAGE, *container["command"][1:])
+    docker(
+        "run",
+        "-d",
+        "--name",
+        name,
+        *_docker_flags_for(container, volumes),
+        "-p",
+        f"127.0.0.1:{port}:{container_port}",
+        "--entrypoint",
+        container["command"][0],
+        TRAINER_IMAGE,
+        *container["command"][1:],
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         ready = container["readinessProbe"]["httpGet"]["path"]
@@ -209,13 +300,20 @@ def test_the_rendered_serving_pod_runs_in_the_trainer_image(trained, shared_dir)
             state = docker("inspect", "-f", "{{.State.Status}}", name).stdout.strip()
             if state != "running" or time.monotonic() > deadline:
                 logs = docker("logs", "--tail", "40", name, check=False)
-                pytest.fail(f"the pod's server in {name} is {state}, not ready on {base}{ready}:\n"
-                            f"{logs.stdout}{logs.stderr}")
+                pytest.fail(
+                    f"the pod's server in {name} is {state}, not ready on {base}{ready}:\n{logs.stdout}{logs.stderr}"
+                )
             time.sleep(0.5)
         assert health["adapters"] == ["support"]  # from the mounted ConfigMap, before it said ready
-        status, reply = _post(f"{base}/v1/chat/completions", {
-            "model": "support", "messages": [{"role": "user", "content": "How long are backups kept?"}],
-            "max_tokens": 8, "temperature": 0})
+        status, reply = _post(
+            f"{base}/v1/chat/completions",
+            {
+                "model": "support",
+                "messages": [{"role": "user", "content": "How long are backups kept?"}],
+                "max_tokens": 8,
+                "temperature": 0,
+            },
+        )
         assert status == 200 and reply["model"] == "support", reply
     finally:
         docker("rm", "-f", name, check=False)
@@ -226,20 +324,31 @@ def test_the_rendered_training_pod_trains_in_the_trainer_image(tiny_model, share
     trainer config from its ConfigMap as a mounted file, claims as bind mounts, the pod's user and
     read-only root. It must train, publish the adapter on the output claim and leave the result in
     the termination message, which is what the operator reads."""
-    from kubetune_operator.api.finetunejob import FineTuneJob
+    from kubetune.api.finetunejob import FineTuneJob
     from kubetune_operator.config import OperatorConfig
     from kubetune_operator.render import render_finetunejob
 
-    job = FineTuneJob.model_validate({
-        "metadata": {"name": "e2e", "namespace": "ml", "uid": "u-1"},
-        "spec": {"model": {"uri": "pvc://models/tiny"},
-                 "dataset": {"uri": "pvc://datasets/chat.jsonl", "format": "chat", "maxSeqLength": 96},
-                 "method": {"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
-                 "hyperparameters": {"maxSteps": 6, "learningRate": "1e-2", "globalBatchSize": 8,
-                                     "microBatchSize": 4, "precision": "fp32", "gradientCheckpointing": False},
-                 "resources": {"gpusPerNode": 0, "cpu": "1", "memory": "2Gi"},
-                 "checkpointing": {"everySteps": 3, "keep": 1},
-                 "output": {"uri": "pvc://outputs/e2e-run"}}})
+    job = FineTuneJob.model_validate(
+        {
+            "metadata": {"name": "e2e", "namespace": "ml", "uid": "u-1"},
+            "spec": {
+                "model": {"uri": "pvc://models/tiny"},
+                "dataset": {"uri": "pvc://datasets/chat.jsonl", "format": "chat", "maxSeqLength": 96},
+                "method": {"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
+                "hyperparameters": {
+                    "maxSteps": 6,
+                    "learningRate": "1e-2",
+                    "globalBatchSize": 8,
+                    "microBatchSize": 4,
+                    "precision": "fp32",
+                    "gradientCheckpointing": False,
+                },
+                "resources": {"gpusPerNode": 0, "cpu": "1", "memory": "2Gi"},
+                "checkpointing": {"everySteps": 3, "keep": 1},
+                "output": {"uri": "pvc://outputs/e2e-run"},
+            },
+        }
+    )
     objects = render_finetunejob(job, OperatorConfig())
     pod = objects.job["spec"]["template"]["spec"]
     container = pod["containers"][0]
@@ -265,9 +374,20 @@ def test_the_rendered_training_pod_trains_in_the_trainer_image(tiny_model, share
         "pvc-outputs": ["-v", f"{outputs}:@PATH@"],
     }
     message_path = container.get("terminationMessagePath", "/dev/termination-log")
-    run = docker("run", "--rm", "--name", f"kubetune-e2e-job-{uuid.uuid4().hex[:8]}",
-                 *_docker_flags_for(container, volumes), "-v", f"{termination}:{message_path}",
-                 "--entrypoint", container["command"][0], TRAINER_IMAGE, *container["command"][1:], timeout=600)
+    run = docker(
+        "run",
+        "--rm",
+        "--name",
+        f"kubetune-e2e-job-{uuid.uuid4().hex[:8]}",
+        *_docker_flags_for(container, volumes),
+        "-v",
+        f"{termination}:{message_path}",
+        "--entrypoint",
+        container["command"][0],
+        TRAINER_IMAGE,
+        *container["command"][1:],
+        timeout=600,
+    )
     adapter = outputs / "e2e-run" / "adapter"
     assert (adapter / "adapter_model.safetensors").stat().st_size > 0, run.stdout[-2000:]
     assert (adapter / "_COMPLETE").is_file()  # published atomically

@@ -35,9 +35,27 @@ def operator_container(cluster, crds, namespace):  # noqa: F811
     listens on 127.0.0.1), with the test cluster's kubeconfig mounted read-only."""
     name = f"kubetune-e2e-operator-{uuid.uuid4().hex[:8]}"
     cluster.kubeconfig.chmod(0o644)  # read by the image's user; the file holds a test cluster's credentials
-    docker("run", "-d", "--name", name, "--network", "host", "--read-only", "--tmpfs", "/tmp",
-           "-v", f"{cluster.kubeconfig}:/etc/kubetune/kubeconfig:ro", "-e", "KUBECONFIG=/etc/kubetune/kubeconfig",
-           OPERATOR_IMAGE, "operator", "-n", namespace, "--metrics-port", "0")
+    docker(
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--network",
+        "host",
+        "--read-only",
+        "--tmpfs",
+        "/tmp",
+        "-v",
+        f"{cluster.kubeconfig}:/etc/kubetune/kubeconfig:ro",
+        "-e",
+        "KUBECONFIG=/etc/kubetune/kubeconfig",
+        OPERATOR_IMAGE,
+        "operator",
+        "-n",
+        namespace,
+        "--metrics-port",
+        "0",
+    )
     yield name
     logs = docker("logs", "--tail", "60", name, check=False)
     docker("rm", "-f", name, check=False)

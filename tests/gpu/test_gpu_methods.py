@@ -28,8 +28,9 @@ def finite(history) -> bool:
 @pytest.mark.parametrize("name", METHODS)
 def test_every_method_trains_and_saves_on_the_gpu_in_bf16(name, tiny_model, tmp_path):
     torch.cuda.reset_peak_memory_stats()
-    config = make_config(tiny_model, tmp_path, steps=6, method=METHODS[name], every_save=1000, learningRate="1e-3",
-                         precision="bf16")
+    config = make_config(
+        tiny_model, tmp_path, steps=6, method=METHODS[name], every_save=1000, learningRate="1e-3", precision="bf16"
+    )
     assert train.run_training(config) == 0
     result = json.loads((tmp_path / "termination-log").read_text())
     assert finite(history_of(tmp_path)), history_of(tmp_path)
@@ -43,8 +44,9 @@ def test_every_method_trains_and_saves_on_the_gpu_in_bf16(name, tiny_model, tmp_
 
 @pytest.mark.parametrize("name, rate", [("lora", "1e-2"), ("full", "1e-3")])
 def test_fp16_trains_with_loss_scaling(name, rate, tiny_model, tmp_path):
-    config = make_config(tiny_model, tmp_path, steps=24, method=METHODS[name], every_save=1000, learningRate=rate,
-                         precision="fp16")
+    config = make_config(
+        tiny_model, tmp_path, steps=24, method=METHODS[name], every_save=1000, learningRate=rate, precision="fp16"
+    )
     assert train.run_training(config) == 0
     history = history_of(tmp_path)
     assert finite(history) and history[-1]["loss"] < history[0]["loss"], history
@@ -52,8 +54,15 @@ def test_fp16_trains_with_loss_scaling(name, rate, tiny_model, tmp_path):
 
 @pytest.mark.parametrize("name", ["lora", "qlora"])
 def test_gradient_checkpointing_on_the_gpu(name, tiny_model, tmp_path):
-    config = make_config(tiny_model, tmp_path, steps=20, method=METHODS[name], every_save=1000, precision="bf16",
-                         gradientCheckpointing=True)
+    config = make_config(
+        tiny_model,
+        tmp_path,
+        steps=20,
+        method=METHODS[name],
+        every_save=1000,
+        precision="bf16",
+        gradientCheckpointing=True,
+    )
     assert train.run_training(config) == 0
     history = history_of(tmp_path)
     assert finite(history) and history[-1]["loss"] < history[0]["loss"], history
@@ -69,7 +78,9 @@ def test_merged_bf16_weights_match_base_plus_adapter(tiny_model, tmp_path):
     batch = {"input_ids": torch.tensor([[5, 17, 42, 99, 3]])}
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "output" / "merged", dtype=torch.float32).eval()
     base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
-    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "output" / "adapter").eval()
+    adapted = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "output" / "adapter"
+    ).eval()
     with torch.no_grad():
         want, got, before = adapted(**batch).logits, merged(**batch).logits, base(**batch).logits
     scale = want.abs().max()

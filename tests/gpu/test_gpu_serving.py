@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.trainer]
 
 torch = pytest.importorskip("torch", reason="NOT RUN: gpu tier needs the [trainer] extra (make setup)")
 
-from kubetune_trainer.serving.engine import Engine, Sampling  # noqa: E402
+from kubetune_serve.engine import Engine, Sampling  # noqa: E402
 
 PROMPT = "How long are backups kept?"
 MAX_TOKENS = 16
@@ -30,8 +30,9 @@ def random_adapter(tiny_model, path, seed):
 
 
 def prompt_ids(tokenizer):
-    text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False,
-                                         add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True
+    )
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -43,9 +44,14 @@ def offline_answer(tiny_model, adapter, ids, tokenizer):
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
     with torch.no_grad():
-        output = model.eval().generate(torch.tensor([ids], device="cuda"), max_new_tokens=MAX_TOKENS, do_sample=False,
-                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(output[0, len(ids):], skip_special_tokens=True).strip()
+        output = model.eval().generate(
+            torch.tensor([ids], device="cuda"),
+            max_new_tokens=MAX_TOKENS,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True).strip()
 
 
 def test_the_engine_on_the_gpu_answers_as_peft_does(tiny_model, tmp_path):

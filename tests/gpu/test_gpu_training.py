@@ -16,7 +16,10 @@ from kubetune_trainer import train  # noqa: E402
 from kubetune_trainer.distributed import DistEnv  # noqa: E402
 from tests.trainer.test_train import adapter_weights, make_config  # noqa: E402
 
-QLORA_NF4 = {"type": "qlora", "quantization": {"bits": 4, "type": "nf4", "doubleQuant": True, "computeDtype": "bfloat16"}}
+QLORA_NF4 = {
+    "type": "qlora",
+    "quantization": {"bits": 4, "type": "nf4", "doubleQuant": True, "computeDtype": "bfloat16"},
+}
 
 
 def history_of(out) -> list[dict]:
@@ -63,7 +66,9 @@ def preempt_at(monkeypatch, step: int) -> None:
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_a_preempted_gpu_run_resumes_from_its_checkpoint_and_finishes(strategy, tiny_model, tmp_path, monkeypatch, capsys):
+def test_a_preempted_gpu_run_resumes_from_its_checkpoint_and_finishes(
+    strategy, tiny_model, tmp_path, monkeypatch, capsys
+):
     def config_for(out):
         config = make_config(tiny_model, out, steps=20, every_save=1000, precision="bf16")
         config.spec.distributed.strategy = strategy  # fsdp: a one-rank nccl group, DCP checkpoints

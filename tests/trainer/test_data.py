@@ -13,7 +13,8 @@ pa = pytest.importorskip("pyarrow", reason="NOT RUN: trainer tier needs the [tra
 import pyarrow.parquet as pq  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from kubetune_operator.api.finetunejob import DatasetSpec  # noqa: E402
+from kubetune.api.finetunejob import DatasetSpec  # noqa: E402
+from kubetune_trainer.data import CHATML_TEMPLATE as CHAT_TEMPLATE
 from kubetune_trainer.data import (  # noqa: E402
     IGNORE,
     Example,
@@ -25,7 +26,6 @@ from kubetune_trainer.data import (  # noqa: E402
     pack,
     read_records,
 )
-from kubetune_trainer.data import CHATML_TEMPLATE as CHAT_TEMPLATE
 from kubetune_trainer.tiny_model import build_tiny_model  # noqa: E402
 
 SUFFIXES = ["jsonl", "json", "csv", "parquet"]
@@ -107,8 +107,13 @@ def texts(n, words=6):
 
 FORMAT_ROWS = {
     "chat": [
-        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
-                      {"role": "assistant", "content": "Paris."}]},
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Capital of France?"},
+                {"role": "assistant", "content": "Paris."},
+            ]
+        },
         {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "Hello there."}]},
     ],
     "instruction": [

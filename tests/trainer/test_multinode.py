@@ -15,10 +15,11 @@ import subprocess
 import sys
 
 import pytest
-from kubetune_operator.api.trainerconfig import TrainerConfig
-from kubetune_trainer import storage
+
+from kubetune import storage
+from kubetune.contract import TrainerConfig
+from kubetune.storage import COMPLETE_MARKER, StorageError, open_output
 from kubetune_trainer.distributed import DistEnv
-from kubetune_trainer.storage import COMPLETE_MARKER, StorageError, open_output
 from tests.trainer.test_storage import (  # noqa: F401 (fixtures)
     isolated_env,
     keys,
@@ -123,8 +124,10 @@ def test_the_same_phases_on_a_shared_volume(pvc_root, tmp_path):
     out.publish_dir(make_folder(tmp_path / "earlier", {"stale.bin": b"x"}), NAME)
     out.begin_dir(NAME)
     assert out.list_complete("checkpoints") == []
-    files = [*out.upload_part(make_folder(tmp_path / "p0", NODE0), NAME),
-             *out.upload_part(make_folder(tmp_path / "p1", NODE1), NAME)]
+    files = [
+        *out.upload_part(make_folder(tmp_path / "p0", NODE0), NAME),
+        *out.upload_part(make_folder(tmp_path / "p1", NODE1), NAME),
+    ]
     assert out.list_complete("checkpoints") == []
     with pytest.raises(StorageError, match="1 files missing"):
         out.finish_dir(NAME, files + ["absent.pt"])
@@ -159,14 +162,23 @@ def run_two_nodes(tiny_model, tmp_path, uri: str, steps: int, attempt: str) -> l
             home = tmp_path / f"node{node}"
             home.mkdir(exist_ok=True)
             config = node_config(tiny_model, tmp_path, node, uri, steps)
-            env = {**os.environ, "NNODES": "2", "NODE_RANK": str(node), "NPROC_PER_NODE": "1",
-                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "HOME": str(home),
-                   "KUBETUNE_CACHE": str(home / "kubetune"), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+            env = {
+                **os.environ,
+                "NNODES": "2",
+                "NODE_RANK": str(node),
+                "NPROC_PER_NODE": "1",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "HOME": str(home),
+                "KUBETUNE_CACHE": str(home / "kubetune"),
+                "PYTHONUNBUFFERED": "1",
+                "OMP_NUM_THREADS": "1",
+            }
             env.pop("KUBETUNE_LAUNCHED", None)
             log = home / f"{attempt}.log"
             logs.append(log)
             with open(log, "w") as out:
-                command = [sys.executable, "-m", "kubetune_operator.cli", "train", "-f", str(config)]
+                command = [sys.executable, "-m", "kubetune", "train", "-f", str(config)]
                 nodes.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env))
         codes = [node.wait(timeout=240) for node in nodes]
     finally:
@@ -182,8 +194,17 @@ def events(text: str, kind: str) -> list[dict]:
     return [record for record in records if record.get("event") == kind]
 
 
-SHARDED = ["_COMPLETE", "dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp", "rng-rank0.pt", "rng-rank1.pt",
-           "scheduler.pt", "strategy.json", "trainer_state.json"]
+SHARDED = [
+    "_COMPLETE",
+    "dcp/.metadata",
+    "dcp/__0_0.distcp",
+    "dcp/__1_0.distcp",
+    "rng-rank0.pt",
+    "rng-rank1.pt",
+    "scheduler.pt",
+    "strategy.json",
+    "trainer_state.json",
+]
 
 
 def test_two_nodes_fsdp_checkpoint_every_shard_to_s3_and_resume(s3, tiny_model, tmp_path):
@@ -194,7 +215,7 @@ def test_two_nodes_fsdp_checkpoint_every_shard_to_s3_and_resume(s3, tiny_model, 
     assert events(first[0], "plan")[0]["summary"].startswith("world size 2, strategy fsdp")
     assert [(e["step"], e["uri"]) for e in events(first[0], "checkpoint")] == [(2, f"{uri}/{NAME}")]
     prefix = f"jobs/multi/{NAME}/"
-    assert [k[len(prefix):] for k in keys(client, bucket, prefix)] == SHARDED, "a node's files are missing"
+    assert [k[len(prefix) :] for k in keys(client, bucket, prefix)] == SHARDED, "a node's files are missing"
     marker = json.loads(client.get_object(Bucket=bucket, Key=prefix + COMPLETE_MARKER)["Body"].read())
     assert marker["files"] == len(SHARDED) - 1
     for node in (0, 1):  # each node staged in its own cache, and cleaned up after uploading
@@ -211,6 +232,6 @@ def test_two_nodes_fsdp_checkpoint_every_shard_to_s3_and_resume(s3, tiny_model, 
     assert events(second[0], "done")[0]["steps"] == 5
     assert [e["step"] for e in events(second[0], "step")] == [3, 4, 5]
     newest = "jobs/multi/checkpoints/step-00000004/"
-    assert [k[len(newest):] for k in keys(client, bucket, newest)] == SHARDED
+    assert [k[len(newest) :] for k in keys(client, bucket, newest)] == SHARDED
     reader = open_output(uri, cache_dir=tmp_path / "reader")
     assert reader.list_complete("checkpoints") == [NAME, "checkpoints/step-00000004"]

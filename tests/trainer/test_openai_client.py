@@ -16,8 +16,9 @@ MESSAGES = [{"role": "user", "content": PROMPT}]
 
 @pytest.fixture(scope="module")
 def client(server):
-    with openai.OpenAI(base_url=f"http://127.0.0.1:{server.base_url.port}/v1", api_key="unused", max_retries=0,
-                       timeout=60) as client:
+    with openai.OpenAI(
+        base_url=f"http://127.0.0.1:{server.base_url.port}/v1", api_key="unused", max_retries=0, timeout=60
+    ) as client:
         yield client
 
 
@@ -57,16 +58,31 @@ def test_greedy_completions_and_chat_answer_as_the_offline_decode_does(client, o
 
 def test_streamed_deltas_add_up_to_the_whole_text_and_usage_comes_last(client, templated):
     whole = client.completions.create(model="alpha", prompt=templated, max_tokens=MAX_TOKENS, temperature=0)
-    chunks = list(client.completions.create(model="alpha", prompt=templated, max_tokens=MAX_TOKENS, temperature=0,
-                                            stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model="alpha",
+            prompt=templated,
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
     whole = client.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0)
-    chunks = list(client.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=MAX_TOKENS,
-                                                 temperature=0, stream=True,
-                                                 stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="alpha",
+            messages=MESSAGES,
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert all(c.object == "chat.completion.chunk" and c.model == "alpha" for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
@@ -74,8 +90,9 @@ def test_streamed_deltas_add_up_to_the_whole_text_and_usage_comes_last(client, t
     assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
 
     # without stream_options no usage chunk: every chunk has its choice
-    chunks = list(client.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=4, temperature=0,
-                                                 stream=True))
+    chunks = list(
+        client.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=4, temperature=0, stream=True)
+    )
     assert chunks and all(c.choices and c.usage is None for c in chunks)
 
 

@@ -17,12 +17,11 @@ torch = pytest.importorskip("torch", reason="NOT RUN: trainer tier needs the [tr
 httpx = pytest.importorskip("httpx", reason="NOT RUN: serving tests need httpx (the [dev] extra)")
 pytest.importorskip("fastapi", reason="NOT RUN: serving tests need the [serve] extra")
 
+from kubetune_serve.engine import Engine, EngineError, Sampling  # noqa: E402
+from kubetune_serve.text import TextTracker  # noqa: E402
 from kubetune_trainer import train  # noqa: E402
 from kubetune_trainer.generate import answer  # noqa: E402
-from kubetune_trainer.serving.engine import Engine, EngineError, Sampling  # noqa: E402
-from kubetune_trainer.serving.text import TextTracker  # noqa: E402
 from kubetune_trainer.tiny_model import build_tiny_model  # noqa: E402
-from tests.conftest import REPO  # noqa: E402
 from tests.trainer.test_train import make_config  # noqa: E402
 
 PROMPT = "How do I reset my password?"
@@ -53,8 +52,14 @@ def other_base_adapter(path, safe_serialization=True):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=1024,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     model.save_pretrained(path, safe_serialization=safe_serialization)
     return path
@@ -82,8 +87,20 @@ def server(files, tmp_path_factory):
     tiny, adapters = files
     port = free_port()
     log = tmp_path_factory.mktemp("server-log") / "serve.log"
-    command = serve_command(tiny, port, "--served-model-name", "tiny", "--adapter", f"alpha=file://{adapters['alpha']}",
-                            "--max-adapters", "2", "--max-lora-rank", "64", "--cache-dir", str(log.parent / "cache"))
+    command = serve_command(
+        tiny,
+        port,
+        "--served-model-name",
+        "tiny",
+        "--adapter",
+        f"alpha=file://{adapters['alpha']}",
+        "--max-adapters",
+        "2",
+        "--max-lora-rank",
+        "64",
+        "--cache-dir",
+        str(log.parent / "cache"),
+    )
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=subprocess_env())
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
@@ -107,12 +124,23 @@ def free_port():
 
 
 def serve_command(model, port, *args):
-    return [sys.executable, "-m", "kubetune_operator.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
-            "--port", str(port), *args]
+    return [
+        sys.executable,
+        "-m",
+        "kubetune",
+        "serve",
+        "--model",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *args,
+    ]
 
 
 def subprocess_env():
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(str(REPO / p) for p in ("operator", "trainer_image", "kernels"))}
+    return dict(os.environ)
 
 
 def wait_until_ready(client, process, log):
@@ -129,8 +157,13 @@ def wait_until_ready(client, process, log):
 
 
 def chat(client, model, content=PROMPT, **extra):
-    body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": MAX_TOKENS,
-            "temperature": 0, **extra}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        **extra,
+    }
     return client.post("/v1/chat/completions", json=body)
 
 
@@ -194,12 +227,14 @@ def test_base_and_adapters_answer_as_generate_does(server, files, offline):
         assert 0 < beta["usage"]["completion_tokens"] <= MAX_TOKENS
 
         # /v1/completions on the templated text: the same tokens, so the same answer
-        text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True
+        )
         outputs = {}
         for model in ("tiny", "alpha", "beta"):
-            response = server.post("/v1/completions", json={"model": model, "prompt": text, "max_tokens": MAX_TOKENS,
-                                                            "temperature": 0})
+            response = server.post(
+                "/v1/completions", json={"model": model, "prompt": text, "max_tokens": MAX_TOKENS, "temperature": 0}
+            )
             assert response.status_code == 200, response.text
             body = response.json()
             assert body["object"] == "text_completion" and body["choices"][0]["finish_reason"] in ("stop", "length")
@@ -237,10 +272,18 @@ def test_adapters_the_server_refuses(server, files):
 def test_chat_streaming_stop_strings_and_errors(server, offline):
     answers, _ = offline
     whole = chat(server, "alpha").json()["choices"][0]["message"]["content"]
-    with server.stream("POST", "/v1/chat/completions", json={
-        "model": "alpha", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": MAX_TOKENS,
-        "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
-    }) as response:
+    with server.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={
+            "model": "alpha",
+            "messages": [{"role": "user", "content": PROMPT}],
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    ) as response:
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
         events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
@@ -257,16 +300,31 @@ def test_chat_streaming_stop_strings_and_errors(server, offline):
     expected = whole[: whole.find(stop)]
     stopped = chat(server, "alpha", stop=[stop]).json()["choices"][0]
     assert stopped["message"]["content"] == expected and stopped["finish_reason"] == "stop"
-    with server.stream("POST", "/v1/completions", json={
-        "model": "tiny", "prompt": "The", "max_tokens": 8, "temperature": 0, "stream": True}) as response:
+    with server.stream(
+        "POST",
+        "/v1/completions",
+        json={"model": "tiny", "prompt": "The", "max_tokens": 8, "temperature": 0, "stream": True},
+    ) as response:
         pieces = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
     plain = server.post("/v1/completions", json={"model": "tiny", "prompt": "The", "max_tokens": 8, "temperature": 0})
     assert "".join(p["choices"][0]["text"] for p in pieces) == plain.json()["choices"][0]["text"]
 
     # sampling is reproducible with a seed; n choices come back indexed
-    sampled = [server.post("/v1/completions", json={"model": "alpha", "prompt": ["The", "A"],
-                                                    "max_tokens": 6, "temperature": 1.0, "top_p": 0.9, "seed": 7,
-                                                    "n": 2}).json() for _ in range(2)]
+    sampled = [
+        server.post(
+            "/v1/completions",
+            json={
+                "model": "alpha",
+                "prompt": ["The", "A"],
+                "max_tokens": 6,
+                "temperature": 1.0,
+                "top_p": 0.9,
+                "seed": 7,
+                "n": 2,
+            },
+        ).json()
+        for _ in range(2)
+    ]
     assert sampled[0]["choices"] == sampled[1]["choices"]
     assert [c["index"] for c in sampled[0]["choices"]] == [0, 1, 2, 3]
 
@@ -274,8 +332,11 @@ def test_chat_streaming_stop_strings_and_errors(server, offline):
     assert_error(chat(server, "nope"), 404, "The model `nope` does not exist.")
     assert_error(server.post("/v1/completions", json={"model": "tiny"}), 400, "prompt")
     assert_error(server.post("/v1/chat/completions", json={"model": "tiny", "messages": []}), 400, "messages")
-    assert_error(server.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 5000}), 400,
-                 "maximum context length is 2048")
+    assert_error(
+        server.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 5000}),
+        400,
+        "maximum context length is 2048",
+    )
     assert_error(server.post("/v1/load_lora_adapter", json={"lora_name": "x"}), 400, "lora_path")
 
 
@@ -285,8 +346,11 @@ def test_metrics_count_requests_tokens_and_adapters(server):
     def samples():
         response = server.get("/metrics")
         assert response.status_code == 200
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for family in text_string_to_metric_families(response.text) for s in family.samples}
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(response.text)
+            for s in family.samples
+        }
 
     key = ("kubetune_serve_requests_total", (("endpoint", "chat_completions"), ("model", "alpha"), ("status", "200")))
     latency = ("kubetune_serve_request_duration_seconds_count", (("endpoint", "chat_completions"), ("model", "alpha")))
@@ -300,7 +364,10 @@ def test_metrics_count_requests_tokens_and_adapters(server):
     assert after[("kubetune_serve_loaded_adapters", ())] == 1
     assert after[("kubetune_serve_ready", ())] == 1
     assert after[latency] == latency_before + 1  # one latency histogram per adapter
-    unknown = ("kubetune_serve_requests_total", (("endpoint", "chat_completions"), ("model", "unknown"), ("status", "404")))
+    unknown = (
+        "kubetune_serve_requests_total",
+        (("endpoint", "chat_completions"), ("model", "unknown"), ("status", "404")),
+    )
     assert after[unknown] >= 1  # unknown names share one series
 
 
@@ -313,8 +380,13 @@ def test_an_adapter_that_cannot_load_at_startup_stops_the_server(files):
     failure = [json.loads(line) for line in result.stdout.splitlines() if '"startup_failed"' in line]
     assert failure and failure[0]["error"] == "adapter rank 128 exceeds maxLoraRank 64"
 
-    bad = subprocess.run(serve_command(tiny, free_port(), "--adapter", "no-uri"), capture_output=True, text=True,
-                         timeout=60, env=subprocess_env())
+    bad = subprocess.run(
+        serve_command(tiny, free_port(), "--adapter", "no-uri"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=subprocess_env(),
+    )
     assert bad.returncode == 2 and "write NAME=URI" in bad.stderr
 
 

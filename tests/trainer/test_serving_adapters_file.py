@@ -14,10 +14,10 @@ pytest.importorskip("torch", reason="NOT RUN: trainer tier needs the [trainer] e
 httpx = pytest.importorskip("httpx", reason="NOT RUN: serving tests need httpx (the [dev] extra)")
 pytest.importorskip("fastapi", reason="NOT RUN: serving tests need the [serve] extra")
 
-from kubetune_operator.api.adaptersfile import parse_adapters_file, render_adapters_file  # noqa: E402
-from kubetune_trainer.serving.adapters_file import AdaptersFileSync  # noqa: E402
-from kubetune_trainer.serving.engine import Engine  # noqa: E402
-from kubetune_trainer.serving.metrics import ServingMetrics  # noqa: E402
+from kubetune.api.adaptersfile import parse_adapters_file, render_adapters_file  # noqa: E402
+from kubetune_serve.adapters_file import AdaptersFileSync  # noqa: E402
+from kubetune_serve.engine import Engine  # noqa: E402
+from kubetune_serve.metrics import ServingMetrics  # noqa: E402
 from tests.trainer.test_serving import (  # noqa: E402, F401 - `files` is a fixture
     files,
     free_port,
@@ -47,9 +47,12 @@ def test_the_file_format_is_checked():
     assert parse_adapters_file("") == {}
     text = render_adapters_file([("a", "pvc://c/a"), ("b", "s3://bucket/b")])
     assert parse_adapters_file(text) == {"a": "pvc://c/a", "b": "s3://bucket/b"}
-    for bad, words in [("{", "not JSON"), ('{"adapters": {}}', "expected"), ('{"adapters": [{"name": "a"}]}',
-                       "adapters[0]: needs a non-empty name and path"),
-                       ('{"adapters": [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]}', "listed twice")]:
+    for bad, words in [
+        ("{", "not JSON"),
+        ('{"adapters": {}}', "expected"),
+        ('{"adapters": [{"name": "a"}]}', "adapters[0]: needs a non-empty name and path"),
+        ('{"adapters": [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]}', "listed twice"),
+    ]:
         with pytest.raises(ValueError, match=re.escape(words)):
             parse_adapters_file(bad)
 
@@ -104,8 +107,18 @@ def test_a_replica_is_ready_only_with_the_files_adapters_and_follows_the_file(fi
     path.parent.mkdir()
     write(path, [("alpha", f"file://{adapters['alpha']}"), ("wide", str(adapters["wide"]))])
     port, log = free_port(), tmp_path / "serve.log"
-    command = serve_command(tiny, port, "--served-model-name", "tiny", "--adapters-file", str(path),
-                            "--adapters-file-interval", "0.2", "--cache-dir", str(tmp_path / "cache"))
+    command = serve_command(
+        tiny,
+        port,
+        "--served-model-name",
+        "tiny",
+        "--adapters-file",
+        str(path),
+        "--adapters-file-interval",
+        "0.2",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    )
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=subprocess_env())
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)

@@ -12,10 +12,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from kubetune_trainer import storage
-from kubetune_trainer.storage import (
+
+from kubetune import contract, storage
+from kubetune.storage import (
     COMPLETE_MARKER,
-    DEFAULT_PVC_ROOT,
     StorageError,
     open_output,
     pvc_mount_path,
@@ -98,7 +98,7 @@ def test_pvc_uri_resolves_under_the_mount_root(pvc_root, tmp_path):
 
 def test_pvc_mount_path_is_shared_with_the_operator(monkeypatch):
     monkeypatch.delenv("KUBETUNE_PVC_ROOT", raising=False)
-    assert DEFAULT_PVC_ROOT == "/mnt/pvc"
+    assert contract.PVC_ROOT == "/mnt/pvc"
     assert pvc_mount_path("train-data") == "/mnt/pvc/train-data"
     monkeypatch.setenv("KUBETUNE_PVC_ROOT", "/tmp/claims")
     assert pvc_mount_path("train-data") == "/tmp/claims/train-data"

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.trainer
 
 torch = pytest.importorskip("torch", reason="NOT RUN: trainer tier needs the [trainer] extra (make setup)")
 
-from kubetune_operator.api.trainerconfig import TrainerConfig  # noqa: E402
+from kubetune.contract import TrainerConfig  # noqa: E402
 from kubetune_trainer import strategies, train  # noqa: E402
 from kubetune_trainer.distributed import DistEnv  # noqa: E402
 from tests.trainer.test_train import adapter_weights, make_config, tiny_model, write_config  # noqa: E402, F401
@@ -45,7 +45,16 @@ def config_for(tiny_model, out, strategy="auto", offload="none", method=LORA, st
 
 
 def train_two_processes(config: TrainerConfig, path) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "kubetune_operator.cli", "train", "-f", str(write_config(config, path)), "--nproc-per-node", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "kubetune",
+        "train",
+        "-f",
+        str(write_config(config, path)),
+        "--nproc-per-node",
+        "2",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -94,14 +103,18 @@ def test_fsdp_two_processes_match_one_and_save_an_ordinary_adapter(single, fsdp,
     from transformers import AutoModelForCausalLM
 
     out, stdout = fsdp
-    assert events(stdout, "plan")[0]["summary"].startswith("world size 2, strategy fsdp, micro-batch 4 x accumulation 1")
+    assert events(stdout, "plan")[0]["summary"].startswith(
+        "world size 2, strategy fsdp, micro-batch 4 x accumulation 1"
+    )
     assert json.loads((out / "termination-log").read_text())["plan"]["strategy"] == "fsdp"
     assert_same_training(single, out)
 
     batch = {"input_ids": torch.tensor([[1, 5, 9, 200, 31, 7]])}
     logits = {}
     for name, folder in (("single", single), ("fsdp", out)):
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), folder / "output" / "adapter")
+        model = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(tiny_model), folder / "output" / "adapter"
+        )
         logits[name] = model.eval()(**batch).logits
     assert torch.allclose(logits["single"], logits["fsdp"], atol=1e-4)
 
@@ -123,12 +136,24 @@ def launch_ranks(config_path, world_size: int = 2) -> list[subprocess.Popen]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    common = {**os.environ, "PYTHONUNBUFFERED": "1", "KUBETUNE_LAUNCHED": "1", "MASTER_ADDR": "127.0.0.1",
-              "MASTER_PORT": str(port), "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size)}
-    command = [sys.executable, "-m", "kubetune_operator.cli", "train", "-f", str(config_path)]
+    common = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "KUBETUNE_LAUNCHED": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": str(world_size),
+    }
+    command = [sys.executable, "-m", "kubetune", "train", "-f", str(config_path)]
     return [
-        subprocess.Popen(command, stdout=subprocess.PIPE if rank == 0 else subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         text=True, env={**common, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+        subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE if rank == 0 else subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env={**common, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+        )
         for rank in range(world_size)
     ]
 
@@ -153,9 +178,19 @@ def test_fsdp_sigterm_checkpoints_shards_and_the_rerun_ends_where_an_unbroken_ru
 
     resumed_copy = tmp_path / "one-process"  # DCP re-shards: the same checkpoint resumes in one process too
     shutil.copytree(broken / "output" / "checkpoints", resumed_copy / "output" / "checkpoints")
-    one = subprocess.run([sys.executable, "-m", "kubetune_operator.cli", "train", "-f",
-                          str(write_config(config_for(tiny_model, resumed_copy, "fsdp"), tmp_path / "one.json"))],
-                         capture_output=True, text=True, timeout=300)
+    one = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kubetune",
+            "train",
+            "-f",
+            str(write_config(config_for(tiny_model, resumed_copy, "fsdp"), tmp_path / "one.json")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
 
     resumed = train_two_processes(config_for(tiny_model, broken, "fsdp"), path)
@@ -197,18 +232,32 @@ def test_decoder_layers_are_found_inside_the_peft_model(tiny_model):
     import peft
     from transformers import AutoModelForCausalLM
 
-    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), peft.LoraConfig(target_modules=["q_proj"]))
+    model = peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model), peft.LoraConfig(target_modules=["q_proj"])
+    )
     assert [type(layer).__name__ for layer in strategies.decoder_layers(model)] == ["LlamaDecoderLayer"] * 2
 
 
 def test_deepspeed_config_follows_the_spec(tiny_model, tmp_path):
-    config = config_for(tiny_model, tmp_path, "deepspeed-zero3", "cpu", microBatchSize=2, precision="bf16", maxGradNorm=0.5)
+    config = config_for(
+        tiny_model, tmp_path, "deepspeed-zero3", "cpu", microBatchSize=2, precision="bf16", maxGradNorm=0.5
+    )
     ds = strategies.build("deepspeed-zero3", config.spec, DistEnv(0, 2, 0), torch.device("cpu"))
     settings = ds.config(type("Config", (), {"hidden_size": 64})())
-    assert (settings["train_batch_size"], settings["train_micro_batch_size_per_gpu"], settings["gradient_accumulation_steps"]) == (8, 2, 2)
-    assert settings["gradient_clipping"] == 0.5 and settings["bf16"] == {"enabled": True} and not settings["fp16"]["enabled"]
+    assert (
+        settings["train_batch_size"],
+        settings["train_micro_batch_size_per_gpu"],
+        settings["gradient_accumulation_steps"],
+    ) == (8, 2, 2)
+    assert (
+        settings["gradient_clipping"] == 0.5
+        and settings["bf16"] == {"enabled": True}
+        and not settings["fp16"]["enabled"]
+    )
     zero = settings["zero_optimization"]
-    assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
+    assert (
+        zero["stage"] == 3 and zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
+    )
     zero2 = strategies.build("deepspeed-zero2", config.spec, DistEnv(0, 2, 0), torch.device("cpu")).config(None)
     assert zero2["zero_optimization"]["stage"] == 2 and "offload_param" not in zero2["zero_optimization"]
 
@@ -217,8 +266,12 @@ def test_a_checkpoint_resumes_only_in_its_own_format(tiny_model, tmp_path):
     config = config_for(tiny_model, tmp_path, "fsdp")
     fsdp = strategies.build("fsdp", config.spec, DistEnv(0, 2, 0), torch.device("cpu"))
     strategies.check_resumable(fsdp, {"strategy": "fsdp", "format": "dcp", "worldSize": 4}, "step-1")  # DCP re-shards
-    with pytest.raises(ValueError, match="written by strategy ddp .replicated format. and cannot be resumed with strategy fsdp"):
+    with pytest.raises(
+        ValueError, match="written by strategy ddp .replicated format. and cannot be resumed with strategy fsdp"
+    ):
         strategies.check_resumable(fsdp, {"strategy": "ddp", "format": "replicated"}, "step-1")
     zero3 = strategies.build("deepspeed-zero3", config.spec, DistEnv(0, 2, 0), torch.device("cpu"))
     with pytest.raises(ValueError, match="holds 4 DeepSpeed optimizer partitions; resume it with 4 processes, not 2"):
-        strategies.check_resumable(zero3, {"strategy": "deepspeed-zero3", "format": "deepspeed-zero3", "worldSize": 4}, "step-1")
+        strategies.check_resumable(
+            zero3, {"strategy": "deepspeed-zero3", "format": "deepspeed-zero3", "worldSize": 4}, "step-1"
+        )

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.trainer
 
 torch = pytest.importorskip("torch", reason="NOT RUN: trainer tier needs the [trainer] extra (make setup)")
 
-from kubetune_operator.api.trainerconfig import RuntimeSettings, TrainerConfig  # noqa: E402
+from kubetune.contract import RuntimeSettings, TrainerConfig  # noqa: E402
 from kubetune_trainer import train  # noqa: E402
 from kubetune_trainer.distributed import DistEnv  # noqa: E402
 from kubetune_trainer.tiny_model import build_tiny_model  # noqa: E402
@@ -33,15 +33,27 @@ def make_config(tiny_model, out, *, steps=30, method=None, every_save=10, metric
         "model": {"uri": f"file://{tiny_model}"},
         "dataset": {"uri": f"file://{DATA}", "format": "chat", "validation": {"fraction": 0.1}, "maxSeqLength": 96},
         "method": method or {"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
-        "hyperparameters": {"maxSteps": steps, "learningRate": "1e-2", "warmupRatio": 0.0, "globalBatchSize": 8,
-                            "microBatchSize": 4, "precision": "fp32", "gradientCheckpointing": False, **hyper},
+        "hyperparameters": {
+            "maxSteps": steps,
+            "learningRate": "1e-2",
+            "warmupRatio": 0.0,
+            "globalBatchSize": 8,
+            "microBatchSize": 4,
+            "precision": "fp32",
+            "gradientCheckpointing": False,
+            **hyper,
+        },
         "resources": {"gpusPerNode": 0},
         "checkpointing": {"everySteps": every_save, "keep": 2},
         "evaluation": {"everySteps": 10},
         "output": {"uri": f"file://{out}/output"},
     }
-    runtime = RuntimeSettings(local=True, cache_dir=str(out / "cache"), metrics_port=metrics_port,
-                              termination_message_path=str(out / "termination-log"))
+    runtime = RuntimeSettings(
+        local=True,
+        cache_dir=str(out / "cache"),
+        metrics_port=metrics_port,
+        termination_message_path=str(out / "termination-log"),
+    )
     return TrainerConfig.model_validate({"spec": spec, "runtime": runtime.to_wire()})
 
 
@@ -72,7 +84,9 @@ def test_lora_learns_and_the_saved_adapter_reproduces_the_model(tiny_model, tmp_
     batch = {"input_ids": torch.tensor([run.train_set[0].input_ids])}
     run.model.eval()
     expected = run.model(**batch).logits
-    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "output" / "adapter")
+    reloaded = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "output" / "adapter"
+    )
     assert torch.allclose(reloaded.eval()(**batch).logits, expected, atol=1e-5)
 
 
@@ -99,7 +113,7 @@ def test_sigterm_checkpoints_and_the_rerun_ends_where_an_unbroken_run_ends(tiny_
 
     broken = tmp_path / "broken"
     path = write_config(make_config(tiny_model, broken, steps=30, every_save=1000), tmp_path / "broken.json")
-    command = [sys.executable, "-m", "kubetune_operator.cli", "train", "-f", str(path)]
+    command = [sys.executable, "-m", "kubetune", "train", "-f", str(path)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in process.stdout:  # wait until training is under way, then preempt
         if '"event": "step"' in line and json.loads(line)["step"] == 12:
@@ -123,8 +137,10 @@ def test_two_processes_match_one(tiny_model, tmp_path):
     double = tmp_path / "double"
     path = write_config(make_config(tiny_model, double, steps=8), tmp_path / "ddp.json")
     result = subprocess.run(
-        [sys.executable, "-m", "kubetune_operator.cli", "train", "-f", str(path), "--nproc-per-node", "2"],
-        capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "kubetune", "train", "-f", str(path), "--nproc-per-node", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert '"summary": "world size 2, strategy ddp' in result.stdout
@@ -138,9 +154,14 @@ def test_metrics_endpoint_is_scrapable_while_training(tiny_model, tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    path = write_config(make_config(tiny_model, tmp_path, steps=400, every_save=1000, metrics_port=port), tmp_path / "m.json")
-    process = subprocess.Popen([sys.executable, "-m", "kubetune_operator.cli", "train", "-f", str(path)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    path = write_config(
+        make_config(tiny_model, tmp_path, steps=400, every_save=1000, metrics_port=port), tmp_path / "m.json"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kubetune", "train", "-f", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         text = ""
         deadline = time.monotonic() + 120
@@ -151,7 +172,9 @@ def test_metrics_endpoint_is_scrapable_while_training(tiny_model, tmp_path):
                 text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
             except OSError:
                 continue
-        samples = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("kubetune_train_")}
+        samples = {
+            line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("kubetune_train_")
+        }
         assert samples["kubetune_train_total_steps"] == 400
         assert samples["kubetune_train_step"] >= 1 and samples["kubetune_train_loss"] > 0
         assert samples["kubetune_train_tokens_per_second"] > 0
@@ -166,7 +189,10 @@ METHODS = {
     "qlora": {"type": "qlora", "quantization": {"computeDtype": "float32"}},
     "ia3": {"type": "ia3"},
     "adalora": {"type": "adalora", "adalora": {"initR": 6, "targetR": 4, "tinit": 1, "tfinal": 1, "deltaT": 1}},
-    "promptTuning": {"type": "promptTuning", "virtualTokens": {"numVirtualTokens": 4, "initText": "Answer as Acme support:"}},
+    "promptTuning": {
+        "type": "promptTuning",
+        "virtualTokens": {"numVirtualTokens": 4, "initText": "Answer as Acme support:"},
+    },
     "prefixTuning": {"type": "prefixTuning", "virtualTokens": {"numVirtualTokens": 4}},
     "full": {"type": "full"},
 }
@@ -197,7 +223,9 @@ def test_merged_weights_equal_base_plus_adapter(tiny_model, tmp_path):
     assert result["adapter"]["mergedUri"].endswith("/output/merged")
     batch = {"input_ids": torch.tensor([[5, 17, 42, 99, 3]])}
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "output" / "merged").eval()
-    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "output" / "adapter").eval()
+    adapted = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "output" / "adapter"
+    ).eval()
     with torch.no_grad():
         assert torch.allclose(merged(**batch).logits, adapted(**batch).logits, atol=1e-4)
 
@@ -207,8 +235,11 @@ def test_a_qlora_adapter_is_merged_into_the_original_weights_not_the_4_bit_ones(
     unquantized base plus the adapter, in the compute dtype, with no quantization config."""
     from transformers import AutoModelForCausalLM
 
-    method = {"type": "qlora", "quantization": {"computeDtype": "bfloat16"}, "lora": {"r": 8, "alpha": 16,
-                                                                                     "dropout": 0.0}}
+    method = {
+        "type": "qlora",
+        "quantization": {"computeDtype": "bfloat16"},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+    }
     config = make_config(tiny_model, tmp_path, steps=5, every_save=1000, method=method)
     config.spec.output.merge_weights = True
     assert train.run_training(config) == 0

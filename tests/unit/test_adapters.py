@@ -25,8 +25,12 @@ def observed(wanted, replicas, ready=1):
 
 
 def test_models_answer_lists_adapters_only():
-    models = {"data": [{"id": "base", "parent": None, "root": "pvc://m"},
-                       {"id": "legal", "parent": "base", "root": "pvc://a/legal"}]}
+    models = {
+        "data": [
+            {"id": "base", "parent": None, "root": "pvc://m"},
+            {"id": "legal", "parent": "base", "root": "pvc://a/legal"},
+        ]
+    }
     assert adapters_from_models(models) == {"legal": "pvc://a/legal"}
 
 
@@ -41,8 +45,12 @@ def test_resolve_from_job():
     failed = {"status": {"conditions": [{"type": "Failed", "status": "True", "message": "OOM on rank 0"}]}}
     assert resolve(spec, {"job": failed, "gone": None})[1].pending == "FineTuneJob job failed: OOM on rank 0"
     assert resolve(spec, {"job": failed, "gone": None})[1].reason == "JobFailed"
-    done = {"status": {"conditions": [{"type": "Succeeded", "status": "True"}],
-                       "adapter": {"uri": "pvc://out/job", "sha256": "ab"}}}
+    done = {
+        "status": {
+            "conditions": [{"type": "Succeeded", "status": "True"}],
+            "adapter": {"uri": "pvc://out/job", "sha256": "ab"},
+        }
+    }
     assert resolve(spec, {"job": done, "gone": None})[1] == Wanted("b", "pvc://out/job", "ab")
 
 
@@ -54,14 +62,23 @@ def test_plan_loads_missing_unloads_extra_and_skips_refused():
     # A changed URI is unloaded and loaded again; a refusal for another URI is retried.
     r2 = Replica("pod-0", "http://x", loaded={"a": "u/a-old"}, failed={"bad": ("u/old-bad", "no")})
     assert plan_actions([Wanted("a", "u/a"), Wanted("bad", "u/bad")], [r2]) == [
-        Action("pod-0", "unload", "a"), Action("pod-0", "load", "a", "u/a"), Action("pod-0", "load", "bad", "u/bad")]
+        Action("pod-0", "unload", "a"),
+        Action("pod-0", "load", "a", "u/a"),
+        Action("pod-0", "load", "bad", "u/bad"),
+    ]
 
 
 def test_status_states_and_conditions():
     wanted = [Wanted("a", "u/a"), Wanted("p", pending="waiting for FineTuneJob j to succeed"), Wanted("bad", "u/bad")]
-    replicas = [Replica("pod-0", "http://x", loaded={"a": "u/a", "old": "u/old"},
-                        failed={"bad": ("u/bad", "adapter rank 128 exceeds maxLoraRank 64")},
-                        unload_failed={"old": "busy"})]
+    replicas = [
+        Replica(
+            "pod-0",
+            "http://x",
+            loaded={"a": "u/a", "old": "u/old"},
+            failed={"bad": ("u/bad", "adapter rank 128 exceeds maxLoraRank 64")},
+            unload_failed={"old": "busy"},
+        )
+    ]
     status = derive_status({}, observed(wanted, replicas))
     by = {a["name"]: a for a in status["adapters"]}
     assert by["a"] == {"name": "a", "uri": "u/a", "loadedReplicas": 1, "state": "Loaded"}
@@ -97,8 +114,10 @@ def test_adapters_ready_says_what_it_waits_for():
     failed_job = [*waiting, Wanted("v2", pending="FineTuneJob k failed: OOM", reason="JobFailed")]
     assert cond(derive_status({}, observed(failed_job, loaded)), "AdaptersReady")["reason"] == "JobFailed"
     refused = [Replica("pod-0", "http://x", loaded={"a": "u/a"}, failed={"b": ("u/b", "too big")})]
-    assert cond(derive_status({}, observed([*failed_job, Wanted("b", "u/b")], refused)),
-                "AdaptersReady")["reason"] == "AdapterFailed"
+    assert (
+        cond(derive_status({}, observed([*failed_job, Wanted("b", "u/b")], refused)), "AdaptersReady")["reason"]
+        == "AdapterFailed"
+    )
 
 
 def test_loading_and_no_replicas():
@@ -118,8 +137,14 @@ def test_replica_urls_and_error_messages():
     from kubetune_operator.handlers.adapterdeployment import REPLICA_URLS_ANNOTATION, error_message, replica_urls
 
     def pod(name, ready=True, ip="10.0.0.1"):
-        return {"metadata": {"name": name}, "status": {"phase": "Running", "podIP": ip,
-                "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
+        return {
+            "metadata": {"name": name},
+            "status": {
+                "phase": "Running",
+                "podIP": ip,
+                "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+            },
+        }
 
     pods = [pod("b", ip="10.0.0.2"), pod("a"), pod("c", ready=False)]
     body = {"metadata": {"annotations": {REPLICA_URLS_ANNOTATION: "http://127.0.0.1:1/, http://127.0.0.1:2"}}}
@@ -147,8 +172,13 @@ def test_an_adapter_is_recognised_by_the_path_its_runtime_reports():
 def test_sha256_comes_from_the_job_or_the_replicas_and_a_mismatch_fails():
     from kubetune_operator.adapters import digests_from_models
 
-    models = {"data": [{"id": "base", "parent": None}, {"id": "a", "parent": "base", "root": "u/a", "sha256": "aa" * 32},
-                       {"id": "v", "parent": "base", "root": "/mnt/v"}]}
+    models = {
+        "data": [
+            {"id": "base", "parent": None},
+            {"id": "a", "parent": "base", "root": "u/a", "sha256": "aa" * 32},
+            {"id": "v", "parent": "base", "root": "/mnt/v"},
+        ]
+    }
     assert digests_from_models(models) == {"a": "aa" * 32}  # vLLM's cards carry none
 
     def replica(name, digest):
@@ -160,6 +190,7 @@ def test_sha256_comes_from_the_job_or_the_replicas_and_a_mismatch_fails():
     entry = from_job["adapters"][0]
     assert entry["sha256"] == "bb" * 32 and entry["state"] == "Failed"
     assert entry["message"] == "replicas serve weights with sha256 aaaaaaaaaaaa; the FineTuneJob reported bbbbbbbbbbbb"
-    split = derive_status({}, observed([Wanted("a", "u/a")], [replica("pod-0", "aa" * 32), replica("pod-1", "cc" * 32)],
-                                       ready=2))["adapters"][0]
+    split = derive_status(
+        {}, observed([Wanted("a", "u/a")], [replica("pod-0", "aa" * 32), replica("pod-1", "cc" * 32)], ready=2)
+    )["adapters"][0]
     assert "sha256" not in split and split["state"] == "Failed" and "the replicas disagree" in split["message"]

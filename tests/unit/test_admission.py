@@ -4,8 +4,8 @@ fine-tune on one GPU is refused as InsufficientGpuMemory with advice."""
 
 import pytest
 
+from kubetune.api import FineTuneJob, check_file
 from kubetune_operator import admission as a
-from kubetune_operator.api import FineTuneJob, check_file
 from kubetune_operator.config import OperatorConfig
 from kubetune_operator.render import render_finetunejob
 from tests.examples import EXAMPLES, valid_examples
@@ -44,8 +44,12 @@ def test_every_valid_example_is_admitted_and_renders_with_its_plan(path):
 
 
 def test_file_uri_is_invalid_spec_with_the_validators_words():
-    job = FineTuneJob.model_validate({**example("lora-chat.yaml").to_wire(), "spec": {
-        **example("lora-chat.yaml").to_wire()["spec"], "model": {"uri": "file:///home/me/models/llama"}}})
+    job = FineTuneJob.model_validate(
+        {
+            **example("lora-chat.yaml").to_wire(),
+            "spec": {**example("lora-chat.yaml").to_wire()["spec"], "model": {"uri": "file:///home/me/models/llama"}},
+        }
+    )
     result = a.admit(job)
     assert not result.admitted and result.reason == "InvalidSpec"
     assert "spec.model.uri: 'file:///home/me/models/llama': file:// only works with `kubetune train`" in result.message
@@ -67,10 +71,14 @@ def test_lora_on_8b_is_admitted_with_a_plan():
 
 @pytest.mark.parametrize(
     ("uri", "total"),
-    [("hf://Qwen/Qwen2.5-0.5B-Instruct", 494_032_768), ("hf://Qwen/Qwen2.5-7B", 7_615_616_512),
-     ("hf://Qwen/Qwen2.5-Coder-1.5B", 1_543_714_304), ("hf://Qwen/Qwen2.5-32B-Instruct", 32_763_876_352),
-     ("hf://mistralai/Mistral-7B-Instruct-v0.3", 7_241_732_096),
-     ("hf://meta-llama/Llama-3.1-70B-Instruct", 70_553_706_496)],
+    [
+        ("hf://Qwen/Qwen2.5-0.5B-Instruct", 494_032_768),
+        ("hf://Qwen/Qwen2.5-7B", 7_615_616_512),
+        ("hf://Qwen/Qwen2.5-Coder-1.5B", 1_543_714_304),
+        ("hf://Qwen/Qwen2.5-32B-Instruct", 32_763_876_352),
+        ("hf://mistralai/Mistral-7B-Instruct-v0.3", 7_241_732_096),
+        ("hf://meta-llama/Llama-3.1-70B-Instruct", 70_553_706_496),
+    ],
 )
 def test_well_known_models(uri, total):
     arch = a.known_architecture(uri)
@@ -93,8 +101,15 @@ def test_the_annotation_states_the_models_size():
 
 @pytest.mark.parametrize(
     ("text", "count"),
-    [("7B", 7_000_000_000), ("1.5b", 1_500_000_000), ("494M", 494_000_000), ("7e9", 7_000_000_000),
-     ("8030261248", 8_030_261_248), ("", None), ("-1", None)],
+    [
+        ("7B", 7_000_000_000),
+        ("1.5b", 1_500_000_000),
+        ("494M", 494_000_000),
+        ("7e9", 7_000_000_000),
+        ("8030261248", 8_030_261_248),
+        ("", None),
+        ("-1", None),
+    ],
 )
 def test_parse_param_count(text, count):
     assert a.parse_param_count(text) == count

@@ -9,7 +9,7 @@ COMMANDS = ["crds", "validate", "tiny-model", "train", "plan", "generate", "serv
 
 
 def kubetune(*args):
-    return subprocess.run([sys.executable, "-m", "kubetune_operator.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "kubetune", *args], capture_output=True, text=True)
 
 
 def test_top_level_help_lists_every_command():

@@ -48,8 +48,12 @@ def test_order_is_kept_and_input_not_modified():
 
 @pytest.mark.parametrize(
     ("reason", "expected"),
-    [("BackoffLimitExceeded", "BackoffLimitExceeded"), ("deadline exceeded", "DeadlineExceeded"), ("", "Unknown"),
-     ("42-bad reason", "BadReason")],
+    [
+        ("BackoffLimitExceeded", "BackoffLimitExceeded"),
+        ("deadline exceeded", "DeadlineExceeded"),
+        ("", "Unknown"),
+        ("42-bad reason", "BadReason"),
+    ],
 )
 def test_reasons_fit_the_crd_pattern(reason, expected):
     assert c.clean_reason(reason) == expected

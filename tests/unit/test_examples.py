@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from kubetune_operator.api import check_file
+from kubetune.api import check_file
 from tests.examples import invalid_examples, valid_examples
 
 EXPECTED_KINDS = {"FineTuneJob", "AdapterDeployment"}
@@ -35,7 +35,7 @@ def test_invalid_example_is_rejected_with_its_message(example):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "kubetune_operator.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "kubetune", *args], capture_output=True, text=True)
 
 
 def test_cli_validate_exit_codes_and_output():

@@ -3,8 +3,8 @@ whose trainer config changed is replaced; Kueue keeps control of a queued job's 
 
 import copy
 
+from kubetune.api import FineTuneJob
 from kubetune_operator import jobsync as j
-from kubetune_operator.api import FineTuneJob
 from kubetune_operator.config import OperatorConfig
 from kubetune_operator.render import render_finetunejob
 

@@ -3,9 +3,9 @@
 import pytest
 from pydantic import ValidationError
 
-from kubetune_operator.api import FineTuneJob, FineTuneJobSpec
-from kubetune_operator.api.adapterdeployment import AdapterDeploymentSpec
-from kubetune_operator.api.common import parse_quantity
+from kubetune.api import FineTuneJob, FineTuneJobSpec
+from kubetune.api.adapterdeployment import AdapterDeploymentSpec
+from kubetune.api.common import parse_quantity
 
 MINIMAL = {
     "model": {"uri": "hf://Qwen/Qwen2.5-0.5B-Instruct"},
@@ -59,11 +59,22 @@ def test_python_names_are_accepted_too():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"method.type": "lora", "method.quantization": {"bits": 4}}, "method.quantization is only allowed with method.type qlora"),
-        ({"method.type": "full", "method.lora": {"r": 8}}, "method.lora is only allowed with method.type lora, qlora, dora"),
-        ({"hyperparameters.maxSteps": 10}, "set exactly one of hyperparameters.epochs and hyperparameters.maxSteps"),
         (
-            {"hyperparameters.globalBatchSize": 12, "hyperparameters.microBatchSize": 2, "resources.nodes": 2, "resources.gpusPerNode": 4},
+            {"method.type": "lora", "method.quantization": {"bits": 4}},
+            "method.quantization is only allowed with method.type qlora",
+        ),
+        (
+            {"method.type": "full", "method.lora": {"r": 8}},
+            "method.lora is only allowed with method.type lora, qlora, dora",
+        ),
+        ({"hyperparameters.maxSteps": 10}, "set at most one of hyperparameters.epochs and hyperparameters.maxSteps"),
+        (
+            {
+                "hyperparameters.globalBatchSize": 12,
+                "hyperparameters.microBatchSize": 2,
+                "resources.nodes": 2,
+                "resources.gpusPerNode": 4,
+            },
             "hyperparameters.globalBatchSize (12) must be a multiple of microBatchSize (2) x world size (8)",
         ),
         ({"objective": "dpo"}, "objective dpo needs dataset.format preference"),
@@ -82,7 +93,14 @@ def test_rules_reject_with_their_message(overrides, message):
 
 def test_cpu_training_counts_as_world_size_one_per_node():
     parsed = FineTuneJobSpec.model_validate(
-        spec(**{"resources.nodes": 3, "resources.gpusPerNode": 0, "hyperparameters.globalBatchSize": 6, "hyperparameters.microBatchSize": 2})
+        spec(
+            **{
+                "resources.nodes": 3,
+                "resources.gpusPerNode": 0,
+                "hyperparameters.globalBatchSize": 6,
+                "hyperparameters.microBatchSize": 2,
+            }
+        )
     )
     assert parsed.resources.world_size == 3
 
@@ -94,7 +112,11 @@ def test_whole_object_parses_with_status_and_metadata():
             "kind": "FineTuneJob",
             "metadata": {"name": "x", "namespace": "ml", "uid": "123", "resourceVersion": "9"},
             "spec": MINIMAL,
-            "status": {"phase": "Running", "plan": {"estimatedGpuMemoryGiB": 17.9}, "conditions": [{"type": "Admitted", "status": "True"}]},
+            "status": {
+                "phase": "Running",
+                "plan": {"estimatedGpuMemoryGiB": 17.9},
+                "conditions": [{"type": "Admitted", "status": "True"}],
+            },
         }
     )
     assert job.status.plan.estimated_gpu_memory_gib == 17.9
@@ -103,7 +125,9 @@ def test_whole_object_parses_with_status_and_metadata():
 
 def test_adapter_names_must_be_dns_labels():
     with pytest.raises(ValidationError, match="String should match pattern"):
-        AdapterDeploymentSpec.model_validate({"baseModel": {"uri": "hf://a/b"}, "adapters": [{"name": "Bad_Name", "uri": "pvc://a/b"}]})
+        AdapterDeploymentSpec.model_validate(
+            {"baseModel": {"uri": "hf://a/b"}, "adapters": [{"name": "Bad_Name", "uri": "pvc://a/b"}]}
+        )
 
 
 @pytest.mark.parametrize("text, value", [("64Gi", 64 * 2**30), ("500m", 0.5), ("8", 8), (4, 4), ("1.5G", 1.5e9)])

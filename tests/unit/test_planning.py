@@ -2,7 +2,7 @@
 
 import pytest
 
-from kubetune_operator.planning import ModelShape, estimate_gib, make_plan
+from kubetune.planning import ModelShape, estimate_gib, make_plan
 
 LLAMA_8B = ModelShape(total_params=8_030_000_000, hidden_size=4096, num_layers=32, vocab_size=128_256)
 LLAMA_70B = ModelShape(total_params=70_550_000_000, hidden_size=8192, num_layers=80, vocab_size=128_256)
@@ -10,8 +10,19 @@ LORA_8B = 42_000_000
 
 
 def plan(shape=LLAMA_8B, trainable=LORA_8B, **overrides):
-    args = dict(method="lora", precision="bf16", strategy="auto", offload=False, nodes=1, gpus_per_node=1,
-                global_batch=16, micro_batch=2, seq_len=2048, gradient_checkpointing=True, gpu_memory_gib=80.0)
+    args = dict(
+        method="lora",
+        precision="bf16",
+        strategy="auto",
+        offload=False,
+        nodes=1,
+        gpus_per_node=1,
+        global_batch=16,
+        micro_batch=2,
+        seq_len=2048,
+        gradient_checkpointing=True,
+        gpu_memory_gib=80.0,
+    )
     args.update(overrides)
     return make_plan(shape, trainable, **args)
 

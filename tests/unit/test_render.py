@@ -2,20 +2,20 @@
 accepts and that run the trainer correctly: owned by the FineTuneJob, restricted pod security, the
 env torchrun needs, GPUs and volumes as the spec asks, and a config the trainer parses unchanged."""
 
-import ast
+import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-from kubetune_operator.api import FineTuneJob, check_file
-from kubetune_operator.api.finetunejob import TrainingPlan
-from kubetune_operator.api.trainerconfig import TrainerConfig
+from kubetune import contract
+from kubetune.api import FineTuneJob, check_file
+from kubetune.api.finetunejob import TrainingPlan
+from kubetune.contract import TrainerConfig
+from kubetune.planning import Plan
 from kubetune_operator.config import ENV_VARS, OperatorConfig
-from kubetune_operator.planning import Plan
 from kubetune_operator.render import RenderError, name_problems, owner_reference, render_finetunejob
 from kubetune_operator.render import finetunejob as r
 from kubetune_operator.render.common import dns_label
@@ -86,8 +86,14 @@ def test_every_object_is_owned_by_the_finetunejob_and_in_its_namespace(example):
     for obj in objects.all():
         assert obj["metadata"]["namespace"] == job.metadata.namespace
         assert obj["metadata"]["ownerReferences"] == [
-            {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "name": job.metadata.name, "uid": UID,
-             "controller": True, "blockOwnerDeletion": True}
+            {
+                "apiVersion": "kubetune.io/v1alpha1",
+                "kind": "FineTuneJob",
+                "name": job.metadata.name,
+                "uid": UID,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
         ]
         labels = obj["metadata"]["labels"]
         assert labels["app.kubernetes.io/managed-by"] == "kubetune"
@@ -219,8 +225,13 @@ def test_placement_passes_through():
 
 
 def test_affinity_and_another_gpu_resource_pass_through():
-    affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-        {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}}}
+    affinity = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]
+            }
+        }
+    }
 
     def edit(doc):
         doc["spec"]["resources"].update(affinity=affinity, gpuResource="amd.com/gpu")
@@ -237,8 +248,11 @@ def test_input_claims_are_read_only_and_the_output_claim_writable():
     paths = mounts(objects)
     assert paths["/mnt/pvc/models"]["readOnly"] is False
     assert paths["/mnt/pvc/datasets"]["readOnly"] is True
-    claims = {v["persistentVolumeClaim"]["claimName"]: v["persistentVolumeClaim"]["readOnly"]
-              for v in volumes(objects).values() if "persistentVolumeClaim" in v}
+    claims = {
+        v["persistentVolumeClaim"]["claimName"]: v["persistentVolumeClaim"]["readOnly"]
+        for v in volumes(objects).values()
+        if "persistentVolumeClaim" in v
+    }
     assert claims == {"models": False, "datasets": True}  # one volume per claim, validation file included
 
 
@@ -396,11 +410,20 @@ def test_the_trainers_own_loader_accepts_the_rendered_config(example, tmp_path):
 
 def test_the_plan_pins_strategy_auto():
     job = load("kueue-queued.yaml")  # strategy auto, 1 x 8 GPUs
-    plan = Plan(world_size=8, strategy="fsdp", micro_batch=2, grad_accumulation=4, trainable_params=1,
-                total_params=2, estimated_gpu_memory_gib=20.0, fits=True)
+    plan = Plan(
+        world_size=8,
+        strategy="fsdp",
+        micro_batch=2,
+        grad_accumulation=4,
+        trainable_params=1,
+        total_params=2,
+        estimated_gpu_memory_gib=20.0,
+        fits=True,
+    )
     config = parsed_config(render(job, plan=plan))
     assert config.spec.distributed.strategy == "fsdp"
     assert config.spec.model_copy(update={"distributed": job.spec.distributed}) == job.spec
+
     # The status' TrainingPlan works as well; a plan never overrides an explicit strategy.
     def strategy(job, plan):
         return parsed_config(render(job, plan=plan)).spec.distributed.strategy
@@ -451,6 +474,7 @@ def test_rendered_objects_are_independent_of_each_other():
 
 def test_longest_allowed_name_fits_every_dns_label():
     name = "a" * r.MAX_JOB_NAME
+
     def most_nodes(doc):
         doc["spec"]["resources"].update(nodes=512, gpusPerNode=1)
         doc["spec"]["hyperparameters"].update(globalBatchSize=512)
@@ -525,8 +549,14 @@ def test_every_field_is_one_the_kubernetes_api_knows(example):
 
 def test_owner_reference_from_parsed_metadata_or_kopfs_mapping():
     job = load("cpu-tiny-kind.yaml")
-    expected = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "name": "tiny-support", "uid": UID,
-                "controller": True, "blockOwnerDeletion": True}
+    expected = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "name": "tiny-support",
+        "uid": UID,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
     assert owner_reference(job.metadata, "FineTuneJob") == expected
     assert owner_reference({"name": "tiny-support", "uid": UID, "namespace": "default"}, "FineTuneJob") == expected
     with pytest.raises(RenderError, match="needs name and uid"):
@@ -543,21 +573,10 @@ def test_volume_names_are_valid_dns_labels_and_distinct(name):
     assert dns_label("pvc", name + "x") != label
 
 
-def test_mount_roots_match_the_trainers_storage_defaults():
-    # Read kubetune_trainer/storage.py without importing it (it imports boto3, absent from the operator image).
-    tree = ast.parse((REPO / "trainer_image/kubetune_trainer/storage.py").read_text())
-    constants = {
-        node.targets[0].id: node.value.value
-        for node in tree.body
-        if isinstance(node, ast.Assign)
-        and isinstance(node.targets[0], ast.Name)
-        and isinstance(node.value, ast.Constant)
-    }
-    assert (constants["DEFAULT_PVC_ROOT"], constants["PVC_ROOT_ENV"]) == (r.PVC_ROOT, r.PVC_ROOT_ENV)
-    configmap_root = (constants["DEFAULT_CONFIGMAP_ROOT"], constants["CONFIGMAP_ROOT_ENV"])
-    assert configmap_root == (r.CONFIGMAP_ROOT, r.CONFIGMAP_ROOT_ENV)
+def test_training_pods_point_the_trainer_at_the_contracts_mount_roots():
     variables = env(render("cpu-tiny-kind.yaml"))
-    assert variables[r.PVC_ROOT_ENV] == r.PVC_ROOT and variables[r.CONFIGMAP_ROOT_ENV] == r.CONFIGMAP_ROOT
+    assert variables[contract.PVC_ROOT_ENV] == contract.PVC_ROOT
+    assert variables[contract.CONFIGMAP_ROOT_ENV] == contract.CONFIGMAP_ROOT
 
 
 def test_rendering_imports_neither_torch_nor_the_trainer_nor_kopf():
@@ -566,8 +585,13 @@ def test_rendering_imports_neither_torch_nor_the_trainer_nor_kopf():
         "import sys, kubetune_operator.render, kubetune_operator.config; "
         f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {heavy}))"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                            env={"PYTHONPATH": str(REPO / "operator")})
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": os.pathsep.join(str(REPO / p) for p in ("core", "operator"))},
+    )
     assert result.stdout.strip() == "[]"
 
 
@@ -585,10 +609,15 @@ def test_config_defaults():
 
 
 def test_config_from_environment_variables():
-    config = OperatorConfig.from_env({
-        "KUBETUNE_TRAINER_IMAGE": "registry.local/trainer:dev", "KUBETUNE_NAMESPACES": "ml, team-a,",
-        "KUBETUNE_MASTER_PORT": "23456", "KUBETUNE_DEFAULT_CPU": "", "KUBETUNE_PVC_ROOT": "/elsewhere",
-    })
+    config = OperatorConfig.from_env(
+        {
+            "KUBETUNE_TRAINER_IMAGE": "registry.local/trainer:dev",
+            "KUBETUNE_NAMESPACES": "ml, team-a,",
+            "KUBETUNE_MASTER_PORT": "23456",
+            "KUBETUNE_DEFAULT_CPU": "",
+            "KUBETUNE_PVC_ROOT": "/elsewhere",
+        }
+    )
     assert config.trainer_image == "registry.local/trainer:dev"
     assert config.namespaces == ("ml", "team-a") and not config.watches_all_namespaces
     assert config.master_port == 23456

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from kubetune_operator.api.adapterdeployment import AdapterDeployment
+from kubetune.api.adapterdeployment import AdapterDeployment
+from kubetune.api.adaptersfile import PATH_IN_POD, parse_adapters_file
 from kubetune_operator.config import OperatorConfig
-from kubetune_operator.api.adaptersfile import PATH_IN_POD, parse_adapters_file
 from kubetune_operator.render.adapterdeployment import VLLM_LAUNCHER, adapter_path, endpoint, render_adapterdeployment
 from kubetune_operator.render.common import RenderError
 
@@ -17,8 +17,9 @@ CONFIG = OperatorConfig()
 
 def make(**spec) -> AdapterDeployment:
     wire = {"baseModel": {"uri": "pvc://models/base"}, "resources": {"gpusPerReplica": 0}, **spec}
-    return AdapterDeployment.model_validate({"metadata": {"name": "support", "namespace": "ml", "uid": "u-1"},
-                                             "spec": wire})
+    return AdapterDeployment.model_validate(
+        {"metadata": {"name": "support", "namespace": "ml", "uid": "u-1"}, "spec": wire}
+    )
 
 
 def container(objects) -> dict:
@@ -26,8 +27,9 @@ def container(objects) -> dict:
 
 
 def test_builtin_deployment_and_service():
-    objects = render_adapterdeployment(make(replicas=2, adapters=[{"name": "legal", "uri": "pvc://adapters/legal"}]),
-                                       CONFIG)
+    objects = render_adapterdeployment(
+        make(replicas=2, adapters=[{"name": "legal", "uri": "pvc://adapters/legal"}]), CONFIG
+    )
     dep, svc = objects.deployment, objects.service
     assert dep["metadata"]["name"] == svc["metadata"]["name"] == "support"
     for obj in (dep, svc):
@@ -47,8 +49,11 @@ def test_builtin_deployment_and_service():
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     assert mounts["/mnt/pvc/models"]["readOnly"] and mounts["/mnt/pvc/adapters"]["readOnly"]
     assert "/scratch" in mounts
-    assert mounts["/etc/kubetune/adapters"] == {"name": "adapters", "mountPath": "/etc/kubetune/adapters",
-                                                 "readOnly": True}  # the folder: a subPath would never update
+    assert mounts["/etc/kubetune/adapters"] == {
+        "name": "adapters",
+        "mountPath": "/etc/kubetune/adapters",
+        "readOnly": True,
+    }  # the folder: a subPath would never update
     [volume] = [v for v in pod["volumes"] if v["name"] == "adapters"]
     assert volume["configMap"] == {"name": "support-adapters", "optional": True}
     assert svc["spec"]["ports"][0]["port"] == 8000 and svc["spec"]["type"] == "ClusterIP"
@@ -58,8 +63,9 @@ def test_builtin_deployment_and_service():
 
 def test_adapter_set_does_not_change_the_pod_template():
     a = render_adapterdeployment(make(adapters=[{"name": "a", "uri": "pvc://models/a"}]), CONFIG).deployment
-    b = render_adapterdeployment(make(adapters=[{"name": "b", "uri": "pvc://models/b"},
-                                                {"name": "c", "fromJob": "job"}]), CONFIG).deployment
+    b = render_adapterdeployment(
+        make(adapters=[{"name": "b", "uri": "pvc://models/b"}, {"name": "c", "fromJob": "job"}]), CONFIG
+    ).deployment
     assert a["spec"]["template"] == b["spec"]["template"]
     assert a["metadata"]["annotations"] == b["metadata"]["annotations"]
 
@@ -80,8 +86,9 @@ def test_vllm_command_env_and_gpus():
 
 def test_vllm_cannot_read_s3_and_uid_is_required():
     with pytest.raises(RenderError, match="s3"):
-        render_adapterdeployment(make(runtime="vllm", baseModel={"uri": "s3://b/m"}, resources={"gpusPerReplica": 1}),
-                                 CONFIG)
+        render_adapterdeployment(
+            make(runtime="vllm", baseModel={"uri": "s3://b/m"}, resources={"gpusPerReplica": 1}), CONFIG
+        )
     ad = make()
     ad.metadata.uid = None
     with pytest.raises(RenderError, match="uid"):
@@ -89,38 +96,59 @@ def test_vllm_cannot_read_s3_and_uid_is_required():
 
 
 def test_resolved_job_claims_are_mounted():
-    objects = render_adapterdeployment(make(adapters=[{"name": "tuned", "fromJob": "job-1"}]), CONFIG,
-                                       {"tuned": "pvc://outputs/job-1"})
+    objects = render_adapterdeployment(
+        make(adapters=[{"name": "tuned", "fromJob": "job-1"}]), CONFIG, {"tuned": "pvc://outputs/job-1"}
+    )
     paths = [m["mountPath"] for m in container(objects)["volumeMounts"]]
     assert "/mnt/pvc/outputs" in paths
 
 
 def test_the_adapters_configmap_lists_what_each_runtime_loads():
-    spec = {"adapters": [{"name": "legal", "uri": "pvc://adapters/legal"}, {"name": "tuned", "fromJob": "job"},
-                         {"name": "waiting", "fromJob": "other"}, {"name": "remote", "uri": "s3://bucket/remote"}]}
+    spec = {
+        "adapters": [
+            {"name": "legal", "uri": "pvc://adapters/legal"},
+            {"name": "tuned", "fromJob": "job"},
+            {"name": "waiting", "fromJob": "other"},
+            {"name": "remote", "uri": "s3://bucket/remote"},
+        ]
+    }
     resolved = {"tuned": "pvc://outputs/job/adapter"}
     builtin = render_adapterdeployment(make(**spec), CONFIG, resolved).adapters
     assert builtin["metadata"]["name"] == "support-adapters"
     assert builtin["metadata"]["ownerReferences"][0]["uid"] == "u-1"
     assert parse_adapters_file(builtin["data"]["adapters.json"]) == {
-        "legal": "pvc://adapters/legal", "tuned": "pvc://outputs/job/adapter", "remote": "s3://bucket/remote"}
+        "legal": "pvc://adapters/legal",
+        "tuned": "pvc://outputs/job/adapter",
+        "remote": "s3://bucket/remote",
+    }
     vllm = render_adapterdeployment(make(runtime="vllm", resources={"gpusPerReplica": 1}, **spec), CONFIG, resolved)
     assert parse_adapters_file(vllm.adapters["data"]["adapters.json"]) == {  # s3:// is refused by the load instead
-        "legal": "/mnt/pvc/adapters/legal", "tuned": "/mnt/pvc/outputs/job/adapter"}
+        "legal": "/mnt/pvc/adapters/legal",
+        "tuned": "/mnt/pvc/outputs/job/adapter",
+    }
     assert [o["kind"] for o in vllm.all()] == ["ConfigMap", "Service", "Deployment"]
 
 
-@pytest.mark.parametrize("content, expected", [
-    ({"adapters": [{"name": "a", "path": "/mnt/pvc/x/a"}, {"name": "b", "path": "org/b"}]},
-     ["serve", "m", "--lora-modules", "a=/mnt/pvc/x/a", "b=org/b"]),
-    ({"adapters": []}, ["serve", "m"]),
-    (None, ["serve", "m"]),  # the ConfigMap is optional: no file, no adapters
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (
+            {"adapters": [{"name": "a", "path": "/mnt/pvc/x/a"}, {"name": "b", "path": "org/b"}]},
+            ["serve", "m", "--lora-modules", "a=/mnt/pvc/x/a", "b=org/b"],
+        ),
+        ({"adapters": []}, ["serve", "m"]),
+        (None, ["serve", "m"]),  # the ConfigMap is optional: no file, no adapters
+    ],
+)
 def test_the_vllm_launcher_turns_the_file_into_lora_modules(tmp_path, content, expected):
     path = tmp_path / "adapters.json"
     if content is not None:
         path.write_text(json.dumps(content))
     printer = [sys.executable, "-c", "import sys, json; print(json.dumps(sys.argv[1:]))"]
-    result = subprocess.run([sys.executable, "-c", VLLM_LAUNCHER, str(path), *printer, "serve", "m"],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", VLLM_LAUNCHER, str(path), *printer, "serve", "m"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert json.loads(result.stdout) == expected

@@ -6,9 +6,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from kubetune.api import FineTuneJob
 from kubetune_operator import conditions as c
 from kubetune_operator import status as s
-from kubetune_operator.api import FineTuneJob
 from kubetune_operator.render.finetunejob import pod_failure_policy
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -198,12 +198,16 @@ def test_a_malformed_termination_message_still_succeeds_with_the_known_adapter_p
     assert st["metrics"]["trainLoss"] == 1.5  # the last scraped value stays
 
 
-def test_parse_result_drops_wrongly_typed_fields():
-    result = s.parse_result(json.dumps({"adapter": {"uri": 5, "sizeBytes": True, "sha256": "x"},
-                                        "metrics": {"trainLoss": float("nan"), "evalLoss": 2}, "steps": "7"}))
-    assert result.adapter == {"sha256": "x"} and result.metrics == {"evalLoss": 2.0} and result.steps is None
-    assert not result.error
+def test_parse_result_refuses_a_result_that_does_not_match_the_contract():
+    result = s.parse_result(json.dumps({"phase": "Succeeded", "adapter": {"uri": 5, "sizeBytes": True}, "steps": "7"}))
+    assert result.result is None and result.adapter == {} and result.steps is None
+    assert "adapter.uri" in result.error
     assert "not JSON" in s.parse_result("{truncated").error
+
+
+def test_parse_result_drops_readings_that_are_no_numbers():
+    result = s.parse_result(json.dumps({"phase": "Succeeded", "metrics": {"trainLoss": float("nan"), "evalLoss": 2}}))
+    assert result.metrics == {"evalLoss": 2.0} and not result.error
 
 
 def test_a_finished_status_is_final():

@@ -2,9 +2,9 @@
 
 import pytest
 
-from kubetune_operator.api import FineTuneJobSpec, validate
-from kubetune_operator.api.adapterdeployment import AdapterDeployment
-from kubetune_operator.api.validation import check_target_modules, check_uri, validate_finetunejob
+from kubetune.api import FineTuneJobSpec, validate
+from kubetune.api.adapterdeployment import AdapterDeployment
+from kubetune.api.validation import check_target_modules, check_uri, validate_finetunejob
 from tests.unit.test_models import spec
 
 
@@ -33,7 +33,9 @@ def test_uri_problems(uri, schemes, local, message):
     assert message in str(problem) and str(problem).startswith("spec.x: ")
 
 
-@pytest.mark.parametrize("uri", ["hf://Qwen/Qwen2.5-0.5B", "pvc://models/llama/8b", "s3://my-bucket/a/b", "https://x.io/d.jsonl"])
+@pytest.mark.parametrize(
+    "uri", ["hf://Qwen/Qwen2.5-0.5B", "pvc://models/llama/8b", "s3://my-bucket/a/b", "https://x.io/d.jsonl"]
+)
 def test_good_uris(uri):
     assert check_uri("spec.x", uri, ("hf", "pvc", "s3", "https"), local=False) == []
 
@@ -54,7 +56,9 @@ def test_learning_rate_out_of_range():
 
 def test_fp16_needs_a_gpu():
     found = problems(**{"resources.gpusPerNode": 0, "hyperparameters.precision": "fp16"})
-    assert found == ["spec.hyperparameters.precision: fp16 needs a GPU; use bf16 or fp32 when resources.gpusPerNode is 0"]
+    assert found == [
+        "spec.hyperparameters.precision: fp16 needs a GPU; use bf16 or fp32 when resources.gpusPerNode is 0"
+    ]
 
 
 def test_adapter_uris_are_checked():
@@ -72,8 +76,14 @@ def test_adapter_uris_are_checked():
     ],
 )
 def test_method_and_strategy_pairs_the_trainer_cannot_run(method, strategy, message):
-    found = problems(**{"method.type": method, "distributed.strategy": strategy, "resources.gpusPerNode": 2,
-                        "hyperparameters.globalBatchSize": 4})
+    found = problems(
+        **{
+            "method.type": method,
+            "distributed.strategy": strategy,
+            "resources.gpusPerNode": 2,
+            "hyperparameters.globalBatchSize": 4,
+        }
+    )
     assert any(p.startswith("spec.distributed.strategy: " + message) for p in found), found
 
 

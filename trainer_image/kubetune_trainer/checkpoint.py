@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-CHECKPOINTS = "checkpoints"
+from kubetune.contract import CHECKPOINTS_DIR as CHECKPOINTS
 
 
 @dataclass

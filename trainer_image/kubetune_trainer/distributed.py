@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from kubetune.contract import ENV_NODE_RANK
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -27,7 +29,7 @@ class DistEnv:
         rank = int(os.environ.get("RANK", 0))
         world_size = int(os.environ.get("WORLD_SIZE", 1))
         local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE") or world_size)
-        node = os.environ.get("GROUP_RANK") or os.environ.get("NODE_RANK")
+        node = os.environ.get("GROUP_RANK") or os.environ.get(ENV_NODE_RANK)
         return cls(
             rank=rank,
             world_size=world_size,
@@ -89,6 +91,8 @@ class DistEnv:
         """Sum a number over all ranks (identity when alone)."""
         if not dist.is_initialized():
             return value
-        tensor = torch.tensor([value], dtype=torch.float64, device=self.device() if torch.cuda.is_available() else "cpu")
+        tensor = torch.tensor(
+            [value], dtype=torch.float64, device=self.device() if torch.cuda.is_available() else "cpu"
+        )
         dist.all_reduce(tensor)
         return tensor.item()

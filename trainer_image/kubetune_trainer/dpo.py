@@ -65,7 +65,9 @@ def _adapter_disabled(model):
         yield model
 
 
-def dpo_loss_sum(model, batch: dict, beta: float, loss_type: str, reference_model=None) -> tuple[torch.Tensor, int, dict]:
+def dpo_loss_sum(
+    model, batch: dict, beta: float, loss_type: str, reference_model=None
+) -> tuple[torch.Tensor, int, dict]:
     """Sum of pair losses in this micro-batch, the number of pairs, and reward statistics."""
     with torch.no_grad(), reference_context(model, reference_model) as reference:
         reference_logps = both_sides(reference, batch)

@@ -8,15 +8,24 @@ import sys
 from pathlib import Path
 
 import yaml
-from kubetune_operator.api import FineTuneJob, validate
-from kubetune_operator.api.manifest import load_one
-from kubetune_operator.api.trainerconfig import EXIT_INVALID_INPUT, EXIT_PREEMPTED, RuntimeSettings, TrainerConfig
+
+from kubetune.api import FineTuneJob, validate
+from kubetune.api.manifest import load_one
+from kubetune.contract import (
+    DEFAULT_MASTER_PORT,
+    ENV_MASTER_ADDR,
+    ENV_MASTER_PORT,
+    ENV_NNODES,
+    ENV_NODE_RANK,
+    ENV_NPROC_PER_NODE,
+    EXIT_INVALID_INPUT,
+    EXIT_PREEMPTED,
+    RuntimeSettings,
+    TrainerConfig,
+)
+from kubetune.storage import local_cache
 
 LAUNCHED = "KUBETUNE_LAUNCHED"  # set by the torchrun re-launch so it does not recurse
-
-
-def local_cache() -> Path:
-    return Path(os.environ.get("KUBETUNE_CACHE", Path.home() / ".cache" / "kubetune"))
 
 
 def load_config(path: Path, metrics_port: int = 0) -> TrainerConfig:
@@ -28,7 +37,10 @@ def load_config(path: Path, metrics_port: int = 0) -> TrainerConfig:
         name = job.metadata.name or "local"
         run_dir = local_cache() / "runs" / name
         runtime = RuntimeSettings(
-            job_name=name, local=True, metrics_port=metrics_port, cache_dir=str(run_dir),
+            job_name=name,
+            local=True,
+            metrics_port=metrics_port,
+            cache_dir=str(run_dir),
             termination_message_path=str(run_dir / "termination-log"),
         )
         return TrainerConfig(spec=job.spec, runtime=runtime)
@@ -42,21 +54,31 @@ def load_config(path: Path, metrics_port: int = 0) -> TrainerConfig:
 def torchrun_arguments(nproc_flag: int | None) -> list[str] | None:
     """torchrun's arguments when this pod (or machine) runs several processes, else None.
     In a pod the operator sets NNODES, NODE_RANK, NPROC_PER_NODE, MASTER_ADDR and MASTER_PORT."""
-    nnodes = int(os.environ.get("NNODES", 1))
-    nproc = nproc_flag or int(os.environ.get("NPROC_PER_NODE", 1))
+    nnodes = int(os.environ.get(ENV_NNODES, 1))
+    nproc = nproc_flag or int(os.environ.get(ENV_NPROC_PER_NODE, 1))
     if nnodes == 1 and nproc == 1:
         return None
     if nnodes == 1:
         return ["--standalone", "--nproc-per-node", str(nproc)]
-    return ["--nnodes", str(nnodes), "--node-rank", os.environ["NODE_RANK"], "--nproc-per-node", str(nproc),
-            "--master-addr", os.environ["MASTER_ADDR"], "--master-port", os.environ.get("MASTER_PORT", "29500")]
+    return [
+        "--nnodes",
+        str(nnodes),
+        "--node-rank",
+        os.environ[ENV_NODE_RANK],
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        os.environ[ENV_MASTER_ADDR],
+        "--master-port",
+        os.environ.get(ENV_MASTER_PORT, str(DEFAULT_MASTER_PORT)),
+    ]
 
 
 def relaunch_with_torchrun(argv: list[str], torchrun_args: list[str]) -> int:
     """One launcher path: several processes are torchrun's job, here and in a pod. A SIGTERM (a
     preemption) goes straight to the workers (`stop_workers`); they checkpoint and exit 143, but
     torchrun itself reports 1, so a stop we forwarded is reported as 143 again."""
-    command = [sys.executable, "-m", "torch.distributed.run", *torchrun_args, "-m", "kubetune_operator.cli", *argv]
+    command = [sys.executable, "-m", "torch.distributed.run", *torchrun_args, "-m", "kubetune", *argv]
     child = subprocess.Popen(command, env={**os.environ, LAUNCHED: "1"})
     stopped = []
 
@@ -101,24 +123,3 @@ def train_main(path: Path, nproc: int | None, metrics_port: int, argv: list[str]
         print(f"kubetune train: {error}", file=sys.stderr)
         return EXIT_INVALID_INPUT
     return run_training(config)
-
-
-def quiet_libraries() -> None:
-    """Keep the trainer's own JSON log lines readable: libraries' progress bars and notices that
-    do not apply here (bitsandbytes' optional CPU kernels, DeepSpeed's accelerator probe) go."""
-    import logging
-    import warnings
-
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda_device() else "cpu")
-    for name in ("bitsandbytes", "DeepSpeed", "accelerate"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-
-def _has_cuda_device() -> bool:
-    return os.path.exists("/dev/nvidiactl") or bool(os.environ.get("CUDA_VISIBLE_DEVICES"))

@@ -3,7 +3,8 @@
 from pathlib import Path
 
 import torch
-from kubetune_operator.api.finetunejob import (
+
+from kubetune.api.finetunejob import (
     AdaLoraSettings,
     FineTuneJobSpec,
     IA3Settings,
@@ -126,8 +127,9 @@ def apply_method(model, spec: FineTuneJobSpec, total_steps: int, tokenizer_dir: 
     # require grad to reach frozen layers.
     non_reentrant = {"use_reentrant": False}
     if spec.method.type == "qlora":
-        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
-                                                     gradient_checkpointing_kwargs=non_reentrant)
+        model = peft.prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=non_reentrant
+        )
     elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
         if spec.method.is_adapter:

@@ -7,10 +7,12 @@ parameters counted, so the plan is exact about parameters without downloading we
 from pathlib import Path
 
 import torch
-from kubetune_operator.api.trainerconfig import TrainerConfig
-from kubetune_operator.planning import ModelShape, Plan, make_plan
 
-from . import methods, storage
+from kubetune import storage
+from kubetune.contract import TrainerConfig
+from kubetune.planning import ModelShape, Plan, plan_for_spec
+
+from . import methods
 
 
 def count_on_meta(model_dir: Path, config: TrainerConfig) -> tuple[object, int, int]:
@@ -36,13 +38,12 @@ def count_on_meta(model_dir: Path, config: TrainerConfig) -> tuple[object, int, 
 
 def plan_for_config(config: TrainerConfig, gpu_memory_gib: float | None = 80.0) -> Plan:
     spec = config.spec
-    model_dir = storage.resolve_input(spec.model.uri, cache_dir=Path(config.runtime.cache_dir), revision=spec.model.revision, local=config.runtime.local)
-    model_config, trainable, total = count_on_meta(model_dir, config)
-    h, r = spec.hyperparameters, spec.resources
-    shape = ModelShape(total, model_config.hidden_size, model_config.num_hidden_layers, model_config.vocab_size)
-    return make_plan(
-        shape, trainable, method=spec.method.type, precision=h.precision, strategy=spec.distributed.strategy,
-        offload=spec.distributed.offload == "cpu", nodes=r.nodes, gpus_per_node=r.gpus_per_node,
-        global_batch=h.global_batch_size, micro_batch=h.micro_batch_size, seq_len=spec.dataset.max_seq_length,
-        gradient_checkpointing=h.gradient_checkpointing, gpu_memory_gib=gpu_memory_gib if r.gpus_per_node else None,
+    model_dir = storage.resolve_input(
+        spec.model.uri,
+        cache_dir=Path(config.runtime.cache_dir),
+        revision=spec.model.revision,
+        local=config.runtime.local,
     )
+    model_config, trainable, total = count_on_meta(model_dir, config)
+    shape = ModelShape(total, model_config.hidden_size, model_config.num_hidden_layers, model_config.vocab_size)
+    return plan_for_spec(spec, shape, trainable, gpu_memory_gib)

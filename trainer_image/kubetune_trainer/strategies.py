@@ -82,15 +82,13 @@ class Strategy(ABC):
         self.optimizer = None  # the torch optimizer (the scheduler adjusts its learning rate)
 
     @abstractmethod
-    def prepare(self, model, make_optimizer):
-        ...
+    def prepare(self, model, make_optimizer): ...
 
     def no_sync(self, skip: bool):
         return contextlib.nullcontext()
 
     @abstractmethod
-    def backward(self, loss: torch.Tensor) -> None:
-        ...
+    def backward(self, loss: torch.Tensor) -> None: ...
 
     @abstractmethod
     def clip(self, max_norm: float) -> None:
@@ -98,8 +96,7 @@ class Strategy(ABC):
         ...
 
     @abstractmethod
-    def step(self) -> None:
-        ...
+    def step(self) -> None: ...
 
     @property
     @abstractmethod
@@ -108,20 +105,16 @@ class Strategy(ABC):
         ...
 
     @abstractmethod
-    def zero_grad(self) -> None:
-        ...
+    def zero_grad(self) -> None: ...
 
     @abstractmethod
-    def save_state(self, folder: Path) -> None:
-        ...
+    def save_state(self, folder: Path) -> None: ...
 
     @abstractmethod
-    def load_state(self, folder: Path) -> None:
-        ...
+    def load_state(self, folder: Path) -> None: ...
 
     @abstractmethod
-    def save_pretrained(self, folder: Path | None) -> None:
-        ...
+    def save_pretrained(self, folder: Path | None) -> None: ...
 
     @property
     def gathers_to_merge(self) -> bool:
@@ -324,8 +317,12 @@ class DeepSpeed(Strategy):
     def config(self, model_config) -> dict:
         h, offload = self.spec.hyperparameters, self.spec.distributed.offload == "cpu"
         hidden = getattr(model_config, "hidden_size", 4096)
-        zero = {"stage": self.stage, "overlap_comm": self.device.type == "cuda", "contiguous_gradients": True,
-                "reduce_bucket_size": hidden * hidden}
+        zero = {
+            "stage": self.stage,
+            "overlap_comm": self.device.type == "cuda",
+            "contiguous_gradients": True,
+            "reduce_bucket_size": hidden * hidden,
+        }
         if self.stage == 3:
             # Hugging Face's "auto" values: small tensors (norms, biases) stay whole on every rank
             zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden * hidden)
@@ -378,7 +375,10 @@ class DeepSpeed(Strategy):
 
     def load_state(self, folder):
         path, _ = self.engine.load_checkpoint(
-            str(folder / "deepspeed"), tag="state", load_module_strict=False, load_optimizer_states=True,
+            str(folder / "deepspeed"),
+            tag="state",
+            load_module_strict=False,
+            load_optimizer_states=True,
             load_lr_scheduler_states=False,
         )
         if path is None:
@@ -460,4 +460,3 @@ def check_resumable(strategy: Strategy, written: dict, name: str) -> None:
             f"checkpoint {name} holds {size} DeepSpeed optimizer partitions; resume it with {size} processes, not "
             f"{strategy.env.world_size}"
         )
-

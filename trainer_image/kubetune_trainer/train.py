@@ -19,15 +19,24 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from kubetune_operator.api.finetunejob import DpoSettings
-from kubetune_operator.api.trainerconfig import EXIT_INVALID_INPUT, EXIT_PREEMPTED, TrainerConfig
-from kubetune_operator.planning import ModelShape, Plan, make_plan
 
-from . import checkpoint, data, dpo, methods, storage, strategies
+from kubetune import storage
+from kubetune.api.finetunejob import DpoSettings
+from kubetune.contract import (
+    ADAPTER_DIR,
+    EXIT_INVALID_INPUT,
+    EXIT_PREEMPTED,
+    MERGED_DIR,
+    REPORT_FILE,
+    TrainerConfig,
+    TrainerResult,
+)
+from kubetune.logs import log
+from kubetune.planning import ModelShape, Plan, plan_for_spec
+
+from . import checkpoint, data, dpo, methods, strategies
 from .distributed import DistEnv
 from .metrics import TrainingMetrics
-from .report import log, write_termination_message
-
 
 
 class Preempted(Exception):
@@ -70,19 +79,28 @@ def setup(config: TrainerConfig, env: DistEnv) -> Run:
     device = env.device()
     torch.manual_seed(spec.hyperparameters.seed)
 
-    model_dir = _on_main_first(env, lambda: storage.resolve_input(spec.model.uri, cache_dir=cache, revision=spec.model.revision, local=runtime.local))
-    data_path = _on_main_first(env, lambda: storage.resolve_input(spec.dataset.uri, cache_dir=cache, local=runtime.local))
+    model_dir = _on_main_first(
+        env,
+        lambda: storage.resolve_input(
+            spec.model.uri, cache_dir=cache, revision=spec.model.revision, local=runtime.local
+        ),
+    )
+    data_path = _on_main_first(
+        env, lambda: storage.resolve_input(spec.dataset.uri, cache_dir=cache, local=runtime.local)
+    )
     validation = spec.dataset.validation
     validation_path = None
     if validation and validation.uri:
-        validation_path = _on_main_first(env, lambda: storage.resolve_input(validation.uri, cache_dir=cache, local=runtime.local))
+        validation_path = _on_main_first(
+            env, lambda: storage.resolve_input(validation.uri, cache_dir=cache, local=runtime.local)
+        )
 
     tokenizer = methods.load_tokenizer(model_dir)
     train_set, eval_set, data_report = data.build_datasets(
         spec.dataset, data_path, tokenizer, seed=spec.hyperparameters.seed, validation_path=validation_path
     )
     steps_per_epoch = max(1, len(train_set) // spec.hyperparameters.global_batch_size)
-    total_steps = spec.hyperparameters.max_steps or steps_per_epoch * spec.hyperparameters.epochs
+    total_steps = spec.hyperparameters.max_steps or steps_per_epoch * spec.hyperparameters.epoch_count
 
     base = methods.load_base_model(model_dir, spec, on_gpu=device.type == "cuda")
     model = methods.apply_method(base, spec, total_steps, model_dir)
@@ -93,9 +111,29 @@ def setup(config: TrainerConfig, env: DistEnv) -> Run:
     model, optimizer = strategy.prepare(model, lambda parameters: _optimizer(parameters, spec.hyperparameters))
     scheduler = _scheduler(optimizer, spec.hyperparameters, total_steps)
     output = storage.open_output(spec.output.uri, cache_dir=cache, local=runtime.local)
-    state = checkpoint.TrainerState(step=0, fingerprint=data_report.fingerprint, global_batch_size=spec.hyperparameters.global_batch_size)
-    return Run(config, env, device, model_dir, strategy, model, tokenizer, optimizer, scheduler, train_set, eval_set,
-               data_report, plan, output, TrainingMetrics(), total_steps, steps_per_epoch, state)
+    state = checkpoint.TrainerState(
+        step=0, fingerprint=data_report.fingerprint, global_batch_size=spec.hyperparameters.global_batch_size
+    )
+    return Run(
+        config,
+        env,
+        device,
+        model_dir,
+        strategy,
+        model,
+        tokenizer,
+        optimizer,
+        scheduler,
+        train_set,
+        eval_set,
+        data_report,
+        plan,
+        output,
+        TrainingMetrics(),
+        total_steps,
+        steps_per_epoch,
+        state,
+    )
 
 
 def _on_main_first(env: DistEnv, fetch):
@@ -110,21 +148,25 @@ def _on_main_first(env: DistEnv, fetch):
 
 def _plan(config: TrainerConfig, env: DistEnv, model_config, trainable: int, total: int) -> Plan:
     spec = config.spec
-    h, r = spec.hyperparameters, spec.resources
+    h = spec.hyperparameters
     shape = ModelShape(total, model_config.hidden_size, model_config.num_hidden_layers, model_config.vocab_size)
     gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
-    nodes, gpus = (r.nodes, r.gpus_per_node) if not config.runtime.local else (1, env.world_size if torch.cuda.is_available() else 0)
-    plan = make_plan(
-        shape, trainable, method=spec.method.type, precision=h.precision, strategy=spec.distributed.strategy,
-        offload=spec.distributed.offload == "cpu", nodes=nodes, gpus_per_node=gpus, global_batch=h.global_batch_size,
-        micro_batch=h.micro_batch_size, seq_len=spec.dataset.max_seq_length, gradient_checkpointing=h.gradient_checkpointing,
-        gpu_memory_gib=gpu_gib,
-    )
+    layout = (1, env.world_size if torch.cuda.is_available() else 0) if config.runtime.local else None
+    plan = plan_for_spec(spec, shape, trainable, gpu_gib, layout=layout)
     # The data order is fixed by the global batch; this process count decides the accumulation.
     accumulation = h.global_batch_size // (h.micro_batch_size * env.world_size)
     strategy = strategies.resolve(spec.distributed.strategy, plan.strategy, spec.method.type, env.world_size)
-    return Plan(env.world_size, strategy, plan.micro_batch, accumulation,
-                trainable, total, plan.estimated_gpu_memory_gib, plan.fits, plan.advice)
+    return Plan(
+        env.world_size,
+        strategy,
+        plan.micro_batch,
+        accumulation,
+        trainable,
+        total,
+        plan.estimated_gpu_memory_gib,
+        plan.fits,
+        plan.advice,
+    )
 
 
 def _optimizer(parameters, h) -> torch.optim.Optimizer:
@@ -135,7 +177,9 @@ def _scheduler(optimizer, h, total_steps: int):
     from transformers import get_scheduler
 
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[h.scheduler]
-    return get_scheduler(name, optimizer, num_warmup_steps=int(h.warmup_ratio * total_steps), num_training_steps=total_steps)
+    return get_scheduler(
+        name, optimizer, num_warmup_steps=int(h.warmup_ratio * total_steps), num_training_steps=total_steps
+    )
 
 
 # --- resume, data order ------------------------------------------------------------------------
@@ -265,8 +309,11 @@ def train_step(run: Run, step: int) -> dict:
     run.scheduler.step()
     _adalora_update(run, step)  # reads this step's gradients, so before they are cleared
     run.strategy.zero_grad()
-    return {"loss": run.env.sum(total) / global_units, "tokens": run.env.sum(sum(input_tokens(b) for b in batches)),
-            "grad_norm": run.strategy.grad_norm}
+    return {
+        "loss": run.env.sum(total) / global_units,
+        "tokens": run.env.sum(sum(input_tokens(b) for b in batches)),
+        "grad_norm": run.strategy.grad_norm,
+    }
 
 
 def evaluate(run: Run) -> float | None:
@@ -305,8 +352,12 @@ def fit(run: Run) -> None:
         step = run.state.step
         tokens_seen += result["tokens"]
         elapsed = time.monotonic() - started
-        entry = {"step": step, "loss": round(result["loss"], 5), "grad_norm": _rounded(result["grad_norm"]),
-                 "lr": run.scheduler.get_last_lr()[0]}
+        entry = {
+            "step": step,
+            "loss": round(result["loss"], 5),
+            "grad_norm": _rounded(result["grad_norm"]),
+            "lr": run.scheduler.get_last_lr()[0],
+        }
         if every_eval and step % every_eval == 0 and step < run.total_steps:
             entry["eval_loss"] = evaluate(run)
         run.state.history.append(entry)
@@ -343,10 +394,16 @@ def _publish_metrics(run: Run, entry: dict, tokens_per_second: float, steps_per_
     remaining = run.total_steps - entry["step"]
     memory = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
     run.metrics.set(
-        step=entry["step"], total_steps=run.total_steps, epoch=entry["step"] / run.steps_per_epoch, loss=entry["loss"],
-        eval_loss=entry.get("eval_loss"), learning_rate=entry["lr"], tokens_per_second=tokens_per_second,
+        step=entry["step"],
+        total_steps=run.total_steps,
+        epoch=entry["step"] / run.steps_per_epoch,
+        loss=entry["loss"],
+        eval_loss=entry.get("eval_loss"),
+        learning_rate=entry["lr"],
+        tokens_per_second=tokens_per_second,
         samples_per_second=steps_per_second * run.config.spec.hyperparameters.global_batch_size,
-        eta_seconds=remaining / steps_per_second if steps_per_second else None, gpu_memory_bytes=memory,
+        eta_seconds=remaining / steps_per_second if steps_per_second else None,
+        gpu_memory_bytes=memory,
     )
 
 
@@ -421,12 +478,12 @@ def save_outputs(run: Run) -> dict | None:
     run.tokenizer.save_pretrained(staging)
     weights = next(iter(sorted(staging.glob("*.safetensors"))))
     artifact = {"uri": None, "sizeBytes": weights.stat().st_size, "sha256": storage.sha256_of(weights)}
-    artifact["uri"] = run.output.publish_dir(staging, "adapter")
+    artifact["uri"] = run.output.publish_dir(staging, ADAPTER_DIR)
     if spec.output.merge_weights and spec.method.is_adapter:
         merged_dir = Path(tempfile.mkdtemp(prefix="merged-", dir=run.config.runtime.cache_dir))
         _merged_model(run, staging).save_pretrained(merged_dir, safe_serialization=True)
         run.tokenizer.save_pretrained(merged_dir)
-        artifact["mergedUri"] = run.output.publish_dir(merged_dir, "merged")
+        artifact["mergedUri"] = run.output.publish_dir(merged_dir, MERGED_DIR)
         shutil.rmtree(merged_dir, ignore_errors=True)
     shutil.rmtree(staging, ignore_errors=True)
     return artifact
@@ -446,19 +503,29 @@ def _merged_model(run: Run, adapter_dir: Path):
     return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
 
-def build_result(run: Run, artifact: dict) -> dict:
+def build_result(run: Run, artifact: dict) -> TrainerResult:
     last = run.state.history[-1] if run.state.history else {}
-    return {
-        "phase": "Succeeded",
-        "adapter": artifact,
-        "metrics": {"trainLoss": last.get("loss"), "evalLoss": last.get("eval_loss"), "tokensPerSecond": run.timings.get("tokens_per_second")},
-        "steps": run.state.step,
-        "trainableParams": run.plan.trainable_params,
-        "totalParams": run.plan.total_params,
-        "plan": {"worldSize": run.plan.world_size, "strategy": run.plan.strategy, "microBatch": run.plan.micro_batch,
-                 "gradAccumulation": run.plan.grad_accumulation},
-        "data": {"fingerprint": run.data_report.fingerprint, "badRows": run.data_report.bad_rows},
-    }
+    return TrainerResult.model_validate(
+        {
+            "phase": "Succeeded",
+            "adapter": artifact,
+            "metrics": {
+                "trainLoss": last.get("loss"),
+                "evalLoss": last.get("eval_loss"),
+                "tokensPerSecond": run.timings.get("tokens_per_second"),
+            },
+            "steps": run.state.step,
+            "trainableParams": run.plan.trainable_params,
+            "totalParams": run.plan.total_params,
+            "plan": {
+                "worldSize": run.plan.world_size,
+                "strategy": run.plan.strategy,
+                "microBatch": run.plan.micro_batch,
+                "gradAccumulation": run.plan.grad_accumulation,
+            },
+            "data": {"fingerprint": run.data_report.fingerprint, "badRows": run.data_report.bad_rows},
+        }
+    )
 
 
 # --- entry point -------------------------------------------------------------------------------
@@ -478,7 +545,11 @@ def run_training(config: TrainerConfig) -> int:
             return _fail(config, env, "InputUnavailable", str(error), 1)
         _handle_sigterm(run)
         if env.is_main:
-            run.metrics.set(trainable_parameters=run.plan.trainable_params, total_parameters=run.plan.total_params, total_steps=run.total_steps)
+            run.metrics.set(
+                trainable_parameters=run.plan.trainable_params,
+                total_parameters=run.plan.total_params,
+                total_steps=run.total_steps,
+            )
             run.metrics.serve(config.runtime.metrics_port)
             log("plan", summary=run.plan.summary(), total_steps=run.total_steps, data=vars(run.data_report))
         resume_if_possible(run)
@@ -489,8 +560,8 @@ def run_training(config: TrainerConfig) -> int:
             return 0
         result = build_result(run, artifact)
         _write_report(run, result)
-        write_termination_message(config.runtime.termination_message_path, result)
-        log("done", **result)
+        result.write(config.runtime.termination_message_path)
+        log("done", **result.to_wire())
         return 0
     except Preempted:
         log("preempted", step=run.state.step)
@@ -505,16 +576,22 @@ def _fail(config: TrainerConfig, env: DistEnv, reason: str, message: str, code: 
     """Say why in the log and in the termination message the operator turns into a condition."""
     if env.is_main:
         log("failed", reason=reason, message=message)
-        write_termination_message(config.runtime.termination_message_path, {"phase": "Failed", "reason": reason, "message": message})
+        TrainerResult.failed(reason, message).write(config.runtime.termination_message_path)
     return code
 
 
-def _write_report(run: Run, result: dict) -> None:
-    report = {**result, "config": run.config.to_wire(), "data": vars(run.data_report), "history": run.state.history,
-              "timings": run.timings, "versions": _versions()}
-    path = Path(run.config.runtime.cache_dir) / "report.json"
+def _write_report(run: Run, result: TrainerResult) -> None:
+    report = {
+        **result.to_wire(),
+        "config": run.config.to_wire(),
+        "data": vars(run.data_report),
+        "history": run.state.history,
+        "timings": run.timings,
+        "versions": _versions(),
+    }
+    path = Path(run.config.runtime.cache_dir) / REPORT_FILE
     path.write_text(json.dumps(report, indent=1, default=str))
-    run.output.publish_file(path, "report.json")
+    run.output.publish_file(path, REPORT_FILE)
 
 
 def _versions() -> dict:
@@ -554,4 +631,3 @@ def _autocast(run: Run):
 def _adalora_update(run: Run, step: int) -> None:
     if run.config.spec.method.type == "adalora":
         run.strategy.module.base_model.update_and_allocate(step)
-

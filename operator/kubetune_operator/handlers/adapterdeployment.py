@@ -25,10 +25,11 @@ import httpx
 import kopf
 from pydantic import ValidationError
 
+from kubetune.api.adapterdeployment import AdapterDeployment
+from kubetune.api.common import GROUP, VERSION
+
 from .. import adapters as ad_logic
 from .. import k8s, metrics
-from ..api.adapterdeployment import AdapterDeployment
-from ..api.common import GROUP, VERSION
 from ..jobsync import is_terminating, owned_by
 from ..render.adapterdeployment import (
     SPEC_HASH_ANNOTATION,
@@ -105,7 +106,9 @@ def state_of(memo: kopf.Memo) -> AdapterState:
 
 def parse(body: dict[str, Any]) -> AdapterDeployment | None:
     try:
-        return AdapterDeployment.model_validate({k: body[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in body})
+        return AdapterDeployment.model_validate(
+            {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in body}
+        )
     except ValidationError as error:
         log.warning("AdapterDeployment %s does not parse: %s", body["metadata"].get("name"), error)
         return None
@@ -123,15 +126,20 @@ def is_ready(pod: dict[str, Any]) -> bool:
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conds)
 
 
-def replica_urls(body: dict[str, Any], pods: list[dict[str, Any]], port: int, allow_override: bool) -> list[tuple[str, str]]:
+def replica_urls(
+    body: dict[str, Any], pods: list[dict[str, Any]], port: int, allow_override: bool
+) -> list[tuple[str, str]]:
     """(pod name, base URL) of each ready replica."""
     ready = sorted((p for p in pods if is_ready(p)), key=lambda p: p["metadata"]["name"])
     override = ((body.get("metadata") or {}).get("annotations") or {}).get(REPLICA_URLS_ANNOTATION)
     if allow_override and override:
         urls = [u.strip().rstrip("/") for u in override.split(",") if u.strip()]
         return [(p["metadata"]["name"], url) for p, url in zip(ready, urls, strict=False)]
-    return [(p["metadata"]["name"], f"http://{p['status']['podIP']}:{port}") for p in ready
-            if (p.get("status") or {}).get("podIP")]
+    return [
+        (p["metadata"]["name"], f"http://{p['status']['podIP']}:{port}")
+        for p in ready
+        if (p.get("status") or {}).get("podIP")
+    ]
 
 
 # --- talking to replicas -------------------------------------------------------------------------
@@ -166,8 +174,9 @@ def execute(http: httpx.Client, runtime_kind: str, replica: ad_logic.Replica, ac
     assert replica.loaded is not None
     try:
         if action.verb == "unload":
-            response = http.post(f"{replica.url}/v1/unload_lora_adapter", json={"lora_name": action.adapter},
-                                 timeout=LOAD_TIMEOUT)
+            response = http.post(
+                f"{replica.url}/v1/unload_lora_adapter", json={"lora_name": action.adapter}, timeout=LOAD_TIMEOUT
+            )
             if response.is_success or response.status_code == 404:
                 replica.loaded.pop(action.adapter, None)
             else:
@@ -178,16 +187,24 @@ def execute(http: httpx.Client, runtime_kind: str, replica: ad_logic.Replica, ac
         except RenderError as error:
             replica.failed[action.adapter] = (action.uri, str(error))
             return
-        response = http.post(f"{replica.url}/v1/load_lora_adapter",
-                             json={"lora_name": action.adapter, "lora_path": path}, timeout=LOAD_TIMEOUT)
+        response = http.post(
+            f"{replica.url}/v1/load_lora_adapter",
+            json={"lora_name": action.adapter, "lora_path": path},
+            timeout=LOAD_TIMEOUT,
+        )
         if response.is_success:
             replica.loaded[action.adapter] = path  # as the runtime reports it in /v1/models
             replica.failed.pop(action.adapter, None)
         elif 400 <= response.status_code < 500:
             replica.failed[action.adapter] = (action.uri, error_message(response))
         else:  # 5xx: transient (e.g. the base model still loading); tried again next sync
-            log.info("loading %s on %s: HTTP %s %s", action.adapter, replica.name, response.status_code,
-                     error_message(response))
+            log.info(
+                "loading %s on %s: HTTP %s %s",
+                action.adapter,
+                replica.name,
+                response.status_code,
+                error_message(response),
+            )
     except httpx.HTTPError as error:
         log.info("%s %s on %s failed: %s", action.verb, action.adapter, replica.name, error)
 
@@ -225,12 +242,15 @@ def reconcile(runtime: Any, state: AdapterState, key: Key) -> None:
     if obj is None:
         return
     spec_wire = body.get("spec") or {}
-    wanted = [with_runtime_path(w, obj.spec.runtime)
-              for w in ad_logic.resolve(spec_wire.get("adapters") or [], fetch_jobs(client, namespace, spec_wire))]
+    wanted = [
+        with_runtime_path(w, obj.spec.runtime)
+        for w in ad_logic.resolve(spec_wire.get("adapters") or [], fetch_jobs(client, namespace, spec_wire))
+    ]
     from_jobs = {a["name"] for a in spec_wire.get("adapters") or [] if a.get("fromJob")}
     try:
-        objects = render_adapterdeployment(obj, runtime.config,
-                                           {w.name: w.uri for w in wanted if w.uri and w.name in from_jobs})
+        objects = render_adapterdeployment(
+            obj, runtime.config, {w.name: w.uri for w in wanted if w.uri and w.name in from_jobs}
+        )
     except RenderError as error:
         log.warning("%s", error)
         return
@@ -242,8 +262,10 @@ def reconcile(runtime: Any, state: AdapterState, key: Key) -> None:
     pods = client.list(k8s.pods_path(namespace), label_selector(name))
     port = obj.spec.service.port
     known = state.failures.get(key, {})
-    replicas = [ad_logic.Replica(pod, url, failed=dict(known.get(pod, {})))
-                for pod, url in replica_urls(body, pods, port, runtime.allow_metrics_url)]
+    replicas = [
+        ad_logic.Replica(pod, url, failed=dict(known.get(pod, {})))
+        for pod, url in replica_urls(body, pods, port, runtime.allow_metrics_url)
+    ]
     with httpx.Client() as http:
         for replica in replicas:
             query(http, replica)
@@ -251,7 +273,9 @@ def reconcile(runtime: Any, state: AdapterState, key: Key) -> None:
         for action in ad_logic.plan_actions(wanted, replicas):
             execute(http, obj.spec.runtime, by_name[action.replica], action)
     state.failures[key] = {r.name: r.failed for r in replicas if r.failed} | {
-        pod: failed for pod, failed in known.items() if pod not in by_name and any(p["metadata"]["name"] == pod for p in pods)
+        pod: failed
+        for pod, failed in known.items()
+        if pod not in by_name and any(p["metadata"]["name"] == pod for p in pods)
     }
 
     dep_status = (deployment or {}).get("status") or {}
@@ -292,8 +316,10 @@ def apply_service(client: k8s.Client, service: dict[str, Any], uid: str) -> None
     spec = existing["spec"]
     current_ports = [{k: p.get(k) for k in ("name", "port", "targetPort", "protocol")} for p in spec.get("ports") or []]
     if spec.get("type") != service["spec"]["type"] or current_ports != service["spec"]["ports"]:
-        client.merge_patch(service_path(meta["namespace"], meta["name"]),
-                           {"spec": {"type": service["spec"]["type"], "ports": service["spec"]["ports"]}})
+        client.merge_patch(
+            service_path(meta["namespace"], meta["name"]),
+            {"spec": {"type": service["spec"]["type"], "ports": service["spec"]["ports"]}},
+        )
         log.info("patched Service %s/%s", meta["namespace"], meta["name"])
 
 
@@ -309,8 +335,10 @@ def apply_deployment(client: k8s.Client, deployment: dict[str, Any], uid: str) -
     wanted_hash = meta["annotations"][SPEC_HASH_ANNOTATION]
     if (existing["metadata"].get("annotations") or {}).get(SPEC_HASH_ANNOTATION) != wanted_hash:
         spec = deployment["spec"]
-        patch = {"metadata": {"annotations": {SPEC_HASH_ANNOTATION: wanted_hash}},
-                 "spec": {"replicas": spec["replicas"], "strategy": spec["strategy"], "template": spec["template"]}}
+        patch = {
+            "metadata": {"annotations": {SPEC_HASH_ANNOTATION: wanted_hash}},
+            "spec": {"replicas": spec["replicas"], "strategy": spec["strategy"], "template": spec["template"]},
+        }
         existing = client.merge_patch(path, patch)
         log.info("patched Deployment %s/%s", meta["namespace"], meta["name"])
     return existing
@@ -320,8 +348,9 @@ def check_ours(existing: dict[str, Any] | None, uid: str, kind: str, name: str) 
     if existing is None:
         raise kopf.TemporaryError(f"{kind} {name} vanished while being created; retrying", delay=1)
     if is_terminating(existing) or not owned_by(existing, uid):
-        raise kopf.TemporaryError(f"{kind} {name} exists but is not this AdapterDeployment's; waiting for it to go",
-                                  delay=3)
+        raise kopf.TemporaryError(
+            f"{kind} {name} exists but is not this AdapterDeployment's; waiting for it to go", delay=3
+        )
 
 
 def write_status(client: k8s.Client, body: dict[str, Any], desired: dict[str, Any]) -> bool:
@@ -340,10 +369,15 @@ def write_status(client: k8s.Client, body: dict[str, Any], desired: dict[str, An
     metrics.STATUS_WRITES.inc()
     for change in ad_logic.c.transitions(current.get("conditions"), desired.get("conditions")):
         bad = (change.type == ad_logic.DEGRADED and change.status == "True") or (
-            change.type in (ad_logic.AVAILABLE, ad_logic.ADAPTERS_READY) and change.status == "False")
+            change.type in (ad_logic.AVAILABLE, ad_logic.ADAPTERS_READY) and change.status == "False"
+        )
         try:
-            client.post_event(body, "Warning" if bad else "Normal", change.reason or change.type,
-                              f"{change.type}={change.status}: {change.message}")
+            client.post_event(
+                body,
+                "Warning" if bad else "Normal",
+                change.reason or change.type,
+                f"{change.type}={change.status}: {change.message}",
+            )
         except k8s.ApiError as error:
             log.warning("could not post an Event for %s: %s", meta["name"], error)
     return True

@@ -20,10 +20,11 @@ from typing import Any, NoReturn, TypeVar
 import kopf
 from pydantic import ValidationError
 
+from kubetune.api.finetunejob import FineTuneJob, TrainingPlan
+
 from .. import conditions as c
 from .. import k8s, metrics, scrape
 from ..admission import Admission, admit
-from ..api.finetunejob import FineTuneJob, TrainingPlan
 from ..jobsync import is_terminating, job_patch, needs_replacement, owned_by
 from ..render import RenderError, render_finetunejob
 from ..render.finetunejob import JOB_LABEL
@@ -206,8 +207,11 @@ def recorded_admission(runtime: Runtime, job: FineTuneJob, current: dict[str, An
     workload = runtime.client.get(k8s.job_path(job.metadata.namespace, job.metadata.name))
     if workload is None or not owned_by(workload, job.metadata.uid) or job_suspended(workload) or job_outcome(workload):
         return None
-    log.warning("FineTuneJob %s/%s would not be admitted now, but its Job runs: keeping its admission",
-                job.metadata.namespace, job.metadata.name)
+    log.warning(
+        "FineTuneJob %s/%s would not be admitted now, but its Job runs: keeping its admission",
+        job.metadata.namespace,
+        job.metadata.name,
+    )
     plan = TrainingPlan.model_validate(current["plan"]) if current.get("plan") else None
     return Admission(True, admitted.get("reason", "Admitted"), admitted.get("message", ""), plan)
 

@@ -141,8 +141,11 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
         raise kopf.PermanentError(str(error)) from None
     memo.runtime = runtime
     runtime.task = asyncio.create_task(resync_loop(runtime), name="kubetune-resync")
-    log.info("kubetune operator: scrape/resync every %ss, trainer metrics port %s",
-             runtime.interval, runtime.config.trainer_metrics_port)
+    log.info(
+        "kubetune operator: scrape/resync every %ss, trainer metrics port %s",
+        runtime.interval,
+        runtime.config.trainer_metrics_port,
+    )
 
 
 @kopf.on.cleanup(registry=REGISTRY)

@@ -5,9 +5,6 @@ unit-tested without a cluster; the handlers create and patch what these function
 from .adapterdeployment import AdapterDeploymentObjects, render_adapterdeployment
 from .common import RenderError, owner_reference
 from .finetunejob import (
-    EXIT_INVALID_INPUT,
-    EXIT_PREEMPTED,
-    NON_RETRYABLE_EXIT_CODES,
     FineTuneJobObjects,
     check_renderable,
     config_map_name,
@@ -19,8 +16,16 @@ from .finetunejob import (
 )
 
 __all__ = [
-    "AdapterDeploymentObjects", "render_adapterdeployment",
-    "EXIT_INVALID_INPUT", "EXIT_PREEMPTED", "NON_RETRYABLE_EXIT_CODES", "FineTuneJobObjects", "RenderError",
-    "check_renderable", "config_map_name", "master_addr", "name_problems", "owner_reference", "render_finetunejob",
-    "service_name", "trainer_config",
+    "AdapterDeploymentObjects",
+    "render_adapterdeployment",
+    "FineTuneJobObjects",
+    "RenderError",
+    "check_renderable",
+    "config_map_name",
+    "master_addr",
+    "name_problems",
+    "owner_reference",
+    "render_finetunejob",
+    "service_name",
+    "trainer_config",
 ]

@@ -23,30 +23,24 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
-from ..api import adaptersfile
-from ..api.adapterdeployment import AdapterDeployment, AdapterDeploymentSpec
+from kubetune.api import adaptersfile
+from kubetune.api.adapterdeployment import AdapterDeployment, AdapterDeploymentSpec
+from kubetune.contract import PVC_ROOT, PVC_ROOT_ENV, SCRATCH, TMP_DIR
+
 from ..config import OperatorConfig
 from .common import (
-    container_resources,
     DNS_1035_LABEL,
     LABEL_COMPONENT,
     MAX_DNS_LABEL,
     RenderError,
+    container_resources,
     dns_label,
     object_meta,
     owner_reference,
-    quantity,
     short_hash,
     standard_labels,
 )
-from .finetunejob import (
-    PVC_ROOT,
-    PVC_ROOT_ENV,
-    SCRATCH,
-    TMP_DIR,
-    container_security_context,
-    pod_security_context,
-)
+from .finetunejob import container_security_context, pod_security_context
 
 KIND = "AdapterDeployment"
 COMPONENT = "serving"
@@ -170,21 +164,31 @@ def server_env(ad: AdapterDeployment) -> list[dict[str, Any]]:
 
 
 def probe(path: str, period: int, failures: int) -> dict[str, Any]:
-    return {"httpGet": {"path": path, "port": PORT_NAME}, "periodSeconds": period, "failureThreshold": failures,
-            "timeoutSeconds": 5}
+    return {
+        "httpGet": {"path": path, "port": PORT_NAME},
+        "periodSeconds": period,
+        "failureThreshold": failures,
+        "timeoutSeconds": 5,
+    }
 
 
 def volumes(ad: AdapterDeployment, adapter_uris: Iterable[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    vols: list[dict[str, Any]] = [{"name": "scratch", "emptyDir": {}},
-                                  {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
-                                  # optional: a pod that starts before the operator wrote it serves no adapters yet
-                                  {"name": ADAPTERS_VOLUME, "configMap": {
-                                      "name": adaptersfile.configmap_name(ad.metadata.name), "optional": True}}]
-    mounts: list[dict[str, Any]] = [{"name": "scratch", "mountPath": SCRATCH},
-                                    {"name": "scratch", "mountPath": "/tmp", "subPath": "tmp"},
-                                    {"name": "dshm", "mountPath": "/dev/shm"},
-                                    # the whole folder, not a subPath: only then does the kubelet update it
-                                    {"name": ADAPTERS_VOLUME, "mountPath": adaptersfile.MOUNT_DIR, "readOnly": True}]
+    vols: list[dict[str, Any]] = [
+        {"name": "scratch", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
+        # optional: a pod that starts before the operator wrote it serves no adapters yet
+        {
+            "name": ADAPTERS_VOLUME,
+            "configMap": {"name": adaptersfile.configmap_name(ad.metadata.name), "optional": True},
+        },
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "scratch", "mountPath": SCRATCH},
+        {"name": "scratch", "mountPath": "/tmp", "subPath": "tmp"},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        # the whole folder, not a subPath: only then does the kubelet update it
+        {"name": ADAPTERS_VOLUME, "mountPath": adaptersfile.MOUNT_DIR, "readOnly": True},
+    ]
     for claim in claims(ad.spec, adapter_uris):
         volume = dns_label("pvc", claim)
         vols.append({"name": volume, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
@@ -237,7 +241,9 @@ def pod_template(ad: AdapterDeployment, config: OperatorConfig, adapter_uris: It
 # --- the objects ---------------------------------------------------------------------------------
 
 
-def render_deployment(ad: AdapterDeployment, config: OperatorConfig, adapter_uris: Iterable[str] = ()) -> dict[str, Any]:
+def render_deployment(
+    ad: AdapterDeployment, config: OperatorConfig, adapter_uris: Iterable[str] = ()
+) -> dict[str, Any]:
     """The Deployment; SPEC_HASH_ANNOTATION (of replicas + template) tells the handler whether the
     Deployment it finds was made from the same input, without comparing API-server defaults."""
     name, namespace = ad.metadata.name, ad.metadata.namespace
@@ -254,8 +260,13 @@ def render_deployment(ad: AdapterDeployment, config: OperatorConfig, adapter_uri
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": object_meta(deployment_name(name), namespace, pod_labels(name), owner_reference(ad.metadata, KIND),
-                                {SPEC_HASH_ANNOTATION: digest}),
+        "metadata": object_meta(
+            deployment_name(name),
+            namespace,
+            pod_labels(name),
+            owner_reference(ad.metadata, KIND),
+            {SPEC_HASH_ANNOTATION: digest},
+        ),
         "spec": spec,
     }
 
@@ -303,8 +314,9 @@ def render_adapters_configmap(ad: AdapterDeployment, adapters: Iterable[tuple[st
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": object_meta(adaptersfile.configmap_name(name), namespace, pod_labels(name),
-                                owner_reference(ad.metadata, KIND)),
+        "metadata": object_meta(
+            adaptersfile.configmap_name(name), namespace, pod_labels(name), owner_reference(ad.metadata, KIND)
+        ),
         "data": {adaptersfile.CONFIGMAP_KEY: text},
     }
 
@@ -322,8 +334,10 @@ class AdapterDeploymentObjects:
 def check_renderable(ad: AdapterDeployment) -> None:
     meta, problems = ad.metadata, []
     if not meta.name or not DNS_1035_LABEL.match(meta.name) or len(meta.name) > MAX_DNS_LABEL:
-        problems.append(f"metadata.name {meta.name!r} cannot name the Service: use at most {MAX_DNS_LABEL} lowercase "
-                        "letters, digits and '-', starting with a letter")
+        problems.append(
+            f"metadata.name {meta.name!r} cannot name the Service: use at most {MAX_DNS_LABEL} lowercase "
+            "letters, digits and '-', starting with a letter"
+        )
     if not meta.namespace:
         problems.append("metadata.namespace is required")
     if not meta.uid:
@@ -334,7 +348,9 @@ def check_renderable(ad: AdapterDeployment) -> None:
         except RenderError as error:
             problems.append(f"spec.baseModel.uri: {error}")
     if problems:
-        raise RenderError(f"AdapterDeployment {meta.name!r} cannot be rendered:\n" + "\n".join(f"  {p}" for p in problems))
+        raise RenderError(
+            f"AdapterDeployment {meta.name!r} cannot be rendered:\n" + "\n".join(f"  {p}" for p in problems)
+        )
 
 
 def render_adapterdeployment(
@@ -345,5 +361,6 @@ def render_adapterdeployment(
     check_renderable(ad)
     resolved = resolved_adapters(ad.spec, from_jobs or {})
     uris = [uri for _, uri in resolved]
-    return AdapterDeploymentObjects(render_adapters_configmap(ad, resolved), render_deployment(ad, config, uris),
-                                    render_service(ad))
+    return AdapterDeploymentObjects(
+        render_adapters_configmap(ad, resolved), render_deployment(ad, config, uris), render_service(ad)
+    )

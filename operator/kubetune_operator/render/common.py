@@ -9,7 +9,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from ..api.common import API_VERSION, Placement
+from kubetune.api.common import API_VERSION, Placement
+
 from ..config import OperatorConfig
 
 MAX_DNS_LABEL = 63  # Service names, hostnames, label values, volume names

@@ -21,23 +21,40 @@ from urllib.parse import urlparse
 import yaml
 from pydantic import ValidationError
 
-from ..api.finetunejob import FineTuneJob, FineTuneJobSpec, ResourcesSpec, TrainingPlan
-from ..api.trainerconfig import (
-    EXIT_INVALID_INPUT,
+from kubetune.api.finetunejob import FineTuneJob, FineTuneJobSpec, ResourcesSpec, TrainingPlan
+from kubetune.api.validation import validate
+from kubetune.contract import (
+    CACHE_DIR,
+    CONFIG_DIR,
+    CONFIG_KEY,
+    CONFIG_PATH,
+    CONFIGMAP_ROOT,
+    CONFIGMAP_ROOT_ENV,
+    ENV_MASTER_ADDR,
+    ENV_MASTER_PORT,
+    ENV_NNODES,
+    ENV_NODE_RANK,
+    ENV_NPROC_PER_NODE,
     EXIT_PREEMPTED,
     NON_RETRYABLE_EXIT_CODES,
+    PVC_ROOT,
+    PVC_ROOT_ENV,
+    SCRATCH,
+    TERMINATION_LOG,
+    TMP_DIR,
+    TRAINER_CONTAINER,
     RuntimeSettings,
     TrainerConfig,
 )
-from ..api.validation import validate
+from kubetune.planning import Plan
+
 from ..config import OperatorConfig
-from ..planning import Plan
 from .common import (
-    container_resources,
     DNS_1035_LABEL,
     LABEL_COMPONENT,
     MAX_DNS_LABEL,
     RenderError,
+    container_resources,
     dns_label,
     object_meta,
     owner_reference,
@@ -51,7 +68,7 @@ KIND = "FineTuneJob"
 # world_size and strategy); None renders the spec as written.
 AnyPlan = Plan | TrainingPlan | None
 COMPONENT = "trainer"
-CONTAINER = "trainer"
+CONTAINER = TRAINER_CONTAINER
 
 # Names derived from the FineTuneJob's name.
 SERVICE_SUFFIX = "-workers"
@@ -66,24 +83,6 @@ QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 CONFIG_HASH_ANNOTATION = "kubetune.io/config-hash"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 DEFAULT_CONTAINER_ANNOTATION = "kubectl.kubernetes.io/default-container"
-
-# Paths inside trainer pods. PVC_ROOT and CONFIGMAP_ROOT are the defaults of
-# kubetune_trainer.storage (PVC_ROOT_ENV, CONFIGMAP_ROOT_ENV), duplicated because that module
-# imports boto3, which the operator image lacks; the pod sets both variables explicitly, so the
-# trainer resolves pvc:// and configmap:// to these mounts whatever its own defaults are.
-CONFIG_DIR = "/etc/kubetune/config"  # not /etc/kubetune: dataset ConfigMaps mount beneath /etc/kubetune/configmaps,
-CONFIG_KEY = "trainer.yaml"  # and a mount point cannot be created inside a (read-only) ConfigMap volume
-CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
-PVC_ROOT = "/mnt/pvc"
-PVC_ROOT_ENV = "KUBETUNE_PVC_ROOT"
-CONFIGMAP_ROOT = "/etc/kubetune/configmaps"
-CONFIGMAP_ROOT_ENV = "KUBETUNE_CONFIGMAP_ROOT"
-SCRATCH = "/scratch"
-CACHE_DIR = f"{SCRATCH}/cache"
-TMP_DIR = f"{SCRATCH}/tmp"  # also mounted at /tmp, for libraries that ignore TMPDIR
-TERMINATION_LOG = "/dev/termination-log"
-
-# The trainer's exit codes the Job's podFailurePolicy acts on (the trainer adopts these values).
 
 # Extra seconds the pod gets beyond the trainer's grace period, for torchrun to tear down workers.
 GRACE_MARGIN_SECONDS = 15
@@ -262,6 +261,7 @@ def pod_failure_policy() -> dict[str, Any]:
     drained pod may also exit 143 or be killed, and must never count as a failure; then inputs
     that no retry can fix fail the whole Job; a SIGTERM that the trainer answered with a
     checkpoint (143) is ignored too. Everything else counts against backoffLimit."""
+
     def on_exit(codes: tuple[int, ...]) -> dict[str, Any]:
         return {"containerName": CONTAINER, "operator": "In", "values": list(codes)}
 
@@ -379,11 +379,11 @@ def distributed_env(name: str, resources: ResourcesSpec, config: OperatorConfig)
     Job controller writes into an annotation of each pod."""
     index = {"fieldRef": {"apiVersion": "v1", "fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}
     return [
-        {"name": "NNODES", "value": str(resources.nodes)},
-        {"name": "NODE_RANK", "valueFrom": index},
-        {"name": "NPROC_PER_NODE", "value": str(nproc_per_node(resources))},
-        {"name": "MASTER_ADDR", "value": master_addr(name)},
-        {"name": "MASTER_PORT", "value": str(config.master_port)},
+        {"name": ENV_NNODES, "value": str(resources.nodes)},
+        {"name": ENV_NODE_RANK, "valueFrom": index},
+        {"name": ENV_NPROC_PER_NODE, "value": str(nproc_per_node(resources))},
+        {"name": ENV_MASTER_ADDR, "value": master_addr(name)},
+        {"name": ENV_MASTER_PORT, "value": str(config.master_port)},
     ]
 
 
@@ -529,9 +529,7 @@ def check_renderable(job: FineTuneJob, plan: AnyPlan = None) -> None:
         raise RenderError(f"FineTuneJob {meta.name!r} cannot be rendered:\n" + "\n".join(f"  {p}" for p in problems))
 
 
-def render_finetunejob(
-    job: FineTuneJob, config: OperatorConfig, plan: AnyPlan = None
-) -> FineTuneJobObjects:
+def render_finetunejob(job: FineTuneJob, config: OperatorConfig, plan: AnyPlan = None) -> FineTuneJobObjects:
     """All objects for `job`, owned by it. `plan` (from admission) pins strategy `auto`."""
     check_renderable(job, plan)
     config_map = render_config_map(job, config, plan)

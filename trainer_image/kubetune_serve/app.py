@@ -21,7 +21,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
-from ..report import log
+from kubetune.logs import log
+
 from .adapters_file import AdaptersFileSync
 from .engine import Engine, EngineError, Generation, Sampling
 from .metrics import ServingMetrics
@@ -34,8 +35,13 @@ class Startup:
     """Readiness: the base model, every adapter named on the command line (each one must load), then
     the adapters file, if any (an adapter it lists that fails to load is reported, not fatal)."""
 
-    def __init__(self, engine: Engine, adapters: list[tuple[str, str]], metrics: ServingMetrics,
-                 adapters_file: AdaptersFileSync | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        adapters: list[tuple[str, str]],
+        metrics: ServingMetrics,
+        adapters_file: AdaptersFileSync | None = None,
+    ):
         self.engine, self.adapters, self.metrics, self.adapters_file = engine, adapters, metrics, adapters_file
         self.ready = False
         self.error: str | None = None
@@ -44,8 +50,13 @@ class Startup:
         try:
             started = time.monotonic()
             self.engine.load_base()
-            log("model_loaded", model=self.engine.served_name, uri=self.engine.model_uri,
-                device=str(self.engine.device), seconds=round(time.monotonic() - started, 2))
+            log(
+                "model_loaded",
+                model=self.engine.served_name,
+                uri=self.engine.model_uri,
+                device=str(self.engine.device),
+                seconds=round(time.monotonic() - started, 2),
+            )
             for name, uri in self.adapters:
                 self.engine.load_adapter(name, uri)
                 self.metrics.loaded_adapters.set(len(self.engine.adapters()))
@@ -135,8 +146,9 @@ def create_app(engine: Engine, metrics: ServingMetrics, startup: Startup) -> Fas
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception):
         log("internal_error", path=request.url.path, error=f"{type(error).__name__}: {error}")
-        return JSONResponse(error_body(f"internal error: {type(error).__name__}: {error}", "InternalServerError", 500),
-                            status_code=500)
+        return JSONResponse(
+            error_body(f"internal error: {type(error).__name__}: {error}", "InternalServerError", 500), status_code=500
+        )
 
     # --- probes and metrics ------------------------------------------------------------------------
 
@@ -160,12 +172,28 @@ def create_app(engine: Engine, metrics: ServingMetrics, startup: Startup) -> Fas
 
     def cards() -> list[dict]:
         engine.check_model(engine.served_name)  # 503 while the base model loads
-        base = {"id": engine.served_name, "object": "model", "created": engine.created, "owned_by": "kubetune",
-                "root": engine.model_uri, "parent": None, "max_model_len": engine.max_model_len, "permission": []}
+        base = {
+            "id": engine.served_name,
+            "object": "model",
+            "created": engine.created,
+            "owned_by": "kubetune",
+            "root": engine.model_uri,
+            "parent": None,
+            "max_model_len": engine.max_model_len,
+            "permission": [],
+        }
         adapters = [
-            {"id": a.name, "object": "model", "created": a.created, "owned_by": "kubetune", "root": a.uri,
-             "parent": engine.served_name, "max_model_len": engine.max_model_len, "permission": [],
-             "sha256": a.sha256}  # beyond OpenAI's card: lets the operator report what each replica serves
+            {
+                "id": a.name,
+                "object": "model",
+                "created": a.created,
+                "owned_by": "kubetune",
+                "root": a.uri,
+                "parent": engine.served_name,
+                "max_model_len": engine.max_model_len,
+                "permission": [],
+                "sha256": a.sha256,
+            }  # beyond OpenAI's card: lets the operator report what each replica serves
             for a in engine.adapters()
         ]
         return [base, *adapters]
@@ -219,8 +247,11 @@ def create_app(engine: Engine, metrics: ServingMetrics, startup: Startup) -> Fas
             max_tokens = body.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS
             for ids in prompts:
                 engine.check_length(len(ids), max_tokens)
-            jobs = [(i * body.n + j, ids, _sampling(body, max_tokens, j)) for i, ids in enumerate(prompts)
-                    for j in range(body.n)]
+            jobs = [
+                (i * body.n + j, ids, _sampling(body, max_tokens, j))
+                for i, ids in enumerate(prompts)
+                for j in range(body.n)
+            ]
             reply = _Reply("cmpl", "text_completion", model, sum(map(len, prompts)))
             if body.stream:
                 call.streaming = True
@@ -228,8 +259,16 @@ def create_app(engine: Engine, metrics: ServingMetrics, startup: Startup) -> Fas
             results = [(index, engine.generate(model, ids, sampling)) for index, ids, sampling in jobs]
             _count_tokens(metrics, call, reply, [g for _, g in results])
             return reply.body(
-                [{"index": i, "text": g.text, "logprobs": None, "finish_reason": g.finish_reason, "stop_reason": None}
-                 for i, g in results],
+                [
+                    {
+                        "index": i,
+                        "text": g.text,
+                        "logprobs": None,
+                        "finish_reason": g.finish_reason,
+                        "stop_reason": None,
+                    }
+                    for i, g in results
+                ],
                 [g for _, g in results],
             )
 
@@ -251,8 +290,16 @@ def create_app(engine: Engine, metrics: ServingMetrics, startup: Startup) -> Fas
             results = [(index, engine.generate(model, ids, sampling)) for index, ids, sampling in jobs]
             _count_tokens(metrics, call, reply, [g for _, g in results])
             return reply.body(
-                [{"index": i, "message": {"role": "assistant", "content": g.text}, "logprobs": None,
-                  "finish_reason": g.finish_reason, "stop_reason": None} for i, g in results],
+                [
+                    {
+                        "index": i,
+                        "message": {"role": "assistant", "content": g.text},
+                        "logprobs": None,
+                        "finish_reason": g.finish_reason,
+                        "stop_reason": None,
+                    }
+                    for i, g in results
+                ],
                 [g for _, g in results],
             )
 
@@ -295,8 +342,11 @@ def _message(message) -> dict:
 def _sampling(body, max_tokens: int, sample: int) -> Sampling:
     temperature = 1.0 if body.temperature is None else body.temperature
     return Sampling(
-        max_tokens=max_tokens, temperature=temperature, top_p=body.top_p or 1.0,
-        top_k=body.top_k if body.top_k and body.top_k > 0 else None, stop=body.stop_list(),
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=body.top_p or 1.0,
+        top_k=body.top_k if body.top_k and body.top_k > 0 else None,
+        stop=body.stop_list(),
         seed=None if body.seed is None else body.seed + sample,  # n samples from one seed differ
     )
 
@@ -335,8 +385,11 @@ class _Reply:
         return {**self._head("text_completion"), "choices": [choice]}
 
     def chat_chunk(self, index: int, text: str | None, finish_reason: str | None) -> dict:
-        delta = {"role": "assistant", "content": ""} if text is None and finish_reason is None else (
-            {"content": text} if text is not None else {})
+        delta = (
+            {"role": "assistant", "content": ""}
+            if text is None and finish_reason is None
+            else ({"content": text} if text is not None else {})
+        )
         choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return {**self._head("chat.completion.chunk"), "choices": [choice]}
 
@@ -349,8 +402,15 @@ def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-def _stream(engine: Engine, metrics: ServingMetrics, call: _Measured, jobs: list, chunk: Callable, reply: _Reply,
-            include_usage: bool) -> StreamingResponse:
+def _stream(
+    engine: Engine,
+    metrics: ServingMetrics,
+    call: _Measured,
+    jobs: list,
+    chunk: Callable,
+    reply: _Reply,
+    include_usage: bool,
+) -> StreamingResponse:
     """Server-sent events: each piece of text as it is generated, then `data: [DONE]`.
 
     A worker thread generates (one choice after another) and hands pieces over a queue; when the
@@ -364,8 +424,13 @@ def _stream(engine: Engine, metrics: ServingMetrics, call: _Measured, jobs: list
             for index, ids, sampling in jobs:
                 if cancel.is_set():
                     break
-                result = engine.generate(call.model, ids, sampling, cancelled=cancel.is_set,
-                                         on_text=lambda piece, index=index: events.put(("text", index, piece)))
+                result = engine.generate(
+                    call.model,
+                    ids,
+                    sampling,
+                    cancelled=cancel.is_set,
+                    on_text=lambda piece, index=index: events.put(("text", index, piece)),
+                )
                 events.put(("done", index, result))
         except EngineError as error:
             events.put(("error", error, None))

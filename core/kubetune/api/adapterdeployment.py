@@ -32,7 +32,9 @@ class AdapterRef(ApiModel):
         max_length=MAX_NAME,
         description="A FineTuneJob in this namespace; served once it has Succeeded, from its status.adapter.uri.",
     )
-    uri: str | None = Field(default=None, max_length=MAX_URI, description="pvc://CLAIM/PATH, s3://BUCKET/PATH or hf://ORG/NAME.")
+    uri: str | None = Field(
+        default=None, max_length=MAX_URI, description="pvc://CLAIM/PATH, s3://BUCKET/PATH or hf://ORG/NAME."
+    )
 
     cel_rules: ClassVar = (
         Rule(
@@ -46,7 +48,9 @@ class AdapterRef(ApiModel):
 class ServingResources(Placement):
     """What each serving replica asks for, and where it may run."""
 
-    gpus_per_replica: int = Field(default=1, ge=0, le=16, description="GPUs per replica; 0 serves on CPU (builtin runtime).")
+    gpus_per_replica: int = Field(
+        default=1, ge=0, le=16, description="GPUs per replica; 0 serves on CPU (builtin runtime)."
+    )
 
 
 class ServiceSpec(ApiModel):
@@ -71,10 +75,14 @@ class AdapterDeploymentSpec(ApiModel):
         json_schema_extra={"default": [], "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
     max_adapters: int = Field(default=8, ge=1, le=256, description="Adapters resident per replica.")
-    max_lora_rank: int = Field(default=64, ge=1, le=1024, description="Largest adapter rank accepted (vLLM's max_lora_rank).")
+    max_lora_rank: int = Field(
+        default=64, ge=1, le=1024, description="Largest adapter rank accepted (vLLM's max_lora_rank)."
+    )
     resources: ServingResources = section(ServingResources, "Replicas' GPUs and placement.")
     service: ServiceSpec = section(ServiceSpec, "The Service.")
-    image: str | None = Field(default=None, max_length=1024, description="Serving image; the operator's default when empty.")
+    image: str | None = Field(
+        default=None, max_length=1024, description="Serving image; the operator's default when empty."
+    )
 
     cel_rules: ClassVar = (
         Rule(
@@ -136,4 +144,3 @@ class AdapterDeployment(ApiModel):
     metadata: ObjectMeta = Field(default_factory=ObjectMeta)
     spec: AdapterDeploymentSpec
     status: AdapterDeploymentStatus | None = None
-

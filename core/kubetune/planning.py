@@ -11,6 +11,8 @@ the last gigabyte.
 import math
 from dataclasses import dataclass
 
+from .api.finetunejob import FineTuneJobSpec
+
 GIB = 2**30
 
 
@@ -38,7 +40,12 @@ class Plan:
         return (
             f"world size {self.world_size}, strategy {self.strategy}, micro-batch {self.micro_batch} x "
             f"accumulation {self.grad_accumulation}, trainable {self.trainable_params:,} / {self.total_params:,} "
-            f"params, " + (f"~{self.estimated_gpu_memory_gib:.1f} GiB per GPU" if self.estimated_gpu_memory_gib is not None else "on CPU")
+            f"params, "
+            + (
+                f"~{self.estimated_gpu_memory_gib:.1f} GiB per GPU"
+                if self.estimated_gpu_memory_gib is not None
+                else "on CPU"
+            )
         )
 
 
@@ -105,7 +112,16 @@ def make_plan(
 
     def estimate(candidate: str, with_offload: bool) -> float:
         return estimate_gib(
-            shape, trainable, method, precision, candidate, world, micro_batch, seq_len, gradient_checkpointing, with_offload
+            shape,
+            trainable,
+            method,
+            precision,
+            candidate,
+            world,
+            micro_batch,
+            seq_len,
+            gradient_checkpointing,
+            with_offload,
         )
 
     chosen = strategy
@@ -115,21 +131,74 @@ def make_plan(
         chosen = next((s for s in candidates if estimate(s, offload) <= budget), candidates[-1])
     need = estimate(chosen, offload)
     fits = gpus_per_node == 0 or gpu_memory_gib is None or need <= gpu_memory_gib
-    advice = "" if fits else _advice(shape, trainable, method, precision, world, micro_batch, seq_len, gradient_checkpointing, gpu_memory_gib)
+    advice = (
+        ""
+        if fits
+        else _advice(
+            shape, trainable, method, precision, world, micro_batch, seq_len, gradient_checkpointing, gpu_memory_gib
+        )
+    )
     memory = round(need, 1) if gpus_per_node else None
     return Plan(world, chosen, micro_batch, accumulation, trainable, shape.total_params, memory, fits, advice)
+
+
+def plan_for_spec(
+    spec: FineTuneJobSpec,
+    shape: ModelShape,
+    trainable: int,
+    gpu_gib: float | None,
+    *,
+    layout: tuple[int, int] | None = None,
+) -> Plan:
+    """The plan of a FineTuneJob spec for a model of `shape` with `trainable` parameters on GPUs of
+    `gpu_gib` GiB (None: unknown). `layout` = (nodes, GPUs per node) replaces the spec's resources,
+    for a local run that uses the processes and devices it has."""
+    h = spec.hyperparameters
+    nodes, gpus = layout or (spec.resources.nodes, spec.resources.gpus_per_node)
+    return make_plan(
+        shape,
+        trainable,
+        method=spec.method.type,
+        precision=h.precision,
+        strategy=spec.distributed.strategy,
+        offload=spec.distributed.offload == "cpu",
+        nodes=nodes,
+        gpus_per_node=gpus,
+        global_batch=h.global_batch_size,
+        micro_batch=h.micro_batch_size,
+        seq_len=spec.dataset.max_seq_length,
+        gradient_checkpointing=h.gradient_checkpointing,
+        gpu_memory_gib=gpu_gib if gpus else None,
+    )
 
 
 def _advice(shape, trainable, method, precision, world, micro_batch, seq_len, checkpointing, budget) -> str:
     """What would fit instead, tried in the order a user would reach for."""
     options = []
-    if estimate_gib(shape, trainable, method, precision, "deepspeed-zero3", world, micro_batch, seq_len, checkpointing, True) <= budget:
+    if (
+        estimate_gib(
+            shape, trainable, method, precision, "deepspeed-zero3", world, micro_batch, seq_len, checkpointing, True
+        )
+        <= budget
+    ):
         options.append("distributed strategy deepspeed-zero3 with offload cpu")
     lora_trainable = max(1, shape.total_params // 200)
-    if method != "qlora" and estimate_gib(shape, lora_trainable, "qlora", precision, "ddp", 1, micro_batch, seq_len, True, False) <= budget:
+    if (
+        method != "qlora"
+        and estimate_gib(shape, lora_trainable, "qlora", precision, "ddp", 1, micro_batch, seq_len, True, False)
+        <= budget
+    ):
         options.append("method qlora on one GPU")
     for gpus in (2, 4, 8, 16, 32, 64):
-        if gpus > world and estimate_gib(shape, trainable, method, precision, "fsdp", gpus, micro_batch, seq_len, checkpointing, False) <= budget:
+        if (
+            gpus > world
+            and estimate_gib(
+                shape, trainable, method, precision, "fsdp", gpus, micro_batch, seq_len, checkpointing, False
+            )
+            <= budget
+        ):
             options.append(f"fsdp over {gpus} GPUs")
             break
-    return "; ".join(options) if options else "no configuration up to 64 GPUs fits; reduce maxSeqLength or microBatchSize"
+    return (
+        "; ".join(options) if options else "no configuration up to 64 GPUs fits; reduce maxSeqLength or microBatchSize"
+    )

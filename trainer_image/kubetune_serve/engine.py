@@ -20,7 +20,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..storage import StorageError, resolve_input, sha256_of
+from kubetune.storage import StorageError, resolve_input, sha256_of
+
 from .text import TextTracker
 
 
@@ -162,8 +163,17 @@ def _expected_dim(module, kind: str) -> int | None:
 class Engine:
     """The base model, its adapters, and generation, for one served model name."""
 
-    def __init__(self, model_uri: str, served_name: str, *, cache_dir: Path, max_adapters: int = 8,
-                 max_lora_rank: int = 64, device: str = "auto", dtype: str = "auto"):
+    def __init__(
+        self,
+        model_uri: str,
+        served_name: str,
+        *,
+        cache_dir: Path,
+        max_adapters: int = 8,
+        max_lora_rank: int = 64,
+        device: str = "auto",
+        dtype: str = "auto",
+    ):
         self.model_uri, self.served_name, self.cache_dir = model_uri, served_name, Path(cache_dir)
         self.max_adapters, self.max_lora_rank = max_adapters, max_lora_rank
         self.device_name, self.dtype_name = device, dtype
@@ -210,8 +220,11 @@ class Engine:
             path = resolve(uri, self.cache_dir)
         except StorageError as error:
             status = 404 if "does not exist" in str(error) else 400
-            raise EngineError(f"No adapter found for {uri}: {error}" if status == 404 else str(error), status,
-                              "NotFoundError" if status == 404 else "BadRequestError") from None
+            raise EngineError(
+                f"No adapter found for {uri}: {error}" if status == 404 else str(error),
+                status,
+                "NotFoundError" if status == 404 else "BadRequestError",
+            ) from None
         config = read_adapter_config(path, uri, self.max_lora_rank)
         digest = weights_sha256(path)
         with self._lock:
@@ -221,7 +234,8 @@ class Engine:
                 declared = config.get("base_model_name_or_path") or "another model"
                 raise EngineError(
                     f"adapter {name} does not fit base model {self.served_name} (it was trained on {declared}): "
-                    + "; ".join(problems[:3]) + (f" and {len(problems) - 3} more" if len(problems) > 3 else "")
+                    + "; ".join(problems[:3])
+                    + (f" and {len(problems) - 3} more" if len(problems) > 3 else "")
                 )
             adapter = Adapter(name, uri, path, adapter_rank(config), f"kubetune_adapter_{next(self._ids)}", digest)
             self._attach(adapter)
@@ -242,13 +256,15 @@ class Engine:
 
     def _require_loaded(self) -> None:
         if not self.loaded:
-            raise EngineError("the base model is still loading; retry when /ready answers 200", 503,
-                              "ServiceUnavailableError")
+            raise EngineError(
+                "the base model is still loading; retry when /ready answers 200", 503, "ServiceUnavailableError"
+            )
 
     def _check_room(self, name: str, replace: bool) -> None:
         if name == self.served_name:
-            raise EngineError(f"'{name}' is the base model's name; give the adapter another lora_name",
-                              400, "InvalidUserInput")
+            raise EngineError(
+                f"'{name}' is the base model's name; give the adapter another lora_name", 400, "InvalidUserInput"
+            )
         if name in self._adapters:
             if replace:
                 return
@@ -329,9 +345,15 @@ class Engine:
                 "completion). Please reduce the length of the messages or completion."
             )
 
-    def generate(self, model: str, prompt_ids: list[int], sampling: Sampling, *,
-                 on_text: Callable[[str], None] | None = None,
-                 cancelled: Callable[[], bool] | None = None) -> Generation:
+    def generate(
+        self,
+        model: str,
+        prompt_ids: list[int],
+        sampling: Sampling,
+        *,
+        on_text: Callable[[str], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> Generation:
         """Generate with the base (`model` = the served name) or an adapter, one request at a time."""
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
@@ -350,13 +372,16 @@ class Engine:
             tracker = TextTracker(self.tokenizer, sampling.stop, self._eos_ids, on_text)
             input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
             options = dict(
-                max_new_tokens=sampling.max_tokens, eos_token_id=self._eos_ids,
-                pad_token_id=self.tokenizer.pad_token_id, streamer=tracker,
+                max_new_tokens=sampling.max_tokens,
+                eos_token_id=self._eos_ids,
+                pad_token_id=self.tokenizer.pad_token_id,
+                streamer=tracker,
                 stopping_criteria=StoppingCriteriaList([_Until()]),
             )
             if sampling.temperature > 0:
-                options.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
-                               top_k=sampling.top_k or 0)
+                options.update(
+                    do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or 0
+                )
             else:
                 options.update(do_sample=False)
             if sampling.seed is not None:

@@ -34,11 +34,42 @@ ADAPTER_SCHEMES = ("hf", "pvc", "s3", "file")
 KNOWN_TARGET_MODULES = frozenset(
     {
         "all-linear",
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-        "qkv_proj", "gate_up_proj", "dense", "fc1", "fc2", "out_proj",
-        "c_attn", "c_proj", "c_fc", "query_key_value", "dense_h_to_4h", "dense_4h_to_h",
-        "query", "key", "value", "Wqkv", "W_pack", "w1", "w2", "w3", "wo", "wi", "wq", "wk", "wv",
-        "in_proj", "x_proj", "lm_head", "embed_tokens",
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+        "qkv_proj",
+        "gate_up_proj",
+        "dense",
+        "fc1",
+        "fc2",
+        "out_proj",
+        "c_attn",
+        "c_proj",
+        "c_fc",
+        "query_key_value",
+        "dense_h_to_4h",
+        "dense_4h_to_h",
+        "query",
+        "key",
+        "value",
+        "Wqkv",
+        "W_pack",
+        "w1",
+        "w2",
+        "w3",
+        "wo",
+        "wi",
+        "wq",
+        "wk",
+        "wv",
+        "in_proj",
+        "x_proj",
+        "lm_head",
+        "embed_tokens",
     }
 )
 
@@ -68,21 +99,32 @@ def validate_finetunejob(spec: FineTuneJobSpec, local: bool = False) -> list[Pro
         problems += check_target_modules("spec.method.ia3.targetModules", method.ia3.target_modules)
     if method.type == "prefixTuning" and method.virtual_tokens and method.virtual_tokens.init_text:
         problems.append(
-            Problem("spec.method.virtualTokens.initText", "initText only applies to promptTuning; remove it for prefixTuning")
+            Problem(
+                "spec.method.virtualTokens.initText",
+                "initText only applies to promptTuning; remove it for prefixTuning",
+            )
         )
     problems += check_strategy(spec)
     if spec.objective == "dpo" and spec.method.type == "full":
         problems.append(
-            Problem("spec.method.type", "dpo uses the base model as its frozen reference, so it needs an adapter method (lora, qlora, dora, ...), not full")
+            Problem(
+                "spec.method.type",
+                "dpo uses the base model as its frozen reference, so it needs an adapter method (lora, qlora, dora, ...), not full",
+            )
         )
     lr = spec.hyperparameters.lr
     if not 0 < lr <= 1:
         problems.append(
-            Problem("spec.hyperparameters.learningRate", f"{lr:g} is outside (0, 1]; typical values are 1e-5 (full) to 2e-4 (LoRA)")
+            Problem(
+                "spec.hyperparameters.learningRate",
+                f"{lr:g} is outside (0, 1]; typical values are 1e-5 (full) to 2e-4 (LoRA)",
+            )
         )
     if spec.resources.gpus_per_node == 0 and spec.hyperparameters.precision == "fp16":
         problems.append(
-            Problem("spec.hyperparameters.precision", "fp16 needs a GPU; use bf16 or fp32 when resources.gpusPerNode is 0")
+            Problem(
+                "spec.hyperparameters.precision", "fp16 needs a GPU; use bf16 or fp32 when resources.gpusPerNode is 0"
+            )
         )
     if spec.resources.gpus_per_node == 0 and spec.distributed.strategy == "fsdp" and spec.distributed.offload == "cpu":
         problems.append(Problem("spec.distributed.offload", "offload cpu means nothing without GPUs; set offload none"))
@@ -96,7 +138,9 @@ def validate_adapterdeployment(obj: AdapterDeployment, local: bool = False) -> l
         if adapter.uri:
             problems += check_uri(f"spec.adapters[{index}].uri", adapter.uri, ADAPTER_SCHEMES, local)
         if adapter.from_job and not re.match(DNS_LABEL, adapter.from_job.split(".")[0]):
-            problems.append(Problem(f"spec.adapters[{index}].fromJob", f"{adapter.from_job!r} is not a FineTuneJob name"))
+            problems.append(
+                Problem(f"spec.adapters[{index}].fromJob", f"{adapter.from_job!r} is not a FineTuneJob name")
+            )
     return problems
 
 
@@ -104,9 +148,19 @@ def check_strategy(spec: FineTuneJobSpec) -> list[Problem]:
     """Method and strategy pairs the trainer cannot run (auto always picks one that works)."""
     strategy, method = spec.distributed.strategy, spec.method.type
     if method == "adalora" and strategy not in ("auto", "ddp"):
-        return [Problem("spec.distributed.strategy", f"adalora needs whole gradients to reallocate ranks; use ddp or auto, not {strategy}")]
+        return [
+            Problem(
+                "spec.distributed.strategy",
+                f"adalora needs whole gradients to reallocate ranks; use ddp or auto, not {strategy}",
+            )
+        ]
     if method == "qlora" and strategy in ("fsdp", "deepspeed-zero3"):
-        return [Problem("spec.distributed.strategy", f"qlora's 4-bit weights cannot be sharded by {strategy}; use ddp, deepspeed-zero2 or auto")]
+        return [
+            Problem(
+                "spec.distributed.strategy",
+                f"qlora's 4-bit weights cannot be sharded by {strategy}; use ddp, deepspeed-zero2 or auto",
+            )
+        ]
     return []
 
 

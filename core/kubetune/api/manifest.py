@@ -31,7 +31,9 @@ def parse(doc: dict[str, Any], local: bool = False) -> Checked:
     kind = doc.get("kind", "")
     name = (doc.get("metadata") or {}).get("name", "")
     if doc.get("apiVersion") != API_VERSION or kind not in BY_KIND:
-        return Checked(kind, name, problems=[Problem("apiVersion/kind", f"not a kubetune object ({doc.get('apiVersion')}/{kind})")])
+        return Checked(
+            kind, name, problems=[Problem("apiVersion/kind", f"not a kubetune object ({doc.get('apiVersion')}/{kind})")]
+        )
     try:
         obj = BY_KIND[kind].model.model_validate(doc)
     except ValidationError as error:
@@ -81,5 +83,7 @@ def load_one(path: Path, kind: str, local: bool = False):
         raise ValueError(f"{path}: expected exactly one {kind}, found {len(matches)}")
     checked = matches[0]
     if not checked.ok:
-        raise ValueError(f"{path}: {kind} {checked.name!r} is invalid:\n" + "\n".join(f"  {p}" for p in checked.problems))
+        raise ValueError(
+            f"{path}: {kind} {checked.name!r} is invalid:\n" + "\n".join(f"  {p}" for p in checked.problems)
+        )
     return checked.obj

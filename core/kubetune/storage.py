@@ -1,6 +1,6 @@
 """Where the trainer reads its model and dataset, and where it writes adapters, reports and checkpoints.
 
-One module owns every URI scheme of the API (see `kubetune_operator.api.validation`), so the training
+One module owns every URI scheme of the API (see `kubetune.uris` and `kubetune.api.validation`), so the training
 loop only ever sees local paths:
 
 * inputs: `resolve_input(uri)` returns a local file or directory. Remote content is downloaded once
@@ -33,31 +33,19 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
-COMPLETE_MARKER = "_COMPLETE"
-
-# The operator mounts claim CLAIM at $KUBETUNE_PVC_ROOT/CLAIM and ConfigMap NAME at
-# $KUBETUNE_CONFIGMAP_ROOT/NAME; both sides use the functions below so the paths cannot drift.
-PVC_ROOT_ENV = "KUBETUNE_PVC_ROOT"
-DEFAULT_PVC_ROOT = "/mnt/pvc"
-CONFIGMAP_ROOT_ENV = "KUBETUNE_CONFIGMAP_ROOT"
-DEFAULT_CONFIGMAP_ROOT = "/etc/kubetune/configmaps"
+from .contract import COMPLETE_MARKER, PVC_ROOT_ENV, configmap_mount_path, pvc_mount_path
 
 _CHUNK = 1024 * 1024
 _TRUE = {"1", "on", "yes", "true"}
 
 
+def local_cache() -> Path:
+    """Where local runs keep downloads, runs and staging: $KUBETUNE_CACHE or ~/.cache/kubetune."""
+    return Path(os.environ.get("KUBETUNE_CACHE", Path.home() / ".cache" / "kubetune"))
+
+
 class StorageError(Exception):
     """A URI that cannot be read or written. The message names the URI and what to do."""
-
-
-def pvc_mount_path(claim: str) -> str:
-    """Where claim `claim` is mounted in trainer pods (the operator uses this to build the mount)."""
-    return str(PurePosixPath(os.environ.get(PVC_ROOT_ENV) or DEFAULT_PVC_ROOT) / claim)
-
-
-def configmap_mount_path(name: str) -> str:
-    """Where ConfigMap `name` is mounted in trainer pods (the operator uses this to build the mount)."""
-    return str(PurePosixPath(os.environ.get(CONFIGMAP_ROOT_ENV) or DEFAULT_CONFIGMAP_ROOT) / name)
 
 
 # --- Inputs ------------------------------------------------------------------------------------
@@ -485,9 +473,10 @@ def _check_name(uri: str, name: str) -> PurePosixPath:
 
 def _marker_text(name: str, files: int) -> str:
     """The marker's content; `id` makes every publication's marker unique (see `S3Output.fetch_dir`)."""
-    return json.dumps(
-        {"name": name, "files": files, "publishedAt": datetime.now(UTC).isoformat(), "id": uuid.uuid4().hex}
-    ) + "\n"
+    return (
+        json.dumps({"name": name, "files": files, "publishedAt": datetime.now(UTC).isoformat(), "id": uuid.uuid4().hex})
+        + "\n"
+    )
 
 
 def _files_under(folder: Path) -> list[tuple[str, Path]]:

@@ -6,9 +6,10 @@ with them, so a field cannot mean two things in two places.
 """
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any, Callable, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
@@ -134,7 +135,18 @@ Quantity = Annotated[
 ]
 
 _BINARY_SUFFIX = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
-_DECIMAL_SUFFIX = {"n": 1e-9, "u": 1e-6, "m": 1e-3, "": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18}
+_DECIMAL_SUFFIX = {
+    "n": 1e-9,
+    "u": 1e-6,
+    "m": 1e-3,
+    "": 1,
+    "k": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+    "P": 1e15,
+    "E": 1e18,
+}
 
 
 def parse_quantity(value: int | str) -> float:
@@ -200,7 +212,9 @@ class Placement(ApiModel):
     """Per-pod resources and node placement, shared by training pods and serving replicas."""
 
     gpu_resource: str = Field(
-        default="nvidia.com/gpu", max_length=MAX_NAME, description="Extended resource name of the GPUs (e.g. amd.com/gpu)."
+        default="nvidia.com/gpu",
+        max_length=MAX_NAME,
+        description="Extended resource name of the GPUs (e.g. amd.com/gpu).",
     )
     cpu: Quantity | None = Field(default=None, description="CPU request and limit per pod.")
     memory: Quantity | None = Field(default=None, description="Memory request and limit per pod.")
@@ -209,7 +223,9 @@ class Placement(ApiModel):
         description="Node labels the pods require (e.g. nvidia.com/gpu.product).",
         json_schema_extra={"additionalProperties": {"type": "string", "maxLength": MAX_NAME}, "maxProperties": 64},
     )
-    tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Tolerations for tainted GPU pools.")
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=64, description="Tolerations for tainted GPU pools."
+    )
 
 
 ConditionStatus = Literal["True", "False", "Unknown"]
@@ -230,9 +246,7 @@ class Condition(ApiModel):
     observed_generation: int | None = Field(
         default=None, ge=0, description="The .metadata.generation this condition was computed from."
     )
-    last_transition_time: datetime | None = Field(
-        default=None, description="When status last changed."
-    )
+    last_transition_time: datetime | None = Field(default=None, description="When status last changed.")
 
 
 def conditions_field() -> Any:

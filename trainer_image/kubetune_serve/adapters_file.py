@@ -5,7 +5,7 @@ The operator keeps the AdapterDeployment's wanted adapters in a ConfigMap that e
 it changes. So a replica that starts (or restarts) while the operator is away still comes up with
 every adapter, and the Service never routes a request for an adapter to a replica without it.
 
-The file's format is defined with the API (`kubetune_operator.api.adaptersfile`), which the
+The file's format is defined with the API (`kubetune.api.adaptersfile`), which the
 operator writes with.
 
 The operator also loads and unloads through the HTTP API (that is faster than the kubelet's refresh
@@ -20,9 +20,9 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from kubetune_operator.api.adaptersfile import parse_adapters_file
+from kubetune.api.adaptersfile import parse_adapters_file
+from kubetune.logs import log
 
-from ..report import log
 from .engine import Engine, EngineError
 from .metrics import ServingMetrics
 
@@ -66,8 +66,13 @@ class AdaptersFileSync:
         self.applied = desired
         self.failed = {name: message for name, message in self.failed.items() if name in desired}
         self.metrics.loaded_adapters.set(len(self.engine.adapters()))
-        log("adapters_file_applied", path=str(self.path), adapters=sorted(desired),
-            loaded=sorted(self._loaded()), failed=sorted(self.failed))
+        log(
+            "adapters_file_applied",
+            path=str(self.path),
+            adapters=sorted(desired),
+            loaded=sorted(self._loaded()),
+            failed=sorted(self.failed),
+        )
         return True
 
     def run(self, stop: threading.Event) -> None:

@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ..report import log
+from kubetune.logs import log
 
 _NAME = re.compile(r"^[^\s=]{1,256}$")
 
@@ -47,7 +47,9 @@ def parse_adapters(pairs: list[str], max_adapters: int) -> list[tuple[str, str]]
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ..launch import local_cache, quiet_libraries
+    from kubetune.logs import quiet_libraries
+    from kubetune.storage import local_cache
+
     from .adapters_file import AdaptersFileSync
     from .app import Startup, create_app
     from .engine import Engine
@@ -56,17 +58,28 @@ def run(args: argparse.Namespace) -> int:
     adapters = parse_adapters(args.adapter, args.max_adapters)
     quiet_libraries()
     engine = Engine(
-        args.model, args.served_model_name or default_served_name(args.model),
+        args.model,
+        args.served_model_name or default_served_name(args.model),
         cache_dir=Path(args.cache_dir) if args.cache_dir else local_cache() / "inputs",
-        max_adapters=args.max_adapters, max_lora_rank=args.max_lora_rank, device=args.device, dtype=args.dtype,
+        max_adapters=args.max_adapters,
+        max_lora_rank=args.max_lora_rank,
+        device=args.device,
+        dtype=args.dtype,
     )
     metrics = ServingMetrics()
     adapters_file = None
     if args.adapters_file:
         adapters_file = AdaptersFileSync(engine, Path(args.adapters_file), metrics, args.adapters_file_interval)
     startup = Startup(engine, adapters, metrics, adapters_file)
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, metrics, startup), host=args.host, port=args.port,
-                                           log_level="warning", timeout_graceful_shutdown=30))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(engine, metrics, startup),
+            host=args.host,
+            port=args.port,
+            log_level="warning",
+            timeout_graceful_shutdown=30,
+        )
+    )
 
     stop = threading.Event()
 
@@ -79,9 +92,17 @@ def run(args: argparse.Namespace) -> int:
         if adapters_file is not None:
             adapters_file.run(stop)
 
-    log("starting", model=engine.served_name, uri=args.model, host=args.host, port=args.port,
-        adapters=[name for name, _ in adapters], adapters_file=args.adapters_file,
-        max_adapters=args.max_adapters, max_lora_rank=args.max_lora_rank)
+    log(
+        "starting",
+        model=engine.served_name,
+        uri=args.model,
+        host=args.host,
+        port=args.port,
+        adapters=[name for name, _ in adapters],
+        adapters_file=args.adapters_file,
+        max_adapters=args.max_adapters,
+        max_lora_rank=args.max_lora_rank,
+    )
     loader = threading.Thread(target=load, name="kubetune-load", daemon=True)
     loader.start()
     server.run()

@@ -82,7 +82,9 @@ class LoraSettings(ApiModel):
     """Low-rank adapter settings for lora, qlora and dora."""
 
     r: int = Field(default=16, ge=1, le=1024, description="Rank of the update matrices.")
-    alpha: int = Field(default=32, ge=1, le=4096, description="Scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora).")
+    alpha: int = Field(
+        default=32, ge=1, le=4096, description="Scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora)."
+    )
     dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the adapter input.")
     target_modules: list[str] = Field(
         default_factory=lambda: ["all-linear"],
@@ -99,7 +101,9 @@ class QuantizationSettings(ApiModel):
 
     bits: Literal[4, 8] = Field(default=4, description="4 (NF4/FP4) or 8 (LLM.int8).")
     type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type.")
-    double_quant: bool = Field(default=True, description="Quantise the quantisation constants too (saves ~0.4 bit/param).")
+    double_quant: bool = Field(
+        default=True, description="Quantise the quantisation constants too (saves ~0.4 bit/param)."
+    )
     compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
         default="bfloat16", description="dtype of the matmuls against dequantised weights."
     )
@@ -140,7 +144,10 @@ class IA3Settings(ApiModel):
         min_length=1,
         max_length=64,
         description="Modules whose outputs (or inputs, for feed-forward modules) are rescaled.",
-        json_schema_extra={"default": ["k_proj", "v_proj", "down_proj"], "items": {"type": "string", "maxLength": MAX_SHORT}},
+        json_schema_extra={
+            "default": ["k_proj", "v_proj", "down_proj"],
+            "items": {"type": "string", "maxLength": MAX_SHORT},
+        },
     )
     feedforward_modules: list[str] = Field(
         default_factory=lambda: ["down_proj"],
@@ -192,7 +199,9 @@ class MethodSpec(ApiModel):
         description="full, lora, qlora (4/8-bit base + LoRA), dora, ia3, prefixTuning, promptTuning or adalora.",
     )
     lora: LoraSettings | None = Field(default=None, description="Settings for lora, qlora and dora.")
-    quantization: QuantizationSettings | None = Field(default=None, description="qlora only: how the base is quantised.")
+    quantization: QuantizationSettings | None = Field(
+        default=None, description="qlora only: how the base is quantised."
+    )
     adalora: AdaLoraSettings | None = Field(default=None, description="adalora only.")
     ia3: IA3Settings | None = Field(default=None, description="ia3 only.")
     virtual_tokens: VirtualTokenSettings | None = Field(default=None, description="prefixTuning and promptTuning only.")
@@ -230,9 +239,14 @@ LEARNING_RATE_PATTERN = r"^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$"
 
 
 class Hyperparameters(ApiModel):
-    """Optimisation settings. Set exactly one of epochs and maxSteps."""
+    """Optimisation settings. Set at most one of epochs and maxSteps; with neither, one epoch."""
 
-    epochs: int | None = Field(default=None, ge=1, le=1000, description="Passes over the training set.")
+    epochs: int | None = Field(
+        default=None,
+        ge=1,
+        le=1000,
+        description="Passes over the training set (1 when neither this nor maxSteps is set).",
+    )
     max_steps: int | None = Field(default=None, ge=1, le=10_000_000, description="Optimizer steps, instead of epochs.")
     learning_rate: str = Field(
         default="2e-4",
@@ -240,10 +254,15 @@ class Hyperparameters(ApiModel):
         max_length=32,
         description='Peak learning rate, as a string ("2e-4"): the Kubernetes API avoids floats.',
     )
-    scheduler: Literal["cosine", "linear", "constant"] = Field(default="cosine", description="Learning-rate decay after warm-up.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field(
+        default="cosine", description="Learning-rate decay after warm-up."
+    )
     warmup_ratio: float = Field(default=0.03, ge=0, le=0.5, description="Fraction of steps spent warming up linearly.")
     global_batch_size: int = Field(
-        default=16, ge=1, le=65536, description="Sequences per optimizer step, across all GPUs (= micro × accumulation × world size)."
+        default=16,
+        ge=1,
+        le=65536,
+        description="Sequences per optimizer step, across all GPUs (= micro × accumulation × world size).",
     )
     micro_batch_size: int = Field(default=1, ge=1, le=4096, description="Sequences per forward pass on one GPU.")
     weight_decay: float = Field(default=0.0, ge=0, le=1, description="AdamW weight decay.")
@@ -254,9 +273,9 @@ class Hyperparameters(ApiModel):
 
     cel_rules: ClassVar = (
         Rule(
-            cel="has(self.epochs) != has(self.maxSteps)",
-            message="set exactly one of hyperparameters.epochs and hyperparameters.maxSteps",
-            check=lambda h: (h.epochs is None) != (h.max_steps is None),
+            cel="!has(self.epochs) || !has(self.maxSteps)",
+            message="set at most one of hyperparameters.epochs and hyperparameters.maxSteps",
+            check=lambda h: h.epochs is None or h.max_steps is None,
         ),
     )
 
@@ -265,6 +284,11 @@ class Hyperparameters(ApiModel):
     def _number_to_string(cls, value: Any) -> Any:
         # Python callers (and YAML that parses 2.0e-4 as a float) may pass a number.
         return repr(value) if isinstance(value, float) else value
+
+    @property
+    def epoch_count(self) -> int:
+        """Passes over the data when training by epochs (maxSteps unset)."""
+        return self.epochs or 1
 
     @property
     def lr(self) -> float:
@@ -300,7 +324,8 @@ class ResourcesSpec(Placement):
     nodes: int = Field(default=1, ge=1, le=512, description="Pods (one per node); torchrun's NNODES.")
     gpus_per_node: int = Field(default=1, ge=0, le=16, description="GPUs per pod; 0 trains on CPU.")
     shared_memory: Quantity | None = Field(
-        default=None, description="Size of /dev/shm (NCCL and data loaders need more than the default 64Mi); default 1Gi per GPU."
+        default=None,
+        description="Size of /dev/shm (NCCL and data loaders need more than the default 64Mi); default 1Gi per GPU.",
     )
     affinity: dict[str, Any] = Field(
         default_factory=dict,
@@ -334,7 +359,9 @@ class OutputSpec(ApiModel):
     """Where the adapter, report.json and checkpoints are written."""
 
     uri: str = Field(
-        min_length=1, max_length=MAX_URI, description="pvc://CLAIM/PATH, s3://BUCKET/PATH or file:///PATH (local runs only)."
+        min_length=1,
+        max_length=MAX_URI,
+        description="pvc://CLAIM/PATH, s3://BUCKET/PATH or file:///PATH (local runs only).",
     )
     merge_weights: bool = Field(default=False, description="Also write the base model with the adapter merged in.")
 
@@ -343,7 +370,10 @@ class RunPolicy(ApiModel):
     """Retries, deadlines, clean-up, suspension and queueing."""
 
     backoff_limit: int = Field(
-        default=3, ge=0, le=100, description="Failed attempts before the job fails; preemptions and node drains don't count."
+        default=3,
+        ge=0,
+        le=100,
+        description="Failed attempts before the job fails; preemptions and node drains don't count.",
     )
     active_deadline_seconds: int | None = Field(default=None, ge=1, description="Wall-clock limit for the whole run.")
     ttl_seconds_after_finished: int | None = Field(
@@ -375,7 +405,9 @@ _WORLD_SIZE_CEL = "self.resources.nodes * (self.resources.gpusPerNode > 0 ? self
 
 
 def _immutable(field: str, hint: str) -> Rule:
-    return Rule(cel=f"self.{field} == oldSelf.{field}", message=f"spec.{field} is immutable: {hint}", field_path=f".{field}")
+    return Rule(
+        cel=f"self.{field} == oldSelf.{field}", message=f"spec.{field} is immutable: {hint}", field_path=f".{field}"
+    )
 
 
 class FineTuneJobSpec(ApiModel):
@@ -384,16 +416,20 @@ class FineTuneJobSpec(ApiModel):
     model: ModelSource = Field(description="The base model.")
     dataset: DatasetSpec = Field(description="The training data.")
     method: MethodSpec = section(MethodSpec, "Which weights are trained (LoRA by default).")
-    objective: Objective = Field(default="sft", description="sft (supervised) or dpo (needs dataset.format preference).")
+    objective: Objective = Field(
+        default="sft", description="sft (supervised) or dpo (needs dataset.format preference)."
+    )
     dpo: DpoSettings | None = Field(default=None, description="objective dpo only.")
-    hyperparameters: Hyperparameters = Field(description="Optimisation settings.")
+    hyperparameters: Hyperparameters = section(Hyperparameters, "Optimisation settings (every field has a default).")
     distributed: DistributedSpec = section(DistributedSpec, "Parallelism strategy.")
     resources: ResourcesSpec = section(ResourcesSpec, "Pods, GPUs and placement.")
     checkpointing: CheckpointingSpec = section(CheckpointingSpec, "Checkpoint frequency and retention.")
     evaluation: EvaluationSpec = section(EvaluationSpec, "Evaluation frequency.")
     output: OutputSpec = Field(description="Where the trained adapter goes.")
     run_policy: RunPolicy = section(RunPolicy, "Retries, deadlines, suspension, queueing.")
-    image: str | None = Field(default=None, max_length=1024, description="Trainer image; the operator's default when empty.")
+    image: str | None = Field(
+        default=None, max_length=1024, description="Trainer image; the operator's default when empty."
+    )
 
     cel_rules: ClassVar = (
         Rule(
@@ -422,8 +458,12 @@ class FineTuneJobSpec(ApiModel):
         Rule(
             cel="self.method.type != 'qlora' || self.distributed.strategy != 'deepspeed-zero3' || self.distributed.offload == 'none'",
             message="qlora cannot offload its 4-bit base to CPU with deepspeed-zero3; use offload none or method lora",
-            check=lambda s: not (
-                s.method.type == "qlora" and s.distributed.strategy == "deepspeed-zero3" and s.distributed.offload == "cpu"
+            check=lambda s: (
+                not (
+                    s.method.type == "qlora"
+                    and s.distributed.strategy == "deepspeed-zero3"
+                    and s.distributed.offload == "cpu"
+                )
             ),
         ),
         _immutable("model", "create a new FineTuneJob to train another base model"),
@@ -476,7 +516,9 @@ class TrainingMetrics(ApiModel):
     eval_loss: float | None = Field(default=None, description="Validation loss.")
     learning_rate: float | None = Field(default=None, description="Current learning rate.")
     tokens_per_second: float | None = Field(default=None, description="Training throughput across all processes.")
-    gpu_memory_gib: float | None = Field(default=None, alias="gpuMemoryGiB", description="Peak GPU memory of rank 0, GiB.")
+    gpu_memory_gib: float | None = Field(
+        default=None, alias="gpuMemoryGiB", description="Peak GPU memory of rank 0, GiB."
+    )
 
 
 class AdapterArtifact(ApiModel):
@@ -496,7 +538,9 @@ class FineTuneJobStatus(ApiModel):
     plan: TrainingPlan | None = Field(default=None, description="The admission plan.")
     progress: Progress | None = Field(default=None, description="Training progress.")
     metrics: TrainingMetrics | None = Field(default=None, description="Training metrics.")
-    restarts: int | None = Field(default=None, description="Attempts that failed and were retried (preemptions excluded).")
+    restarts: int | None = Field(
+        default=None, description="Attempts that failed and were retried (preemptions excluded)."
+    )
     start_time: datetime | None = Field(default=None, description="When the first pod started.")
     completion_time: datetime | None = Field(default=None, description="When the job finished.")
     adapter: AdapterArtifact | None = Field(default=None, description="The result, once Succeeded.")

@@ -5,10 +5,13 @@ install, `kubetune train` needs the [trainer] extra, `kubetune operator` the [op
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from . import __version__
+from .logs import quiet_libraries
+from .storage import StorageError
 
 
 def cmd_crds(args: argparse.Namespace) -> int:
@@ -62,7 +65,7 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from kubetune_trainer.launch import quiet_libraries, train_main
+    from kubetune_trainer.launch import train_main
 
     quiet_libraries()
     argv = ["train", "-f", args.filename, "--metrics-port", str(args.metrics_port)]  # what each torchrun worker runs
@@ -70,18 +73,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from kubetune_trainer.launch import load_config, quiet_libraries
+    from kubetune_trainer.launch import load_config
     from kubetune_trainer.plan import plan_for_config
 
     quiet_libraries()
-    print(plan_for_config(load_config(Path(args.filename))).summary())
+    config = load_config(Path(args.filename))
+    print(plan_for_config(config).summary())
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from kubetune_trainer.generate import answer, load_for_inference
-    from kubetune_trainer.launch import local_cache, quiet_libraries
-    from kubetune_trainer.storage import resolve_input
+
+    from .storage import local_cache, resolve_input
 
     quiet_libraries()
     cache = local_cache() / "inputs"
@@ -93,7 +97,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from kubetune_trainer.serving.server import run
+    from kubetune_serve.server import run
 
     try:
         return run(args)
@@ -103,7 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_operator(args: argparse.Namespace) -> int:
-    from .handlers.main import Options, run_operator
+    from kubetune_operator.main import Options, run_operator
 
     options = Options(
         namespaces=tuple(args.namespace or ()),
@@ -182,26 +186,47 @@ def build_parser() -> argparse.ArgumentParser:
         "Requests pick the base model or an adapter with the `model` field.",
     )
     serve.add_argument("--model", required=True, help="base model URI (hf://, pvc://, s3://, file://) or a path")
-    serve.add_argument("--adapter", action="append", default=[], metavar="NAME=URI",
-                       help="adapter to load at startup (repeatable; the process exits if one fails); "
-                       "/health waits for every one")
-    serve.add_argument("--adapters-file", metavar="PATH",
-                       help='JSON {"adapters": [{"name", "path"}]} to load before /health turns 200 and to re-read '
-                       "when it changes (an AdapterDeployment's ConfigMap); an adapter in it that fails is reported, "
-                       "not fatal")
-    serve.add_argument("--adapters-file-interval", type=float, default=2.0, metavar="SECONDS",
-                       help="how often the adapters file is checked for changes (default 2)")
-    serve.add_argument("--served-model-name", help="the base model's name in `model` "
-                       "(default: ORG/NAME for hf://ORG/NAME, else --model as written)")
+    serve.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=URI",
+        help="adapter to load at startup (repeatable; the process exits if one fails); /health waits for every one",
+    )
+    serve.add_argument(
+        "--adapters-file",
+        metavar="PATH",
+        help='JSON {"adapters": [{"name", "path"}]} to load before /health turns 200 and to re-read '
+        "when it changes (an AdapterDeployment's ConfigMap); an adapter in it that fails is reported, "
+        "not fatal",
+    )
+    serve.add_argument(
+        "--adapters-file-interval",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="how often the adapters file is checked for changes (default 2)",
+    )
+    serve.add_argument(
+        "--served-model-name",
+        help="the base model's name in `model` (default: ORG/NAME for hf://ORG/NAME, else --model as written)",
+    )
     serve.add_argument("--host", default="0.0.0.0", help="default 0.0.0.0")
     serve.add_argument("--port", type=int, default=8000, help="default 8000")
     serve.add_argument("--max-adapters", type=int, default=8, help="adapters resident at once (default 8)")
     serve.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted (default 64)")
     serve.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
-    serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                       help="auto: bfloat16 on GPU (float16 where unsupported), float32 on CPU")
-    serve.add_argument("--cache-dir", help="where s3:// and https:// inputs are downloaded "
-                       "(default $KUBETUNE_CACHE/inputs or ~/.cache/kubetune/inputs)")
+    serve.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: bfloat16 on GPU (float16 where unsupported), float32 on CPU",
+    )
+    serve.add_argument(
+        "--cache-dir",
+        help="where s3:// and https:// inputs are downloaded "
+        "(default $KUBETUNE_CACHE/inputs or ~/.cache/kubetune/inputs)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     operator = sub.add_parser(
@@ -225,9 +250,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_USAGE = 2
+# Errors that describe the input, not the program: unreadable or missing files, invalid manifests
+# and configurations (pydantic's ValidationError and YAML errors are ValueErrors), unusable URIs.
+USER_ERRORS = (OSError, ValueError, StorageError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand. A user's mistake is one message on stderr and exit code 2, never a
+    traceback; KUBETUNE_DEBUG=1 shows the traceback anyway."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+    except USER_ERRORS as error:
+        if os.environ.get("KUBETUNE_DEBUG"):
+            raise
+        print(f"kubetune {args.command}: {error}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

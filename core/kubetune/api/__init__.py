@@ -8,7 +8,25 @@ from .manifest import Checked, check_file, load_one, parse
 from .validation import Problem, validate
 
 __all__ = [
-    "API_VERSION", "GROUP", "VERSION", "AdapterDeployment", "AdapterDeploymentSpec", "AdapterDeploymentStatus",
-    "AdapterRef", "BY_KIND", "Checked", "Condition", "FineTuneJob", "FineTuneJobSpec", "FineTuneJobStatus", "KINDS",
-    "ModelSource", "Problem", "Rule", "check_file", "load_one", "parse", "validate",
+    "API_VERSION",
+    "GROUP",
+    "VERSION",
+    "AdapterDeployment",
+    "AdapterDeploymentSpec",
+    "AdapterDeploymentStatus",
+    "AdapterRef",
+    "BY_KIND",
+    "Checked",
+    "Condition",
+    "FineTuneJob",
+    "FineTuneJobSpec",
+    "FineTuneJobStatus",
+    "KINDS",
+    "ModelSource",
+    "Problem",
+    "Rule",
+    "check_file",
+    "load_one",
+    "parse",
+    "validate",
 ]

@@ -13,8 +13,13 @@ class TextTracker:
     a stop string, or half a UTF-8 character, is held back until the next token settles it.
     """
 
-    def __init__(self, tokenizer, stop: Iterable[str] = (), eos_ids: Iterable[int] = (),
-                 on_text: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        stop: Iterable[str] = (),
+        eos_ids: Iterable[int] = (),
+        on_text: Callable[[str], None] | None = None,
+    ):
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
         self.eos_ids = set(eos_ids)

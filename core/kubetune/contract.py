@@ -1,0 +1,227 @@
+"""The operator↔trainer contract, written once.
+
+The operator renders a training pod from these names; the trainer reads the same names inside it;
+the operator reads back what the trainer reports. Nothing here imports anything beyond pydantic,
+so the operator image (no torch, no boto3) and the trainer image share one definition:
+
+* the trainer's configuration file (`TrainerConfig`: the user's spec plus `RuntimeSettings`),
+  mounted from the job's ConfigMap at `CONFIG_PATH`;
+* the mount roots of pvc:// and configmap:// inputs and outputs, and the environment variables
+  that point the trainer at them;
+* the distributed environment torchrun is started from;
+* the exit codes the Job's podFailurePolicy acts on;
+* the layout the trainer publishes under `spec.output.uri`;
+* `TrainerResult`: what the trainer writes as its termination message and into report.json, and
+  what the operator parses (tolerantly: a pod's output is untrusted) into the job's status.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import PurePosixPath
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .api.common import MAX_NAME, ApiModel
+from .api.finetunejob import FineTuneJobSpec
+
+# --- exit codes (the Job's podFailurePolicy) ------------------------------------------------------
+
+EXIT_INVALID_INPUT = 2  # the config, the data or a URI is wrong: retrying cannot help
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, after a checkpoint was written: the retry resumes
+NON_RETRYABLE_EXIT_CODES = (EXIT_INVALID_INPUT,)
+
+# --- paths and environment inside a training pod --------------------------------------------------
+
+TRAINER_CONTAINER = "trainer"
+# Not under /etc/kubetune itself: dataset ConfigMaps mount beneath /etc/kubetune/configmaps, and a
+# mount point cannot be created inside a (read-only) ConfigMap volume.
+CONFIG_DIR = "/etc/kubetune/config"
+CONFIG_KEY = "trainer.yaml"
+CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
+# Claim CLAIM is mounted at $KUBETUNE_PVC_ROOT/CLAIM, ConfigMap NAME at $KUBETUNE_CONFIGMAP_ROOT/NAME.
+PVC_ROOT_ENV = "KUBETUNE_PVC_ROOT"
+PVC_ROOT = "/mnt/pvc"
+CONFIGMAP_ROOT_ENV = "KUBETUNE_CONFIGMAP_ROOT"
+CONFIGMAP_ROOT = "/etc/kubetune/configmaps"
+SCRATCH = "/scratch"  # the one writable volume: the root filesystem is read-only
+CACHE_DIR = f"{SCRATCH}/cache"
+TMP_DIR = f"{SCRATCH}/tmp"  # also mounted at /tmp, for libraries that ignore TMPDIR
+TERMINATION_LOG = "/dev/termination-log"
+
+# torchrun's rendezvous, set by the operator on multi-process pods (static rendezvous at rank 0).
+ENV_NNODES = "NNODES"
+ENV_NODE_RANK = "NODE_RANK"
+ENV_NPROC_PER_NODE = "NPROC_PER_NODE"
+ENV_MASTER_ADDR = "MASTER_ADDR"
+ENV_MASTER_PORT = "MASTER_PORT"
+DEFAULT_MASTER_PORT = 29500
+
+
+def pvc_mount_path(claim: str) -> str:
+    """Where claim `claim` is mounted in training pods (and read by the trainer)."""
+    return str(PurePosixPath(os.environ.get(PVC_ROOT_ENV) or PVC_ROOT) / claim)
+
+
+def configmap_mount_path(name: str) -> str:
+    """Where ConfigMap `name` is mounted in training pods (and read by the trainer)."""
+    return str(PurePosixPath(os.environ.get(CONFIGMAP_ROOT_ENV) or CONFIGMAP_ROOT) / name)
+
+
+# --- what the trainer publishes under spec.output.uri ---------------------------------------------
+
+COMPLETE_MARKER = "_COMPLETE"  # written last into a published folder: the folder is whole
+ADAPTER_DIR = "adapter"  # PEFT safetensors + tokenizer (the full weights for a full fine-tune)
+MERGED_DIR = "merged"  # base + adapter folded in, when spec.output.mergeWeights
+REPORT_FILE = "report.json"  # TrainerResult plus config, data, history, timings, versions
+CHECKPOINTS_DIR = "checkpoints"  # checkpoints/step-00000050, ...
+
+
+def adapter_uri(output_uri: str) -> str:
+    """Where the trainer always publishes the adapter of a job whose output is `output_uri`."""
+    return f"{output_uri.rstrip('/')}/{ADAPTER_DIR}"
+
+
+# --- the trainer's configuration file --------------------------------------------------------------
+
+
+class RuntimeSettings(ApiModel):
+    """Set by the operator for pods, or by `kubetune train` for local runs; not part of the user API."""
+
+    job_name: str = Field(default="local", max_length=MAX_NAME, description="The FineTuneJob's name (labels, logs).")
+    namespace: str = Field(default="default", max_length=63, description="The FineTuneJob's namespace.")
+    local: bool = Field(default=False, description="A run on this machine: file:// URIs allowed.")
+    metrics_port: int = Field(default=9090, ge=0, le=65535, description="Prometheus port on rank 0; 0 disables it.")
+    cache_dir: str = Field(default=CACHE_DIR, description="Writable scratch for downloads and staging.")
+    termination_message_path: str = Field(
+        default=TERMINATION_LOG, description="Where the short JSON result goes (the pod's termination message)."
+    )
+    grace_seconds: int = Field(
+        default=30, ge=1, description="Time between SIGTERM and SIGKILL; a checkpoint must fit in it."
+    )
+
+
+class TrainerConfig(ApiModel):
+    """What the trainer reads from its config file."""
+
+    spec: FineTuneJobSpec
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+
+
+# --- the trainer's result ----------------------------------------------------------------------------
+
+# Kubernetes keeps at most 4096 bytes of a container's termination message.
+TERMINATION_LIMIT = 4096
+_MESSAGE_LIMIT = 2000  # characters of a failure message kept when the whole result does not fit
+
+
+class _Result(BaseModel):
+    """Result parts: camelCase on the wire, unknown keys ignored (an older or newer trainer)."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="ignore", allow_inf_nan=False)
+
+
+class AdapterArtifact(_Result):
+    uri: str | None = None
+    size_bytes: int | None = Field(default=None, alias="sizeBytes", ge=0, strict=True)
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    merged_uri: str | None = Field(default=None, alias="mergedUri")
+
+
+class ResultMetrics(_Result):
+    train_loss: float | None = Field(default=None, alias="trainLoss")
+    eval_loss: float | None = Field(default=None, alias="evalLoss")
+    tokens_per_second: float | None = Field(default=None, alias="tokensPerSecond")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _reading(cls, value: Any) -> Any:
+        """A diverged run's NaN, or a JSON true, is no reading: dropped, not a reason to distrust the rest."""
+        if isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value)):
+            return None
+        return value
+
+
+class ResultPlan(_Result):
+    world_size: int = Field(alias="worldSize")
+    strategy: str
+    micro_batch: int = Field(alias="microBatch")
+    grad_accumulation: int = Field(alias="gradAccumulation")
+
+
+class ResultData(_Result):
+    fingerprint: str = ""
+    bad_rows: int = Field(default=0, alias="badRows")
+
+
+class TrainerResult(_Result):
+    """What a run says about itself: the termination message of rank 0 and the core of report.json.
+
+    Succeeded runs carry the adapter, the final metrics and the plan; failed runs a `reason`
+    (InvalidInput, InputUnavailable, ...) and a `message` the operator quotes in the Failed condition.
+    """
+
+    phase: Literal["Succeeded", "Failed"]
+    reason: str | None = None
+    message: str | None = None
+    adapter: AdapterArtifact | None = None
+    metrics: ResultMetrics = Field(default_factory=ResultMetrics)
+    steps: int | None = Field(default=None, ge=0)
+    trainable_params: int | None = Field(default=None, alias="trainableParams")
+    total_params: int | None = Field(default=None, alias="totalParams")
+    plan: ResultPlan | None = None
+    data: ResultData | None = None
+
+    @classmethod
+    def failed(cls, reason: str, message: str) -> TrainerResult:
+        return cls(phase="Failed", reason=reason, message=message)
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+    def termination_message(self) -> str:
+        """The result as compact JSON under the 4 KiB limit, dropping the least important parts first."""
+        document = self.to_wire()
+        for key in ("data", "plan", "metrics", None):
+            text = json.dumps(document, separators=(",", ":"))
+            if len(text.encode()) < TERMINATION_LIMIT:
+                return text
+            if key:
+                document.pop(key, None)
+        essential = {k: document[k] for k in ("phase", "reason", "adapter") if k in document}
+        if self.message:
+            essential["message"] = self.message[:_MESSAGE_LIMIT]
+        return json.dumps(essential, separators=(",", ":"))
+
+    @classmethod
+    def parse(cls, message: str) -> tuple[TrainerResult | None, str]:
+        """A pod's termination message as (result, "") or (None, why it is unusable). Never raises:
+        the text is whatever the container left behind (a crash, a log tail, a truncated write)."""
+        text = (message or "").strip()
+        if not text:
+            return None, "rank 0 left no termination message"
+        if len(text.encode()) > TERMINATION_LIMIT:
+            return None, f"rank 0's termination message is longer than {TERMINATION_LIMIT} bytes"
+        try:
+            document = json.loads(text)
+        except ValueError as error:
+            return None, f"rank 0's termination message is not JSON ({error}): {text[:200]!r}"
+        if not isinstance(document, dict):
+            return None, f"rank 0's termination message is not a JSON object: {text[:200]!r}"
+        try:
+            return cls.model_validate(document), ""
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "(message)"
+            return None, f"rank 0's termination message does not match the trainer's result: {where}: {first['msg']}"
+
+    def write(self, path: str) -> None:
+        """Write the termination message; outside a pod (read-only or absent path) the log line carries it."""
+        try:
+            with open(path, "w") as stream:
+                stream.write(self.termination_message())
+        except OSError as error:
+            print(f"could not write termination message to {path}: {error}", flush=True)
