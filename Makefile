@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 TINY_MODEL := .cache/models/tiny-llama
 
-.PHONY: help setup test test-unit test-trainer demo crds k8s-binaries cluster-up cluster-down clean
+.PHONY: help setup lint test test-unit test-trainer demo crds k8s-binaries cluster-up cluster-down clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -16,6 +16,13 @@ help: ## list the targets
 setup: ## this clone's .venv from requirements/lock.txt (uv, seconds when cached) and the tiny model
 	@bash scripts/setup-venv.sh
 	@test -f $(TINY_MODEL)/model.safetensors || $(PYTHON) -m kubetune tiny-model $(TINY_MODEL)
+
+lint: setup ## ruff (check + format), mypy (strict: the core and the operator's pure modules), CRD drift
+	@$(VENV)/bin/ruff check .
+	@$(VENV)/bin/ruff format --check .
+	@$(VENV)/bin/mypy
+	@$(PYTHON) -m kubetune crds --check crds && $(PYTHON) -m kubetune crds --check helm/kubetune/crds
+	@echo "lint: clean"
 
 test: setup ## the whole suite: unit, trainer, cluster (builds Kubernetes once), e2e, gpu
 	@bash scripts/run-tests.sh

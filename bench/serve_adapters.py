@@ -145,7 +145,7 @@ def keep(best: dict, label: str, result: dict) -> None:
 def load_adapters(client: httpx.Client, names: list[str], paths: list[Path]) -> float:
     """Load the adapters through the API; the seconds it took."""
     started = time.perf_counter()
-    for name, path in zip(names, paths):
+    for name, path in zip(names, paths, strict=True):
         response = client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)})
         if response.status_code != 200:
             sys.exit(f"loading {name}: HTTP {response.status_code}: {response.text}")

@@ -3,8 +3,9 @@
 # base model and the trained adapter with `kubetune serve`, and ask both the same question through
 # the OpenAI API (the official `openai` client).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-root=$PWD
+source "$(dirname "$0")/lib/common.sh"
+cd "$repo"
+root=$repo
 cache=$root/.cache
 export HF_HUB_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1
 python=.venv/bin/python

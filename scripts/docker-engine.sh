@@ -15,24 +15,17 @@
 #              KUBETUNE_DOCKER_WAIT   seconds to wait for the engine (default 60)
 set -euo pipefail
 
-repo=$(cd "$(dirname "$0")/.." && pwd)
+source "$(dirname "$0")/lib/common.sh"
 state=$repo/.cache/docker
 log=$state/dockerd.log
 pidfile=$state/dockerd.pid
 wait_s=${KUBETUNE_DOCKER_WAIT:-60}
 
-say() { echo "docker-engine: $*"; }
-die() { echo "docker-engine: ERROR: $*" >&2; exit 1; }
-
 engine_up() { docker info >/dev/null 2>&1; }
 
 if [ "${1:-}" = "--stop" ]; then
-    if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-        pid=$(cat "$pidfile")
-        say "stopping dockerd (pid $pid)"
-        kill "$pid"
-        for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-        kill -0 "$pid" 2>/dev/null && die "dockerd (pid $pid) did not stop within 20 s"
+    if stop_pidfile "$pidfile"; then
+        say "stopped dockerd (pid $(cat "$pidfile"))"
     else
         say "no dockerd started by this script is running"
     fi
@@ -54,12 +47,7 @@ fi
 
 if ! command -v dockerd >/dev/null 2>&1; then
     say "dockerd not found: installing Debian's engine (apt-get install docker.io)"
-    export DEBIAN_FRONTEND=noninteractive
-    if ! apt-get install -y --no-install-recommends docker.io >"$repo/.cache/apt-docker.log" 2>&1; then
-        apt-get update >/dev/null 2>&1 || true
-        apt-get install -y --no-install-recommends docker.io >"$repo/.cache/apt-docker.log" 2>&1 \
-            || { tail -20 "$repo/.cache/apt-docker.log" >&2; die "apt-get install docker.io failed (log above)"; }
-    fi
+    apt_install docker.io
 fi
 command -v docker >/dev/null 2>&1 || die "dockerd is installed but no docker client is on PATH"
 
@@ -89,7 +77,7 @@ for _ in $(seq $((wait_s * 5))); do
         exit 0
     fi
     if ! kill -0 "$pid" 2>/dev/null; then
-        echo "docker-engine: dockerd exited; the end of its log ($log):" >&2
+        warn "dockerd exited; the end of its log ($log):"
         tail -25 "$log" >&2
         die "the Docker engine could not start (see above). Flags can be added with KUBETUNE_DOCKERD_ARGS,
   e.g. KUBETUNE_DOCKERD_ARGS='--iptables=false --bridge=none' where iptables/bridges are unavailable"

@@ -2,7 +2,8 @@
 # Build kubetune's container images from parts the project makes itself (no registry needed):
 #
 #   kubetune/base:bookworm        a Debian bookworm root filesystem made with `debootstrap
-#                                 --variant=minbase`, `docker import`ed (skipped when present)
+#                                 --variant=minbase`, `docker import`ed (skipped when present):
+#                                 scripts/restricted/debian-base.sh
 #   kubetune/trainer:<version>    trainer_image/Dockerfile: train + serve, torch and the lock
 #   kubetune/operator:<version>   operator/Dockerfile: the operator, [operator] extra only
 #
@@ -14,26 +15,20 @@
 #   docker build -f trainer_image/Dockerfile -t kubetune/trainer:dev .
 #
 # Usage: bash scripts/images.sh [base|wheels|trainer|operator|all]...   (default: all)
-# Environment: KUBETUNE_CACHE (default ~/.cache/kubetune), DEBIAN_MIRROR (default deb.debian.org),
-#              KUBETUNE_BASE_IMAGE (default kubetune/base:bookworm: the image both builds start FROM)
+# Environment: KUBETUNE_CACHE (default ~/.cache/kubetune),
+#              KUBETUNE_BASE_IMAGE (default kubetune/base:bookworm: the image both builds start FROM;
+#              a machine that can pull images may use debian:bookworm-slim),
+#              DEBIAN_MIRROR (default: the Debian archive of this machine's own apt sources)
 set -euo pipefail
-
-repo=$(cd "$(dirname "$0")/.." && pwd)
+source "$(dirname "$0")/lib/common.sh"
 cd "$repo"
-cache=${KUBETUNE_CACHE:-$HOME/.cache/kubetune}/images
-mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+cache=$kubetune_cache/images
 base_image=${KUBETUNE_BASE_IMAGE:-kubetune/base:bookworm}
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' pyproject.toml | head -1)
-[ -n "$version" ] || { echo "images: no version in pyproject.toml" >&2; exit 1; }
+[ -n "$version" ] || die "no version in pyproject.toml"
 wheels=$cache/wheels
 ctx_root=$repo/.cache/images/context
 timings=$repo/.cache/images/timings.txt
-
-say() { echo "images: $*"; }
-die() { echo "images: ERROR: $*" >&2; exit 1; }
-have_image() { docker image inspect "$1" >/dev/null 2>&1; }
-elapsed() { echo $(( $(date +%s) - $1 )); }
-record() { mkdir -p "$(dirname "$timings")"; echo "$(date -u +%FT%TZ) $*" >>"$timings"; say "$*"; }
 
 # --- the engine ---------------------------------------------------------------------------------
 engine() { bash "$repo/scripts/docker-engine.sh"; }
@@ -46,62 +41,12 @@ build_base() {
     fi
     [ "$base_image" = kubetune/base:bookworm ] \
         || die "KUBETUNE_BASE_IMAGE=$base_image is not present and only kubetune/base:bookworm can be made here"
-    [ "$(id -u)" = 0 ] || die "debootstrap needs root to make $base_image"
-    if ! command -v debootstrap >/dev/null 2>&1; then
-        say "installing debootstrap (apt-get)"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends debootstrap >/dev/null \
-            || { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends debootstrap >/dev/null; } \
-            || die "apt-get install debootstrap failed"
-    fi
-    local rootfs=$cache/rootfs/bookworm-minbase t0
-    t0=$(date +%s)
-    if [ ! -f "$rootfs.complete" ]; then
-        say "debootstrap --variant=minbase bookworm $rootfs ($mirror; a few minutes, log: $cache/debootstrap.log)"
-        rm -rf "$rootfs"
-        mkdir -p "$rootfs"
-        if ! debootstrap --variant=minbase bookworm "$rootfs" "$mirror" >"$cache/debootstrap.log" 2>&1; then
-            tail -20 "$cache/debootstrap.log" >&2
-            die "debootstrap failed (log: $cache/debootstrap.log)"
-        fi
-        # What the official slim images do: no docs/man/locales from later apt installs, no
-        # recommends, no package cache kept.
-        cat >"$rootfs/etc/dpkg/dpkg.cfg.d/kubetune-slim" <<'EOF'
-path-exclude /usr/share/doc/*
-path-include /usr/share/doc/*/copyright
-path-exclude /usr/share/man/*
-path-exclude /usr/share/info/*
-path-exclude /usr/share/locale/*
-path-exclude /usr/share/lintian/*
-path-exclude /usr/share/linda/*
-EOF
-        cat >"$rootfs/etc/apt/apt.conf.d/kubetune-slim" <<'EOF'
-APT::Install-Recommends "false";
-APT::Install-Suggests "false";
-DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
-Dir::Cache::pkgcache "";
-Dir::Cache::srcpkgcache "";
-EOF
-        echo "deb $mirror bookworm main
-deb $mirror bookworm-updates main
-deb http://deb.debian.org/debian-security bookworm-security main" >"$rootfs/etc/apt/sources.list"
-        rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/log/* \
-               "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/* "$rootfs"/usr/share/locale/* "$rootfs"/tmp/*
-        touch "$rootfs.complete"
-        record "base: debootstrap in $(elapsed "$t0") s"
-    fi
-    t0=$(date +%s)
-    say "docker import $rootfs as $base_image"
-    tar --numeric-owner --xattrs -C "$rootfs" -c . \
-        | docker import --change 'ENV LANG=C.UTF-8' \
-            --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
-            --change 'CMD ["bash"]' \
-            --message "debootstrap --variant=minbase bookworm ($mirror)" - "$base_image" >/dev/null
-    record "base: $base_image imported in $(elapsed "$t0") s, $(docker image inspect -f '{{.Size}}' "$base_image" | numfmt --to=iec)"
+    bash "$restricted/debian-base.sh" "$base_image"
 }
 
 # --- the wheelhouse -----------------------------------------------------------------------------
 host_pip() { # the project's environment: Python 3.11 (what the lock resolves for) with torch, for deepspeed
-    if [ ! -x "$repo/.venv/bin/python" ]; then bash "$repo/scripts/setup-venv.sh"; fi
+    if [ ! -x "$repo/.venv/bin/python" ]; then bash "$repo/scripts/setup-venv.sh" >&2; fi  # stdout is the answer
     local v
     v=$("$repo/.venv/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
     [ "$v" = 3.11 ] || die ".venv is Python $v; the images run Debian bookworm's Python 3.11, which the lock is for"
@@ -124,13 +69,15 @@ build_wheels() {
     "$pip" download -q --no-deps --only-binary=:all: --find-links "$wheels" -r requirements/lock.txt -d "$wheels"
     # deepspeed is an sdist whose setup.py imports torch: built once here (DS_BUILD_OPS=0: ops are
     # JIT-built at run time), so the images need no compiler.
-    if ! ls "$wheels"/deepspeed-"$(sed -n 's/^deepspeed==//p' requirements/deepspeed.txt)"-*.whl >/dev/null 2>&1; then
+    if ! ls "$wheels"/deepspeed-"$(deepspeed_version)"-*.whl >/dev/null 2>&1; then
         say "wheelhouse: building the deepspeed wheel"
         DS_BUILD_OPS=0 "$pip" wheel -q --no-deps --no-build-isolation -r requirements/deepspeed.txt -w "$wheels"
     fi
     touch "$stamp"
     record "wheels: wheelhouse ready in $(elapsed "$t0") s ($(du -sh "$wheels" | cut -f1))"
 }
+
+deepspeed_version() { sed -n 's/^deepspeed==\([^ ]*\).*/\1/p' "$repo/requirements/deepspeed.txt"; }
 
 # --- build contexts -----------------------------------------------------------------------------
 # stage_context IMAGE EXTRAS: .cache/images/context/IMAGE = the project's sources + wheels/ with
@@ -141,7 +88,7 @@ stage_context() {
     rm -rf "$ctx"
     mkdir -p "$ctx/wheels"
     tar -c --exclude=__pycache__ --exclude='*.pyc' --exclude='*.egg-info' \
-        pyproject.toml README.md requirements operator trainer_image kernels scripts/image-entrypoint.sh \
+        pyproject.toml README.md requirements core operator trainer_image kernels scripts/image-entrypoint.sh \
         | tar -x -C "$ctx"
     reqs=$ctx/.requirements.txt
     report=$ctx/.resolution.json
@@ -156,7 +103,7 @@ for extra in sys.argv[1].split(","):
 print("\n".join(dict.fromkeys(reqs + ["setuptools"])))
 PY
     "$pip" install -q --dry-run --ignore-installed --no-index --find-links "$wheels" --only-binary=:all: \
-        -c requirements/lock.txt -c requirements/deepspeed.txt -r "$reqs" --report "$report" \
+        -c requirements/lock.txt -c <(echo "deepspeed==$(deepspeed_version)") -r "$reqs" --report "$report" \
         || die "the wheelhouse $wheels cannot satisfy kubetune[$extras] under the lock"
     "$repo/.venv/bin/python" - "$report" "$ctx/wheels" <<'PY'
 import json, os, shutil, sys

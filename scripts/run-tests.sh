@@ -2,7 +2,8 @@
 # The whole suite, every tier. A tier that cannot run here is reported as NOT RUN, loudly, by the
 # test summary; it never turns into a silent pass.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/lib/common.sh"
+cd "$repo" || exit 1
 
 if [ -x scripts/k8s-build.sh ]; then
     if ! bash scripts/k8s-build.sh; then

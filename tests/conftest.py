@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.cluster.fixtures"]
+
 REPO = Path(__file__).resolve().parents[1]
 TIERS = ("unit", "trainer", "cluster", "e2e", "gpu")
 

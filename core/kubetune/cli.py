@@ -9,9 +9,16 @@ import os
 import sys
 from pathlib import Path
 
+import yaml
+
 from . import __version__
 from .logs import quiet_libraries
 from .storage import StorageError
+
+EXIT_USAGE = 2
+# Errors that describe the input, not the program: unreadable or missing files, invalid manifests
+# and configurations (pydantic's ValidationError is a ValueError), unusable URIs.
+USER_ERRORS = (OSError, ValueError, yaml.YAMLError, StorageError)
 
 
 def cmd_crds(args: argparse.Namespace) -> int:
@@ -53,7 +60,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"{label}: invalid", file=sys.stderr)
             for problem in checked.problems:
                 print(f"  {problem}", file=sys.stderr)
-    return 1 if failed else 0
+    return EXIT_USAGE if failed else 0
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
@@ -69,7 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     quiet_libraries()
     argv = ["train", "-f", args.filename, "--metrics-port", str(args.metrics_port)]  # what each torchrun worker runs
-    return train_main(Path(args.filename), args.nproc_per_node, args.metrics_port, argv)
+    return int(train_main(Path(args.filename), args.nproc_per_node, args.metrics_port, argv))
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -100,7 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from kubetune_serve.server import run
 
     try:
-        return run(args)
+        return int(run(args))
     except ValueError as error:  # bad --adapter pairs
         print(f"kubetune serve: {error}", file=sys.stderr)
         return 2
@@ -117,13 +124,15 @@ def cmd_operator(args: argparse.Namespace) -> int:
         verbose=args.verbose,
         debug=args.debug,
     )
-    return run_operator(options)
+    return int(run_operator(options))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubetune",
-        description="Kubernetes-native fine-tuning: validate manifests, train locally, serve adapters, run the operator.",
+        description=(
+            "Kubernetes-native fine-tuning: validate manifests, train locally, serve adapters, run the operator."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"kubetune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -136,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser(
         "validate",
         help="validate manifests offline (schema, CEL rules, semantic checks)",
-        description="Validate FineTuneJob and AdapterDeployment manifests without a cluster. Exit 1 when any is invalid.",
+        description=(
+            "Validate FineTuneJob and AdapterDeployment manifests without a cluster. Exit 2 when any is invalid."
+        ),
     )
     validate.add_argument("-f", "--filename", action="append", required=True, help="manifest file (repeatable)")
     validate.add_argument("--local", action="store_true", help="allow file:// URIs, as `kubetune train` does")
@@ -241,19 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument(
         "--allow-metrics-url-annotation",
         action="store_true",
-        help="testing/debugging: scrape the URL in a FineTuneJob's kubetune.io/metrics-url annotation instead of rank 0",
+        help=(
+            "testing/debugging: scrape the URL in a FineTuneJob's kubetune.io/metrics-url annotation instead of rank 0"
+        ),
     )
     operator.add_argument("-v", "--verbose", action="store_true", help="log more")
     operator.add_argument("--debug", action="store_true", help="log everything kopf does")
     operator.set_defaults(func=cmd_operator)
 
     return parser
-
-
-EXIT_USAGE = 2
-# Errors that describe the input, not the program: unreadable or missing files, invalid manifests
-# and configurations (pydantic's ValidationError and YAML errors are ValueErrors), unusable URIs.
-USER_ERRORS = (OSError, ValueError, StorageError)
 
 
 def main(argv: list[str] | None = None) -> int:

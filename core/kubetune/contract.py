@@ -191,7 +191,7 @@ class TrainerResult(_Result):
                 return text
             if key:
                 document.pop(key, None)
-        essential = {k: document[k] for k in ("phase", "reason", "adapter") if k in document}
+        essential: dict[str, Any] = {k: document[k] for k in ("phase", "reason", "adapter") if k in document}
         if self.message:
             essential["message"] = self.message[:_MESSAGE_LIMIT]
         return json.dumps(essential, separators=(",", ":"))

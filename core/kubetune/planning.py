@@ -69,8 +69,8 @@ def estimate_gib(
 ) -> float:
     """Peak memory per GPU in GiB for one strategy."""
     weights = shape.total_params * weight_bytes_per_param(method, precision)
-    grads = trainable * (4 if precision == "fp32" else 2)
-    optimizer = trainable * (8 + (4 if method == "full" and precision != "fp32" else 0))
+    grads: float = trainable * (4 if precision == "fp32" else 2)
+    optimizer: float = trainable * (8 + (4 if method == "full" and precision != "fp32" else 0))
     if strategy in ("fsdp", "deepspeed-zero3"):
         weights, grads, optimizer = weights / world_size, grads / world_size, optimizer / world_size
     elif strategy == "deepspeed-zero2":
@@ -133,7 +133,7 @@ def make_plan(
     fits = gpus_per_node == 0 or gpu_memory_gib is None or need <= gpu_memory_gib
     advice = (
         ""
-        if fits
+        if fits or gpu_memory_gib is None
         else _advice(
             shape, trainable, method, precision, world, micro_batch, seq_len, gradient_checkpointing, gpu_memory_gib
         )
@@ -172,7 +172,17 @@ def plan_for_spec(
     )
 
 
-def _advice(shape, trainable, method, precision, world, micro_batch, seq_len, checkpointing, budget) -> str:
+def _advice(
+    shape: ModelShape,
+    trainable: int,
+    method: str,
+    precision: str,
+    world: int,
+    micro_batch: int,
+    seq_len: int,
+    checkpointing: bool,
+    budget: float,
+) -> str:
     """What would fit instead, tried in the order a user would reach for."""
     options = []
     if (

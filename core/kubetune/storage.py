@@ -1,7 +1,9 @@
-"""Where the trainer reads its model and dataset, and where it writes adapters, reports and checkpoints.
+"""Where the trainer and the serving runtime read models, datasets and adapters, and where the
+trainer writes adapters, reports and checkpoints.
 
-One module owns every URI scheme of the API (see `kubetune.uris` and `kubetune.api.validation`), so the training
-loop only ever sees local paths:
+One module owns every URI scheme of the API (checked offline by `kubetune.api.validation`), so the
+training loop and the serving engine only ever see local paths. Only the standard library is
+imported here; each remote backend (httpx, huggingface_hub, boto3) is imported when a URI needs it:
 
 * inputs: `resolve_input(uri)` returns a local file or directory. Remote content is downloaded once
   into `cache_dir`, into a temporary folder renamed into place only when complete, so a download killed
@@ -31,6 +33,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 from .contract import COMPLETE_MARKER, PVC_ROOT_ENV, configmap_mount_path, pvc_mount_path
@@ -271,7 +274,8 @@ def _hf_error(uri: str, revision: str | None, offline: bool, error: Exception) -
         )
     if isinstance(error, errors.LocalEntryNotFoundError):
         return StorageError(
-            f"{uri}{at}: the Hugging Face Hub could not be reached and the files are not cached; check the network ({error})"
+            f"{uri}{at}: the Hugging Face Hub could not be reached and the files are not cached; "
+            f"check the network ({error})"
         )
     return StorageError(f"{uri}{at}: download from the Hugging Face Hub failed ({error.__class__.__name__}: {error})")
 
@@ -279,7 +283,7 @@ def _hf_error(uri: str, revision: str | None, offline: bool, error: Exception) -
 # --- S3 -----------------------------------------------------------------------------------------
 
 
-def _s3_client():
+def _s3_client() -> Any:
     """A client for the endpoint in AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (MinIO, Ceph, ...) or AWS itself.
 
     Credentials and region come from the usual AWS environment variables. Custom endpoints get
@@ -329,13 +333,13 @@ def _s3_errors(uri: str) -> Iterator[None]:
         raise StorageError(f"{uri}: S3 request failed ({error})") from error
 
 
-def _s3_keys(client, bucket: str, prefix: str) -> Iterator[str]:
+def _s3_keys(client: Any, bucket: str, prefix: str) -> Iterator[str]:
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for item in page.get("Contents", []):
             yield item["Key"]
 
 
-def _s3_object_exists(client, bucket: str, key: str) -> bool:
+def _s3_object_exists(client: Any, bucket: str, key: str) -> bool:
     from botocore.exceptions import ClientError
 
     try:
@@ -359,7 +363,7 @@ def _s3_download(uri: str, bucket: str, key: str, dest: Path) -> None:
             raise StorageError(f"{uri}: no object or prefix with that name in bucket {bucket!r}; check the path")
 
 
-def _s3_download_prefix(client, uri: str, bucket: str, prefix: str, dest: Path) -> int:
+def _s3_download_prefix(client: Any, uri: str, bucket: str, prefix: str, dest: Path) -> int:
     """Mirror every object under `prefix` (except the `_COMPLETE` marker) into `dest`; return how many."""
     count = 0
     for key in _s3_keys(client, bucket, prefix):
@@ -768,7 +772,8 @@ class S3Output(OutputLocation):
         from botocore.exceptions import ClientError
 
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            body: bytes = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            return body
         except ClientError as error:
             if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return None
@@ -781,7 +786,7 @@ class S3Output(OutputLocation):
             self._delete_keys(list(_s3_keys(self.client, self.bucket, base)))
 
     @property
-    def client(self):
+    def client(self) -> Any:
         if self._client is None:
             self._client = _s3_client()
         return self._client
@@ -803,7 +808,7 @@ def sha256_of(path: Path) -> str:
     sorted order. A top-level `_COMPLETE` marker is left out, so a published copy hashes like its source."""
     path = Path(path)
     if path.is_file():
-        return _file_sha256(path).hexdigest()
+        return str(_file_sha256(path).hexdigest())
     if not path.is_dir():
         raise StorageError(f"{path}: cannot hash, no such file or directory")
     total = hashlib.sha256()
@@ -813,7 +818,7 @@ def sha256_of(path: Path) -> str:
     return total.hexdigest()
 
 
-def _file_sha256(path: Path):
+def _file_sha256(path: Path) -> Any:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(_CHUNK):

@@ -1,4 +1,5 @@
-"""FineTuneJob conditions, the Kubernetes way: pure functions over the wire form (lists of dicts).
+"""Conditions, the Kubernetes way: pure functions over the wire form (lists of dicts), for both kinds;
+plus FineTuneJob's condition types and phase (AdapterDeployment's types are in its `status.py`).
 
 Conditions are the truth about a FineTuneJob; `phase` only summarises them (for printer columns).
 Each condition carries type/status/reason/message/observedGeneration/lastTransitionTime, and
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-# Condition types.
+# Condition types of a FineTuneJob.
 ADMITTED = "Admitted"
 RUNNING = "Running"
 SUSPENDED = "Suspended"
@@ -78,7 +79,7 @@ def set_condition(
         "status": status,
         "reason": clean_reason(reason),
         "message": clip(message),
-        "lastTransitionTime": previous["lastTransitionTime"] if unchanged else timestamp(now),
+        "lastTransitionTime": previous["lastTransitionTime"] if unchanged and previous is not None else timestamp(now),
     }
     if generation is not None:
         condition["observedGeneration"] = generation

@@ -85,7 +85,7 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise ValueError(f"{CONFIG_FILE_ENV}={path}: expected a mapping of settings, got {type(document).__name__}")
     # Field names and aliases both work; normalise to field names so variables override either spelling.
     aliases = {to_camel(name): name for name in OperatorConfig.model_fields}
-    return {aliases.get(key, key): value for key, value in document.items()}
+    return {aliases.get(key) or key: value for key, value in document.items()}
 
 
 def _explain(error: ValidationError, from_vars: dict[str, str], file: str | None) -> str:

@@ -1,9 +1,12 @@
-"""A thin, dict-in dict-out Kubernetes REST client over the official client's connection handling.
+"""The operator's one Kubernetes API client: thin, dict in and dict out, over the official client's
+connection handling.
 
 The renderers produce plain dicts and the status logic reads plain dicts, so the operator talks
 to the API in dicts too: one `request` with explicit paths and content types, no generated models.
-Credentials come from the service account in a pod, else the kubeconfig named by KUBECONFIG (read
-when called, not at import), else ~/.kube/config; kopf logs in with the very same credentials.
+Every child object of both kinds is written with `apply` (server-side apply); status with
+`merge_patch`. Credentials come from the service account in a pod, else the kubeconfig named by
+KUBECONFIG (read when called, not at import), else ~/.kube/config; kopf logs in with the very same
+credentials.
 """
 
 import json
@@ -18,10 +21,13 @@ import kubernetes
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config import ConfigException
 
-from kubetune.api.common import GROUP, VERSION
+from kubetune.api.common import API_VERSION
+from kubetune.api.kinds import BY_KIND
 
 MERGE_PATCH = "application/merge-patch+json"
+APPLY_PATCH = "application/apply-patch+yaml"  # server-side apply (JSON is YAML)
 COMPONENT = "kubetune-operator"
+FIELD_MANAGER = COMPONENT  # owner of the fields the operator applies (metadata.managedFields)
 TIMEOUT = (5, 30)  # connect, read (seconds)
 
 
@@ -48,27 +54,32 @@ def load_configuration() -> kubernetes.client.Configuration:
 # --- paths ---------------------------------------------------------------------------------------
 
 
-def finetunejob_path(namespace: str, name: str = "") -> str:
-    base = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/finetunejobs"
-    return f"{base}/{name}" if name else base
+# Plural resource names of the built-in kinds the operator reads or writes, and of kubetune's own.
+PLURALS = {
+    "ConfigMap": "configmaps", "Service": "services", "Pod": "pods", "Event": "events", "Job": "jobs",
+    "Deployment": "deployments", **{info.kind: info.plural for info in BY_KIND.values()},
+}  # fmt: skip
+
+
+def resource_path(api_version: str, kind: str, namespace: str, name: str = "") -> str:
+    """The REST path of `kind`'s objects in `namespace` (+ one of them by name)."""
+    prefix = f"/apis/{api_version}" if "/" in api_version else f"/api/{api_version}"
+    base = f"{prefix}/namespaces/{quote(namespace)}/{PLURALS[kind]}"
+    return f"{base}/{quote(name)}" if name else base
 
 
 def object_path(obj: dict[str, Any], name: str | None = None) -> str:
     """The REST path of a rendered object's kind in its namespace (+ its name)."""
-    api_version, kind = obj["apiVersion"], obj["kind"]
-    namespace = obj["metadata"]["namespace"]
-    plural = {"ConfigMap": "configmaps", "Service": "services", "Job": "jobs", "Pod": "pods", "Event": "events"}[kind]
-    prefix = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
-    base = f"{prefix}/namespaces/{namespace}/{plural}"
-    return f"{base}/{name}" if name else base
+    return resource_path(obj["apiVersion"], obj["kind"], obj["metadata"]["namespace"], name or "")
 
 
-def job_path(namespace: str, name: str) -> str:
-    return f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}"
+def kubetune_path(kind: str, namespace: str, name: str = "") -> str:
+    """The REST path of one of kubetune's kinds (FineTuneJob, AdapterDeployment)."""
+    return resource_path(API_VERSION, kind, namespace, name)
 
 
 def pods_path(namespace: str) -> str:
-    return f"/api/v1/namespaces/{namespace}/pods"
+    return resource_path("v1", "Pod", namespace)
 
 
 # --- the client ----------------------------------------------------------------------------------
@@ -123,18 +134,16 @@ class Client:
         query = {"labelSelector": label_selector} if label_selector else None
         return self.request("GET", path, query=query).get("items") or []
 
-    def create(self, path: str, body: dict[str, Any]) -> bool:
-        """True if created, False if an object of that name already existed (409 AlreadyExists)."""
-        try:
-            self.request("POST", path, body)
-            return True
-        except ApiError as error:
-            if error.status == 409 and error.reason == "AlreadyExists":
-                return False
-            raise
-
     def merge_patch(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         return self.request("PATCH", path, body, content_type=MERGE_PATCH)
+
+    def apply(self, obj: dict[str, Any], field_manager: str = FIELD_MANAGER) -> dict[str, Any]:
+        """Server-side apply of a whole rendered object: created when absent, else brought to what
+        `obj` says, fields it no longer sets removed (when this manager alone set them). `force`:
+        the operator's word wins over another manager's on the fields it sets. Returns the object
+        as stored (status included)."""
+        query = {"fieldManager": field_manager, "force": "true"}
+        return self.request("PATCH", object_path(obj, obj["metadata"]["name"]), obj, query, APPLY_PATCH)
 
     def delete(self, path: str, propagation: str = "Background", uid: str | None = None) -> bool:
         """False when already gone. `uid` makes it a precondition (never delete a newer namesake)."""
@@ -166,7 +175,7 @@ class Client:
             "source": {"component": COMPONENT, "host": socket.gethostname()},
             "reportingComponent": COMPONENT, "reportingInstance": socket.gethostname()[:128],
         }  # fmt: skip
-        self.request("POST", f"/api/v1/namespaces/{quote(meta['namespace'])}/events", event)
+        self.request("POST", resource_path("v1", "Event", meta["namespace"]), event)
 
 
 def _api_error(error: ApiException) -> ApiError:

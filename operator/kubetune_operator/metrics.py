@@ -58,7 +58,7 @@ SCRAPES = Counter(
 )
 STATUS_WRITES = Counter(
     "kubetune_operator_status_writes_total",
-    "FineTuneJob status patches sent (writes are skipped when nothing changed).",
+    "Status patches sent, FineTuneJob and AdapterDeployment (writes are skipped when nothing changed).",
     registry=REGISTRY,
 )
 

@@ -14,9 +14,9 @@ import pytest
 from kopf.testing import KopfRunner
 
 from kubetune.api.adaptersfile import parse_adapters_file
+from kubetune_operator.adapterdeployment.adapters import REPLICA_URLS_ANNOTATION
 from kubetune_operator.handlers import REGISTRY
-from kubetune_operator.handlers.adapterdeployment import REPLICA_URLS_ANNOTATION
-from kubetune_operator.handlers.runtime import ALLOW_METRICS_URL_ENV
+from kubetune_operator.state import ALLOW_METRICS_URL_ENV
 from tests.cluster.pod_address import address_on_loopback
 
 pytestmark = pytest.mark.cluster

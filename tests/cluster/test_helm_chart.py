@@ -9,12 +9,15 @@ from kubetune_operator.config import OperatorConfig
 
 pytestmark = pytest.mark.cluster
 
-# What the operator's handlers call (kubetune_operator/k8s.py and handlers/).
+# What the operator calls (kubetune_operator/k8s.py, writes.py and the kinds' reconcile.py): children
+# are read, then server-side applied (PATCH, which creates an absent object too).
 NEEDED = [
     ("kubetune.io", "finetunejobs", "watch"), ("kubetune.io", "finetunejobs/status", "patch"),
     ("kubetune.io", "adapterdeployments", "watch"), ("kubetune.io", "adapterdeployments/status", "patch"),
     ("", "configmaps", "create"), ("", "services", "create"), ("batch", "jobs", "create"), ("batch", "jobs", "patch"),
     ("batch", "jobs", "delete"), ("apps", "deployments", "create"), ("", "pods", "list"), ("", "events", "create"),
+    ("", "configmaps", "get"), ("", "configmaps", "patch"), ("", "services", "get"), ("", "services", "patch"),
+    ("batch", "jobs", "get"), ("apps", "deployments", "get"), ("apps", "deployments", "patch"),
     ("apiextensions.k8s.io", "customresourcedefinitions", "list"), ("", "namespaces", "watch"),
 ]  # fmt: skip
 

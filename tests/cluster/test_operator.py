@@ -31,8 +31,8 @@ from kopf.testing import KopfRunner
 
 from kubetune_operator import metrics
 from kubetune_operator.handlers import REGISTRY
-from kubetune_operator.handlers.runtime import ALLOW_METRICS_URL_ENV
 from kubetune_operator.scrape import METRICS_URL_ANNOTATION
+from kubetune_operator.state import ALLOW_METRICS_URL_ENV
 
 pytestmark = pytest.mark.cluster
 

@@ -243,8 +243,8 @@ def test_the_rendered_serving_pod_runs_in_the_trainer_image(trained, shared_dir)
     command, env, user, read-only root, scratch volumes and the adapters ConfigMap as a mounted file.
     The replica must come up ready with the ConfigMap's adapter and answer through it."""
     from kubetune.api.adapterdeployment import AdapterDeployment
+    from kubetune_operator.adapterdeployment.render import render_adapterdeployment
     from kubetune_operator.config import OperatorConfig
-    from kubetune_operator.render.adapterdeployment import render_adapterdeployment
 
     ad = AdapterDeployment.model_validate(
         {
@@ -326,7 +326,7 @@ def test_the_rendered_training_pod_trains_in_the_trainer_image(tiny_model, share
     the termination message, which is what the operator reads."""
     from kubetune.api.finetunejob import FineTuneJob
     from kubetune_operator.config import OperatorConfig
-    from kubetune_operator.render import render_finetunejob
+    from kubetune_operator.finetunejob.render import render_finetunejob
 
     job = FineTuneJob.model_validate(
         {

@@ -12,8 +12,6 @@ import uuid
 import pytest
 import yaml
 
-from tests.cluster.conftest import cluster, crds, namespace  # noqa: F401 - fixtures
-
 from .conftest import OPERATOR_IMAGE, REPO, docker
 
 pytestmark = pytest.mark.e2e

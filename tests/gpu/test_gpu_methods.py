@@ -13,8 +13,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.trainer]
 torch = pytest.importorskip("torch", reason="NOT RUN: gpu tier needs the [trainer] extra (make setup)")
 
 from kubetune_trainer import train  # noqa: E402
-from tests.conftest import REPO  # noqa: E402
-from tests.trainer.test_train import METHODS, make_config  # noqa: E402
+from tests.examples import REPO  # noqa: E402
+from tests.trainer.support import METHODS, make_config  # noqa: E402
 
 
 def history_of(out) -> list[dict]:

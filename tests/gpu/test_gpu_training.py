@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch", reason="NOT RUN: gpu tier needs the [traine
 
 from kubetune_trainer import train  # noqa: E402
 from kubetune_trainer.distributed import DistEnv  # noqa: E402
-from tests.trainer.test_train import adapter_weights, make_config  # noqa: E402
+from tests.trainer.support import adapter_weights, make_config  # noqa: E402
 
 QLORA_NF4 = {
     "type": "qlora",
@@ -55,7 +55,8 @@ def test_qlora_base_weights_are_4_bit_on_the_gpu_and_stay_frozen(tiny_model, tmp
     run.model.train()
     losses = [train.train_step(run, step)["loss"] for step in range(4)]
     assert all(math.isfinite(loss) for loss in losses), losses
-    assert all(torch.equal(old, module.weight) for old, module in zip(before, quantized)), "the 4-bit base changed"
+    unchanged = all(torch.equal(old, module.weight) for old, module in zip(before, quantized, strict=True))
+    assert unchanged, "the 4-bit base changed"
     assert run.plan.trainable_params < run.plan.total_params
 
 

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from kubetune.api.finetunejob import DatasetSpec  # noqa: E402
-from kubetune_trainer.data import CHATML_TEMPLATE as CHAT_TEMPLATE
+from kubetune_trainer.data import CHATML_TEMPLATE as CHAT_TEMPLATE  # noqa: E402
 from kubetune_trainer.data import (  # noqa: E402
     IGNORE,
     Example,
@@ -250,7 +250,7 @@ ASSISTANT_RUNS = ["At eight o'clock." + END, "We are closed on Sunday.\n" + END]
 def test_chat_loss_is_only_on_assistant_tokens(tok, tmp_path):
     (e,), _, _ = build_datasets(spec(), write(tmp_path / "c.jsonl", [CONVERSATION]), tok, seed=0)
     assert runs(tok, e.labels) == ASSISTANT_RUNS
-    assert all(label in (IGNORE, token) for label, token in zip(e.labels, e.input_ids))
+    assert all(label in (IGNORE, token) for label, token in zip(e.labels, e.input_ids, strict=True))
     assert tok.decode(e.input_ids) == tok.apply_chat_template(CONVERSATION["messages"], tokenize=False)
 
 
@@ -370,7 +370,7 @@ def test_packing(tok, tmp_path):
         assert len(p.input_ids) == len(p.labels) == len(p.position_ids)
         starts = [i for i, pos in enumerate(p.position_ids) if pos == 0]
         assert starts[0] == 0
-        for a, b in zip(starts, [*starts[1:], len(p.input_ids)]):
+        for a, b in zip(starts, [*starts[1:], len(p.input_ids)], strict=True):
             assert p.position_ids[a:b] == list(range(b - a))
             assert p.labels[a] == IGNORE  # not predicted from the previous example's last token
             segments.append((p.input_ids[a:b], p.labels[a + 1 : b]))

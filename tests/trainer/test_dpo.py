@@ -74,7 +74,7 @@ def test_training_prefers_the_chosen_replies(policy):
     # the reference really is the frozen base: with the adapter off, nothing moved
     with model.disable_adapter(), torch.no_grad():
         base_after = dpo.both_sides(model, batch)
-    assert all(torch.allclose(b, a) for b, a in zip(base_before, base_after))
+    assert all(torch.allclose(b, a) for b, a in zip(base_before, base_after, strict=True))
     with torch.no_grad():
         policy_after = dpo.both_sides(model, batch)
     assert not torch.allclose(policy_after[0], base_after[0])
@@ -84,8 +84,8 @@ def test_a_dpo_job_trains_end_to_end(tmp_path):
     import json
 
     from kubetune_trainer import train
-    from tests.conftest import REPO
-    from tests.trainer.test_train import make_config
+    from tests.examples import REPO
+    from tests.trainer.support import make_config
 
     model = build_tiny_model(tmp_path / "tiny")
     config = make_config(model, tmp_path, steps=30, learningRate="5e-3")

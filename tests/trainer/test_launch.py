@@ -47,7 +47,7 @@ def test_bad_input_exits_with_the_non_retryable_code(tmp_path):
 
 def test_missing_data_fails_at_once_with_a_termination_message(tmp_path):
     from kubetune_trainer.tiny_model import build_tiny_model
-    from tests.trainer.test_train import make_config, write_config
+    from tests.trainer.support import make_config, write_config
 
     model = build_tiny_model(tmp_path / "tiny")
     config = make_config(model, tmp_path, steps=2)
@@ -63,7 +63,7 @@ def test_missing_data_fails_at_once_with_a_termination_message(tmp_path):
 
 def test_sigterm_to_the_launcher_is_forwarded_and_reported_as_preemption(tmp_path):
     from kubetune_trainer.tiny_model import build_tiny_model
-    from tests.trainer.test_train import make_config, write_config
+    from tests.trainer.support import make_config, write_config
 
     model = build_tiny_model(tmp_path / "tiny")
     path = write_config(make_config(model, tmp_path, steps=5000, every_save=10**6), tmp_path / "c.json")

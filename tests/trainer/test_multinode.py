@@ -20,18 +20,9 @@ from kubetune import storage
 from kubetune.contract import TrainerConfig
 from kubetune.storage import COMPLETE_MARKER, StorageError, open_output
 from kubetune_trainer.distributed import DistEnv
-from tests.trainer.test_storage import (  # noqa: F401 (fixtures)
-    isolated_env,
-    keys,
-    make_folder,
-    pvc_root,
-    s3,
-    s3_endpoint,
-    tree,
-)
-from tests.trainer.test_train import make_config, tiny_model, write_config  # noqa: F401 (tiny_model: fixture)
+from tests.trainer.support import keys, make_config, make_folder, tree, write_config
 
-pytestmark = pytest.mark.trainer
+pytestmark = [pytest.mark.trainer, pytest.mark.usefixtures("isolated_env")]
 
 NAME = "checkpoints/step-00000002"
 NODE0 = {"dcp/.metadata": b"m", "dcp/__0_0.distcp": b"0" * 3000, "rng-rank0.pt": b"r0", "scheduler.pt": b"s"}

@@ -9,7 +9,7 @@ pytestmark = pytest.mark.trainer
 openai = pytest.importorskip("openai", reason="NOT RUN: the OpenAI client tests need the openai package ([dev] extra)")
 
 # the fixtures of test_serving.py: the tiny model and its adapters, the offline answers, the server
-from tests.trainer.test_serving import MAX_TOKENS, PROMPT, files, offline, server  # noqa: E402,F401
+from tests.trainer.support import MAX_TOKENS, PROMPT  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": PROMPT}]
 

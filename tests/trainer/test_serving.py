@@ -2,12 +2,7 @@
 through the CLI, and every check over HTTP. Greedy outputs are compared with `generate.answer`."""
 
 import json
-import os
-import shutil
-import socket
 import subprocess
-import sys
-import time
 
 import pytest
 
@@ -19,181 +14,19 @@ pytest.importorskip("fastapi", reason="NOT RUN: serving tests need the [serve] e
 
 from kubetune_serve.engine import Engine, EngineError, Sampling  # noqa: E402
 from kubetune_serve.text import TextTracker  # noqa: E402
-from kubetune_trainer import train  # noqa: E402
-from kubetune_trainer.generate import answer  # noqa: E402
-from kubetune_trainer.tiny_model import build_tiny_model  # noqa: E402
-from tests.trainer.test_train import make_config  # noqa: E402
-
-PROMPT = "How do I reset my password?"
-MAX_TOKENS = 16
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """The tiny model; adapters alpha and beta trained from different seeds; adapters to refuse."""
-    root = tmp_path_factory.mktemp("serving")
-    tiny = build_tiny_model(root / "tiny")
-    adapters = {}
-    for name, seed in (("alpha", 1), ("beta", 2)):
-        assert train.run_training(make_config(tiny, root / name, steps=4, every_save=1000, seed=seed)) == 0
-        adapters[name] = root / name / "output" / "adapter"
-    wide = root / "wide"  # alpha's weights under a config that says rank 128: refused on the config alone
-    shutil.copytree(adapters["alpha"], wide)
-    config = json.loads((wide / "adapter_config.json").read_text())
-    (wide / "adapter_config.json").write_text(json.dumps({**config, "r": 128}))
-    adapters["wide"] = wide
-    adapters["other"] = other_base_adapter(root / "other")
-    adapters["other-bin"] = other_base_adapter(root / "other-bin", safe_serialization=False)
-    return tiny, adapters
-
-
-def other_base_adapter(path, safe_serialization=True):
-    """A LoRA adapter (PEFT's random init) of a model half the tiny model's width."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=1024,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    model.save_pretrained(path, safe_serialization=safe_serialization)
-    return path
-
-
-@pytest.fixture(scope="module")
-def offline(files):
-    """What `kubetune generate` answers, greedily, with the base and with each adapter."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tiny, adapters = files
-    tokenizer = AutoTokenizer.from_pretrained(tiny)
-    answers = {"tiny": answer(AutoModelForCausalLM.from_pretrained(tiny).eval(), tokenizer, PROMPT, MAX_TOKENS)}
-    for name in ("alpha", "beta"):
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny), adapters[name]).eval()
-        answers[name] = answer(model, tokenizer, PROMPT, MAX_TOKENS)
-    assert len(set(answers.values())) == 3, f"the base and the two adapters should answer differently: {answers}"
-    return answers, tokenizer
-
-
-@pytest.fixture(scope="module")
-def server(files, tmp_path_factory):
-    """`kubetune serve` in a subprocess on a free port, with adapter alpha from the command line."""
-    tiny, adapters = files
-    port = free_port()
-    log = tmp_path_factory.mktemp("server-log") / "serve.log"
-    command = serve_command(
-        tiny,
-        port,
-        "--served-model-name",
-        "tiny",
-        "--adapter",
-        f"alpha=file://{adapters['alpha']}",
-        "--max-adapters",
-        "2",
-        "--max-lora-rank",
-        "64",
-        "--cache-dir",
-        str(log.parent / "cache"),
-    )
-    with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=subprocess_env())
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
-    try:
-        wait_until_ready(client, process, log)
-        yield client
-    finally:
-        client.close()
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def serve_command(model, port, *args):
-    return [
-        sys.executable,
-        "-m",
-        "kubetune",
-        "serve",
-        "--model",
-        str(model),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        *args,
-    ]
-
-
-def subprocess_env():
-    return dict(os.environ)
-
-
-def wait_until_ready(client, process, log):
-    deadline = time.monotonic() + 60
-    while True:
-        assert process.poll() is None, f"the server exited:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"never ready:\n{log.read_text()[-3000:]}"
-        try:
-            if client.get("/ready").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass  # not listening yet
-        time.sleep(0.2)
-
-
-def chat(client, model, content=PROMPT, **extra):
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": MAX_TOKENS,
-        "temperature": 0,
-        **extra,
-    }
-    return client.post("/v1/chat/completions", json=body)
-
-
-def chat_text(client, model):
-    response = chat(client, model)
-    assert response.status_code == 200, response.text
-    return response.json()["choices"][0]["message"]["content"]
-
-
-def model_ids(client):
-    response = client.get("/v1/models")
-    assert response.status_code == 200, response.text
-    return [card["id"] for card in response.json()["data"]]
-
-
-def assert_error(response, status, *fragments):
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert error["code"] == status and error["type"] and error["message"]
-    for fragment in fragments:
-        assert fragment in error["message"], error["message"]
-    return error
-
-
-def load(client, name, path):
-    return client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)})
-
-
-def unload(client, name):
-    return client.post("/v1/unload_lora_adapter", json={"lora_name": name})
+from tests.trainer.support import (  # noqa: E402
+    MAX_TOKENS,
+    PROMPT,
+    assert_error,
+    chat,
+    chat_text,
+    free_port,
+    load,
+    model_ids,
+    serve_command,
+    subprocess_env,
+    unload,
+)
 
 
 def test_ready_once_loaded_and_models_list_the_base_and_the_startup_adapter(server, files):

@@ -18,8 +18,7 @@ from kubetune.api.adaptersfile import parse_adapters_file, render_adapters_file 
 from kubetune_serve.adapters_file import AdaptersFileSync  # noqa: E402
 from kubetune_serve.engine import Engine  # noqa: E402
 from kubetune_serve.metrics import ServingMetrics  # noqa: E402
-from tests.trainer.test_serving import (  # noqa: E402, F401 - `files` is a fixture
-    files,
+from tests.trainer.support import (  # noqa: E402
     free_port,
     load,
     model_ids,

@@ -7,7 +7,6 @@ hf:// uses a Hugging Face cache laid out on disk with HF_HUB_OFFLINE=1. Nothing 
 import hashlib
 import http.server
 import threading
-import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -22,54 +21,13 @@ from kubetune.storage import (
     resolve_input,
     sha256_of,
 )
+from tests.trainer.support import keys, make_folder, tree
 
-pytestmark = pytest.mark.trainer
-
-
-@pytest.fixture(autouse=True)
-def isolated_env(monkeypatch, tmp_path):
-    """No proxy may route 127.0.0.1 elsewhere, and no real AWS/HF configuration may leak in."""
-    for name in (
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-        "AWS_PROFILE",
-        "AWS_ENDPOINT_URL",
-        "AWS_ENDPOINT_URL_S3",
-        "HF_TOKEN",
-        "HF_HUB_CACHE",
-    ):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-
-
-@pytest.fixture
-def pvc_root(tmp_path, monkeypatch):
-    root = tmp_path / "pvc"
-    (root / "data").mkdir(parents=True)
-    monkeypatch.setenv("KUBETUNE_PVC_ROOT", str(root))
-    return root
-
-
-def tree(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+pytestmark = [pytest.mark.trainer, pytest.mark.usefixtures("isolated_env")]
 
 
 def kill(*args):
     raise OSError("killed")
-
-
-def make_folder(path: Path, files: dict[str, bytes]) -> Path:
-    for name, content in files.items():
-        (path / name).parent.mkdir(parents=True, exist_ok=True)
-        (path / name).write_bytes(content)
-    return path
 
 
 # --- file://, pvc://, configmap:// ---------------------------------------------------------------
@@ -243,36 +201,6 @@ def test_hf_served_from_a_prepopulated_cache(tmp_path, monkeypatch):
 
 
 # --- s3:// -------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def s3(s3_endpoint, monkeypatch):
-    """A fresh bucket on the local server, and a client for the test to look behind the API."""
-    import boto3
-
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    bucket = f"kubetune-{uuid.uuid4().hex[:12]}"
-    client = boto3.client("s3", endpoint_url=s3_endpoint)
-    client.create_bucket(Bucket=bucket)
-    return client, bucket
-
-
-def keys(client, bucket: str, prefix: str = "") -> list[str]:
-    return sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", []))
 
 
 def test_s3_input_single_object_and_prefix(s3, tmp_path):

@@ -29,7 +29,7 @@ torch = pytest.importorskip("torch", reason="NOT RUN: trainer tier needs the [tr
 from kubetune.contract import TrainerConfig  # noqa: E402
 from kubetune_trainer import strategies, train  # noqa: E402
 from kubetune_trainer.distributed import DistEnv  # noqa: E402
-from tests.trainer.test_train import adapter_weights, make_config, tiny_model, write_config  # noqa: E402, F401
+from tests.trainer.support import adapter_weights, make_config, write_config  # noqa: E402
 
 STEPS = 8
 # r 16: ZeRO-3 keeps tensors under 10 x hidden (640) elements whole on every rank; 16 x 64 is above,

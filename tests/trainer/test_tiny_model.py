@@ -54,7 +54,7 @@ def test_chat_template_renders_and_masks_the_assistant(tiny):
     prompt = tokenizer.apply_chat_template(chat[:1], tokenize=False, add_generation_prompt=True)
     assert prompt.endswith("<|im_start|>assistant\n")
     encoded = tokenizer.apply_chat_template(chat, return_dict=True, return_assistant_tokens_mask=True)
-    masked = [t for t, m in zip(encoded["input_ids"], encoded["assistant_masks"]) if m]
+    masked = [t for t, m in zip(encoded["input_ids"], encoded["assistant_masks"], strict=True) if m]
     assert tokenizer.decode(masked) == "Hello there.<|im_end|>"
 
 

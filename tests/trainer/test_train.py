@@ -14,58 +14,9 @@ pytestmark = pytest.mark.trainer
 
 torch = pytest.importorskip("torch", reason="NOT RUN: trainer tier needs the [trainer] extra (make setup)")
 
-from kubetune.contract import RuntimeSettings, TrainerConfig  # noqa: E402
 from kubetune_trainer import train  # noqa: E402
 from kubetune_trainer.distributed import DistEnv  # noqa: E402
-from kubetune_trainer.tiny_model import build_tiny_model  # noqa: E402
-from tests.conftest import REPO  # noqa: E402
-
-DATA = REPO / "examples" / "data" / "support-chat.jsonl"
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
-
-
-def make_config(tiny_model, out, *, steps=30, method=None, every_save=10, metrics_port=0, **hyper):
-    spec = {
-        "model": {"uri": f"file://{tiny_model}"},
-        "dataset": {"uri": f"file://{DATA}", "format": "chat", "validation": {"fraction": 0.1}, "maxSeqLength": 96},
-        "method": method or {"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
-        "hyperparameters": {
-            "maxSteps": steps,
-            "learningRate": "1e-2",
-            "warmupRatio": 0.0,
-            "globalBatchSize": 8,
-            "microBatchSize": 4,
-            "precision": "fp32",
-            "gradientCheckpointing": False,
-            **hyper,
-        },
-        "resources": {"gpusPerNode": 0},
-        "checkpointing": {"everySteps": every_save, "keep": 2},
-        "evaluation": {"everySteps": 10},
-        "output": {"uri": f"file://{out}/output"},
-    }
-    runtime = RuntimeSettings(
-        local=True,
-        cache_dir=str(out / "cache"),
-        metrics_port=metrics_port,
-        termination_message_path=str(out / "termination-log"),
-    )
-    return TrainerConfig.model_validate({"spec": spec, "runtime": runtime.to_wire()})
-
-
-def write_config(config: TrainerConfig, path):
-    path.write_text(json.dumps(config.to_wire()))
-    return path
-
-
-def adapter_weights(out):
-    from safetensors.torch import load_file
-
-    return load_file(str(out / "output" / "adapter" / "adapter_model.safetensors"))
+from tests.trainer.support import METHODS, adapter_weights, make_config, write_config  # noqa: E402
 
 
 def test_lora_learns_and_the_saved_adapter_reproduces_the_model(tiny_model, tmp_path):
@@ -181,21 +132,6 @@ def test_metrics_endpoint_is_scrapable_while_training(tiny_model, tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=60)
-
-
-METHODS = {
-    "lora": {"type": "lora"},
-    "dora": {"type": "dora", "lora": {"r": 4, "targetModules": ["q_proj", "v_proj"]}},
-    "qlora": {"type": "qlora", "quantization": {"computeDtype": "float32"}},
-    "ia3": {"type": "ia3"},
-    "adalora": {"type": "adalora", "adalora": {"initR": 6, "targetR": 4, "tinit": 1, "tfinal": 1, "deltaT": 1}},
-    "promptTuning": {
-        "type": "promptTuning",
-        "virtualTokens": {"numVirtualTokens": 4, "initText": "Answer as Acme support:"},
-    },
-    "prefixTuning": {"type": "prefixTuning", "virtualTokens": {"numVirtualTokens": 4}},
-    "full": {"type": "full"},
-}
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -1,17 +1,17 @@
-"""adapters.py: load/unload actions per replica and the AdapterDeployment status."""
+"""adapterdeployment/adapters.py and status.py: load/unload actions per replica and the
+AdapterDeployment status; replicas.py: the runtime's error messages."""
 
 from datetime import UTC, datetime
 
-from kubetune_operator.adapters import (
+from kubetune_operator.adapterdeployment.adapters import (
     Action,
-    Observed,
     Replica,
     Wanted,
     adapters_from_models,
-    derive_status,
     plan_actions,
     resolve,
 )
+from kubetune_operator.adapterdeployment.status import Observed, derive_status
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -134,7 +134,8 @@ def test_loading_and_no_replicas():
 def test_replica_urls_and_error_messages():
     import httpx
 
-    from kubetune_operator.handlers.adapterdeployment import REPLICA_URLS_ANNOTATION, error_message, replica_urls
+    from kubetune_operator.adapterdeployment.adapters import REPLICA_URLS_ANNOTATION, replica_urls
+    from kubetune_operator.replicas import error_message
 
     def pod(name, ready=True, ip="10.0.0.1"):
         return {
@@ -158,7 +159,7 @@ def test_replica_urls_and_error_messages():
 
 def test_an_adapter_is_recognised_by_the_path_its_runtime_reports():
     """vLLM reports the local path it was given as `root`, not the pvc:// URI: no reload each sync."""
-    from kubetune_operator.handlers.adapterdeployment import with_runtime_path
+    from kubetune_operator.adapterdeployment.adapters import with_runtime_path
 
     want = with_runtime_path(Wanted("a", "pvc://adapters/a"), "vllm")
     assert want.root == "/mnt/pvc/adapters/a"
@@ -170,7 +171,7 @@ def test_an_adapter_is_recognised_by_the_path_its_runtime_reports():
 
 
 def test_sha256_comes_from_the_job_or_the_replicas_and_a_mismatch_fails():
-    from kubetune_operator.adapters import digests_from_models
+    from kubetune_operator.adapterdeployment.adapters import digests_from_models
 
     models = {
         "data": [

@@ -5,9 +5,9 @@ fine-tune on one GPU is refused as InsufficientGpuMemory with advice."""
 import pytest
 
 from kubetune.api import FineTuneJob, check_file
-from kubetune_operator import admission as a
 from kubetune_operator.config import OperatorConfig
-from kubetune_operator.render import render_finetunejob
+from kubetune_operator.finetunejob import admission as a
+from kubetune_operator.finetunejob.render import render_finetunejob
 from tests.examples import EXAMPLES, valid_examples
 
 

@@ -8,7 +8,7 @@ import yaml
 
 from kubetune.api import crdgen
 from kubetune.api.kinds import ADAPTERDEPLOYMENT, FINETUNEJOB, KINDS
-from tests.conftest import REPO
+from tests.examples import REPO
 
 # The only places where arbitrary content is accepted on purpose.
 FREE_FORM = {"spec.resources.affinity"}

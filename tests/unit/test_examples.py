@@ -44,7 +44,7 @@ def test_cli_validate_exit_codes_and_output():
     assert good.stdout.count(": valid") >= 12
     for example in invalid_examples():
         bad = run_cli("validate", "-f", str(example.path))
-        assert bad.returncode == 1
+        assert bad.returncode == 2
         assert example.offline[0] in bad.stderr
 
 
@@ -52,5 +52,5 @@ def test_cli_validate_reports_unreadable_files(tmp_path):
     broken = tmp_path / "broken.yaml"
     broken.write_text("spec: [unclosed\n")
     result = run_cli("validate", "-f", str(broken), "-f", str(tmp_path / "missing.yaml"))
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "broken.yaml" in result.stderr and "missing.yaml" in result.stderr

@@ -4,9 +4,10 @@ whose trainer config changed is replaced; Kueue keeps control of a queued job's 
 import copy
 
 from kubetune.api import FineTuneJob
-from kubetune_operator import jobsync as j
 from kubetune_operator.config import OperatorConfig
-from kubetune_operator.render import render_finetunejob
+from kubetune_operator.finetunejob import jobsync as j
+from kubetune_operator.finetunejob.render import render_finetunejob
+from kubetune_operator.render_common import owned_by
 
 UID = "u-1"
 
@@ -72,4 +73,4 @@ def test_replacement_only_for_a_suspended_job_with_another_trainer_config():
 
 def test_ownership():
     job = existing(ftj())
-    assert j.owned_by(job, UID) and not j.owned_by(job, "other") and not j.owned_by(job, None)
+    assert owned_by(job, UID) and not owned_by(job, "other") and not owned_by(job, None)

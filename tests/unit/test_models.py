@@ -6,30 +6,21 @@ from pydantic import ValidationError
 from kubetune.api import FineTuneJob, FineTuneJobSpec
 from kubetune.api.adapterdeployment import AdapterDeploymentSpec
 from kubetune.api.common import parse_quantity
-
-MINIMAL = {
-    "model": {"uri": "hf://Qwen/Qwen2.5-0.5B-Instruct"},
-    "dataset": {"uri": "pvc://data/chat.jsonl", "format": "chat"},
-    "hyperparameters": {"epochs": 1},
-    "output": {"uri": "pvc://adapters/out"},
-}
-
-
-def spec(**overrides) -> dict:
-    out = {key: dict(value) for key, value in MINIMAL.items()}
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = out
-        for name in parents:
-            node = node.setdefault(name, {})
-        node[leaf] = value
-    return out
+from tests.unit.support import MINIMAL, spec
 
 
 def error_text(raw: dict) -> str:
     with pytest.raises(ValidationError) as caught:
         FineTuneJobSpec.model_validate(raw)
     return str(caught.value)
+
+
+def test_hyperparameters_may_be_left_out_and_mean_one_epoch_with_the_defaults():
+    raw = {key: value for key, value in MINIMAL.items() if key != "hyperparameters"}
+    parsed = FineTuneJobSpec.model_validate(raw)
+    assert parsed.hyperparameters == FineTuneJobSpec.model_validate(spec(**{"hyperparameters": {}})).hyperparameters
+    assert parsed.hyperparameters.epoch_count == 1 and parsed.hyperparameters.max_steps is None
+    assert parsed.hyperparameters.global_batch_size == 16
 
 
 def test_minimal_spec_gets_the_documented_defaults():

@@ -16,9 +16,9 @@ from kubetune.api.finetunejob import TrainingPlan
 from kubetune.contract import TrainerConfig
 from kubetune.planning import Plan
 from kubetune_operator.config import ENV_VARS, OperatorConfig
-from kubetune_operator.render import RenderError, name_problems, owner_reference, render_finetunejob
-from kubetune_operator.render import finetunejob as r
-from kubetune_operator.render.common import dns_label
+from kubetune_operator.finetunejob import render as r
+from kubetune_operator.finetunejob.render import name_problems, render_finetunejob
+from kubetune_operator.render_common import RenderError, dns_label, owner_reference
 from tests.examples import EXAMPLES, REPO
 
 UID = "0b7c5d2e-1111-4c3e-9a6f-2d9d7f1e0a42"
@@ -539,7 +539,7 @@ def test_every_field_is_one_the_kubernetes_api_knows(example):
     import json
 
     api = client.ApiClient()
-    for obj, kind in zip(render(example).all(), ["V1ConfigMap", "V1Service", "V1Job"]):
+    for obj, kind in zip(render(example).all(), ["V1ConfigMap", "V1Service", "V1Job"], strict=True):
         response = type("Response", (), {"data": json.dumps(obj)})()
         assert api.sanitize_for_serialization(api.deserialize(response, kind)) == obj, kind
 
@@ -582,7 +582,10 @@ def test_training_pods_point_the_trainer_at_the_contracts_mount_roots():
 def test_rendering_imports_neither_torch_nor_the_trainer_nor_kopf():
     heavy = "{'torch', 'transformers', 'boto3', 'kubetune_trainer', 'kopf', 'kubernetes'}"
     code = (
-        "import sys, kubetune_operator.render, kubetune_operator.config; "
+        "import sys, kubetune_operator.finetunejob.render, kubetune_operator.adapterdeployment.render, "
+        "kubetune_operator.finetunejob.status, kubetune_operator.finetunejob.admission, "
+        "kubetune_operator.finetunejob.jobsync, kubetune_operator.adapterdeployment.status, "
+        "kubetune_operator.adapterdeployment.adapters, kubetune_operator.conditions, kubetune_operator.config; "
         f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {heavy}))"
     )
     result = subprocess.run(

@@ -1,4 +1,4 @@
-"""render/adapterdeployment.py: the adapters ConfigMap, Deployment and Service of an AdapterDeployment."""
+"""adapterdeployment/render.py: the adapters ConfigMap, Deployment and Service of an AdapterDeployment."""
 
 import json
 import subprocess
@@ -8,9 +8,9 @@ import pytest
 
 from kubetune.api.adapterdeployment import AdapterDeployment
 from kubetune.api.adaptersfile import PATH_IN_POD, parse_adapters_file
+from kubetune_operator.adapterdeployment.render import VLLM_LAUNCHER, adapter_path, endpoint, render_adapterdeployment
 from kubetune_operator.config import OperatorConfig
-from kubetune_operator.render.adapterdeployment import VLLM_LAUNCHER, adapter_path, endpoint, render_adapterdeployment
-from kubetune_operator.render.common import RenderError
+from kubetune_operator.render_common import RenderError
 
 CONFIG = OperatorConfig()
 

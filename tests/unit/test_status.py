@@ -8,8 +8,9 @@ import pytest
 
 from kubetune.api import FineTuneJob
 from kubetune_operator import conditions as c
-from kubetune_operator import status as s
-from kubetune_operator.render.finetunejob import pod_failure_policy
+from kubetune_operator.finetunejob import status as s
+from kubetune_operator.finetunejob.render import pod_failure_policy
+from kubetune_operator.writes import merge_patch
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 T1 = T0 + timedelta(minutes=1)
@@ -105,7 +106,7 @@ def test_running_needs_every_node():
 def test_deriving_twice_changes_nothing():
     first = derive(admitted(), wl=workload(active=1), pods=[pod()], now=T1)
     assert derive(first, wl=workload(active=1), pods=[pod()], now=T1 + timedelta(hours=1)) == first
-    assert s.merge_patch(first, derive(first, wl=workload(active=1), pods=[pod()])) is None
+    assert merge_patch(first, derive(first, wl=workload(active=1), pods=[pod()])) is None
 
 
 def test_observed_generation_follows_the_spec():
@@ -273,5 +274,5 @@ def test_merge_patch_sends_only_changes_and_nulls_removals():
     before = {"phase": "Running", "progress": {"step": 1, "eta": "x"}, "conditions": [{"type": "A"}]}
     after = {"phase": "Running", "progress": {"step": 2}, "conditions": [{"type": "A"}, {"type": "B"}]}
     expected = {"progress": {"step": 2, "eta": None}, "conditions": [{"type": "A"}, {"type": "B"}]}
-    assert s.merge_patch(before, after) == expected
-    assert s.merge_patch(after, after) is None
+    assert merge_patch(before, after) == expected
+    assert merge_patch(after, after) is None

@@ -5,7 +5,7 @@ import pytest
 from kubetune.api import FineTuneJobSpec, validate
 from kubetune.api.adapterdeployment import AdapterDeployment
 from kubetune.api.validation import check_target_modules, check_uri, validate_finetunejob
-from tests.unit.test_models import spec
+from tests.unit.support import spec
 
 
 def problems(local=False, **overrides):

@@ -262,7 +262,7 @@ class _ChatRenderer:
                 messages, chat_template=self.template, return_dict=True, return_assistant_tokens_mask=True
             )
             ids = list(out["input_ids"])
-            return ids, [t if m else IGNORE for t, m in zip(ids, out["assistant_masks"])]
+            return ids, [t if m else IGNORE for t, m in zip(ids, out["assistant_masks"], strict=True)]
         return self._masked_by_rendering(messages)
 
     def _masked_by_rendering(self, messages: list[dict]) -> tuple[list[int], list[int]]:
@@ -636,8 +636,8 @@ def collate_preference(batch: list[PreferenceExample], pad_id: int) -> dict[str,
     out: dict[str, torch.Tensor] = {}
     for side in ("chosen", "rejected"):
         replies = [getattr(e, f"{side}_ids") for e in batch]
-        ids = [e.prompt_ids + reply for e, reply in zip(batch, replies)]
-        labels = [[IGNORE] * len(e.prompt_ids) + reply for e, reply in zip(batch, replies)]
+        ids = [e.prompt_ids + reply for e, reply in zip(batch, replies, strict=True)]
+        labels = [[IGNORE] * len(e.prompt_ids) + reply for e, reply in zip(batch, replies, strict=True)]
         out[f"{side}_input_ids"] = torch.tensor(_pad(ids, width, pad_id), dtype=torch.long)
         out[f"{side}_labels"] = torch.tensor(_pad(labels, width, IGNORE), dtype=torch.long)
         out[f"{side}_attention_mask"] = torch.tensor(_pad([[1] * len(r) for r in ids], width, 0), dtype=torch.long)

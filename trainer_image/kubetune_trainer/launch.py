@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 import yaml
+from pydantic import ValidationError
 
 from kubetune.api import FineTuneJob, validate
-from kubetune.api.manifest import load_one
+from kubetune.api.manifest import load_one, problems_from
 from kubetune.contract import (
     DEFAULT_MASTER_PORT,
     ENV_MASTER_ADDR,
@@ -31,7 +32,12 @@ LAUNCHED = "KUBETUNE_LAUNCHED"  # set by the torchrun re-launch so it does not r
 def load_config(path: Path, metrics_port: int = 0) -> TrainerConfig:
     """A manifest with a FineTuneJob (a local run: file:// allowed, caches under ~/.cache/kubetune)
     or a trainer config file with `spec` and `runtime` (what the operator mounts)."""
-    document = yaml.safe_load(Path(path).read_text())
+    try:
+        document = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(document, dict):
+        raise ValueError(f"{path}: expected a FineTuneJob manifest or a trainer config (spec, runtime)")
     if isinstance(document, dict) and document.get("kind") == "FineTuneJob":
         job: FineTuneJob = load_one(path, "FineTuneJob", local=True)
         name = job.metadata.name or "local"
@@ -44,7 +50,11 @@ def load_config(path: Path, metrics_port: int = 0) -> TrainerConfig:
             termination_message_path=str(run_dir / "termination-log"),
         )
         return TrainerConfig(spec=job.spec, runtime=runtime)
-    config = TrainerConfig.model_validate(document)
+    try:
+        config = TrainerConfig.model_validate(document)
+    except ValidationError as error:
+        problems = "\n".join(f"  {p}" for p in problems_from(error))
+        raise ValueError(f"{path}: neither a FineTuneJob manifest nor a valid trainer config:\n{problems}") from None
     problems = validate(FineTuneJob(spec=config.spec), local=config.runtime.local)
     if problems:
         raise ValueError(f"{path}: invalid trainer config:\n" + "\n".join(f"  {p}" for p in problems))

@@ -67,7 +67,9 @@ class DatasetSpec(ApiModel):
     max_seq_length: int = Field(default=2048, ge=16, le=131072, description="Longer examples are truncated.")
     packing: bool = Field(
         default=False,
-        description="Pack several short examples into one sequence (fewer pad tokens; attention stays within each example).",
+        description=(
+            "Pack several short examples into one sequence (fewer pad tokens; attention stays within each example)."
+        ),
     )
     chat_template: Literal["tokenizer", "chatml", "llama3"] = Field(
         default="tokenizer",
@@ -90,7 +92,9 @@ class LoraSettings(ApiModel):
         default_factory=lambda: ["all-linear"],
         min_length=1,
         max_length=64,
-        description="Module names to adapt (q_proj, v_proj, ...), or all-linear for every linear layer but the output head.",
+        description=(
+            "Module names to adapt (q_proj, v_proj, ...), or all-linear for every linear layer but the output head."
+        ),
         json_schema_extra={"default": ["all-linear"], "items": {"type": "string", "maxLength": MAX_SHORT}},
     )
     rslora: bool = Field(default=False, description="Rank-stabilised scaling alpha / sqrt(r).")
@@ -312,7 +316,10 @@ class DistributedSpec(ApiModel):
     cel_rules: ClassVar = (
         Rule(
             cel="self.offload == 'none' || self.strategy != 'ddp'",
-            message="distributed.offload cpu needs strategy fsdp, deepspeed-zero2, deepspeed-zero3 or auto (ddp keeps a full replica per GPU)",
+            message=(
+                "distributed.offload cpu needs strategy fsdp, deepspeed-zero2, deepspeed-zero3 or "
+                "auto (ddp keeps a full replica per GPU)"
+            ),
             check=lambda d: d.offload == "none" or d.strategy != "ddp",
         ),
     )
@@ -444,19 +451,28 @@ class FineTuneJobSpec(ApiModel):
             field_path=".dpo",
         ),
         Rule(
-            cel=f"self.hyperparameters.globalBatchSize % (self.hyperparameters.microBatchSize * {_WORLD_SIZE_CEL}) == 0",
-            message="hyperparameters.globalBatchSize must be a multiple of microBatchSize x world size (resources.nodes x resources.gpusPerNode)",
+            cel=(
+                f"self.hyperparameters.globalBatchSize % (self.hyperparameters.microBatchSize * {_WORLD_SIZE_CEL}) == 0"
+            ),
+            message=(
+                "hyperparameters.globalBatchSize must be a multiple of microBatchSize x world size "
+                "(resources.nodes x resources.gpusPerNode)"
+            ),
             check=_batch_divides,
             # format() rather than string concatenation: the API server's cost estimator rejects
             # `'...' + string(x)` in a messageExpression as far over budget (Kubernetes 1.34).
             message_expression=(
                 "'hyperparameters.globalBatchSize (%d) must be a multiple of microBatchSize (%d) x world size (%d)'"
-                f".format([self.hyperparameters.globalBatchSize, self.hyperparameters.microBatchSize, {_WORLD_SIZE_CEL}])"
+                ".format([self.hyperparameters.globalBatchSize, self.hyperparameters.microBatchSize, "
+                f"{_WORLD_SIZE_CEL}])"
             ),
             describe=_batch_message,
         ),
         Rule(
-            cel="self.method.type != 'qlora' || self.distributed.strategy != 'deepspeed-zero3' || self.distributed.offload == 'none'",
+            cel=(
+                "self.method.type != 'qlora' || self.distributed.strategy != 'deepspeed-zero3' || "
+                "self.distributed.offload == 'none'"
+            ),
             message="qlora cannot offload its 4-bit base to CPU with deepspeed-zero3; use offload none or method lora",
             check=lambda s: (
                 not (

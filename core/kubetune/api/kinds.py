@@ -1,5 +1,6 @@
 """The kinds kubetune serves, with the names and columns their CRDs carry."""
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .adapterdeployment import AdapterDeployment, AdapterDeploymentSpec, AdapterDeploymentStatus
@@ -15,7 +16,7 @@ class KindInfo:
     model: type[ApiModel]
     spec_model: type[ApiModel]
     status_model: type[ApiModel]
-    printer_columns: tuple[dict, ...]
+    printer_columns: tuple[Mapping[str, object], ...]
 
 
 AGE = {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}

@@ -7,7 +7,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from .adapterdeployment import AdapterDeployment
 from .common import API_VERSION, rule_field_path
+from .finetunejob import FineTuneJob
 from .kinds import BY_KIND
 from .validation import Problem, validate
 
@@ -26,8 +28,12 @@ class Checked:
         return not self.problems
 
 
-def parse(doc: dict[str, Any], local: bool = False) -> Checked:
+def parse(doc: Any, local: bool = False) -> Checked:
     """Parse and validate one object the way the API server and the operator together would."""
+    if not isinstance(doc, dict):
+        return Checked(
+            "", "", problems=[Problem("(document)", f"expected a mapping with apiVersion and kind, not {doc!r:.40}")]
+        )
     kind = doc.get("kind", "")
     name = (doc.get("metadata") or {}).get("name", "")
     if doc.get("apiVersion") != API_VERSION or kind not in BY_KIND:
@@ -38,6 +44,7 @@ def parse(doc: dict[str, Any], local: bool = False) -> Checked:
         obj = BY_KIND[kind].model.model_validate(doc)
     except ValidationError as error:
         return Checked(kind, name, problems=problems_from(error))
+    assert isinstance(obj, FineTuneJob | AdapterDeployment)
     return Checked(kind, name, obj, validate(obj, local))
 
 
@@ -56,7 +63,7 @@ def problems_from(error: ValidationError) -> list[Problem]:
     return problems
 
 
-def _path(loc: tuple) -> str:
+def _path(loc: tuple[int | str, ...]) -> str:
     """pydantic's ('spec', 'adapters', 0, 'uri') as kubectl writes it: spec.adapters[0].uri."""
     out = ""
     for part in loc:
@@ -76,7 +83,7 @@ def check_file(path: Path, local: bool = False) -> list[Checked]:
     return [parse(doc, local) for doc in load_documents(path)]
 
 
-def load_one(path: Path, kind: str, local: bool = False):
+def load_one(path: Path, kind: str, local: bool = False) -> Any:
     """The single object of `kind` in a manifest, validated; raises ValueError listing the problems."""
     matches = [c for c in check_file(path, local) if c.kind == kind]
     if len(matches) != 1:

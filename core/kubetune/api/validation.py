@@ -109,7 +109,8 @@ def validate_finetunejob(spec: FineTuneJobSpec, local: bool = False) -> list[Pro
         problems.append(
             Problem(
                 "spec.method.type",
-                "dpo uses the base model as its frozen reference, so it needs an adapter method (lora, qlora, dora, ...), not full",
+                "dpo uses the base model as its frozen reference, so it needs an adapter method "
+                "(lora, qlora, dora, ...), not full",
             )
         )
     lr = spec.hyperparameters.lr

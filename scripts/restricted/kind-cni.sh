@@ -1,11 +1,13 @@
 #!/bin/bash
-# The CNI agent of kubetune's offline kind node image (scripts/kind-node-image.sh), standing in for
+# The CNI agent of kubetune's offline kind node image (scripts/kind-node-image.sh; its image is made
+# by scripts/restricted/kind-images.sh as docker.io/kindest/kindnetd), standing in for
 # kind's kindnetd (sigs.k8s.io/kind/images/kindnetd is not served by the Go module proxy): what
 # kindnetd does for a single-stack IPv4 cluster, as a shell loop in a hostNetwork DaemonSet pod:
 #   - writes /etc/cni/net.d/10-kindnet.conflist (ptp + host-local on this node's podCIDR, portmap)
 #   - routes every other node's podCIDR via that node's InternalIP (all nodes share one L2 network)
 #   - masquerades pod traffic leaving the pod subnet
 # Env: NODE_NAME, POD_SUBNET (from the DaemonSet); uses the pod's service account through kubectl.
+# Runs inside that image, so it stands alone (no scripts/lib/common.sh there).
 set -u
 log() { echo "kindnetd(kubetune): $*"; }
 conf=/etc/cni/net.d/10-kindnet.conflist

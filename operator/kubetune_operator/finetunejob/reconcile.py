@@ -1,8 +1,9 @@
-"""Read, call the pure core, write: the steps every handler is made of.
+"""FineTuneJob reconciles: read, call the pure core (admission, render, jobsync, status, scrape), write.
 
 * `reconcile_finetunejob`: admission (validation + memory plan), then the ConfigMap, Service and
-  Job, then the status. Idempotent: an object that already exists (409) counts as created, so a
-  re-run after an operator crash creates nothing twice.
+  Job (server-side apply; an existing Job's mutable fields are merge-patched and a suspended Job
+  made for another config is replaced: its pod template cannot change), then the status.
+  Idempotent: a re-run after an operator crash changes nothing that is already as it should be.
 * `reconcile_status`: the status from the Job and its pods (and, when asked, rank 0's metrics),
   written only when it changed, with a Kubernetes Event for each condition that flipped.
 
@@ -21,26 +22,27 @@ import kopf
 from pydantic import ValidationError
 
 from kubetune.api.finetunejob import FineTuneJob, TrainingPlan
+from kubetune.api.kinds import FINETUNEJOB
 
 from .. import conditions as c
 from .. import k8s, metrics, scrape
-from ..admission import Admission, admit
-from ..jobsync import is_terminating, job_patch, needs_replacement, owned_by
-from ..render import RenderError, render_finetunejob
-from ..render.finetunejob import JOB_LABEL
-from ..status import (
+from ..render_common import RenderError, is_terminating, owned_by
+from ..state import Key, OperatorState, ScrapeFailures
+from ..writes import apply_child, existing_child, write_status
+from .admission import Admission, admit
+from .jobsync import job_patch, needs_replacement
+from .render import JOB_LABEL, render_finetunejob
+from .status import (
     ADMISSION_REASONS,
     Context,
     apply_admission,
     derive_status,
     job_outcome,
     job_suspended,
-    merge_patch,
     running_rank0,
 )
-from .runtime import Key, Runtime, ScrapeState
 
-KIND = "FineTuneJob"
+KIND = FINETUNEJOB.kind
 CONFLICT_RETRIES = 3
 log = logging.getLogger("kubetune.operator")
 T = TypeVar("T")
@@ -80,6 +82,10 @@ def retry_conflicts(step: Callable[[], T]) -> T:
     raise AssertionError("unreachable")
 
 
+def job_path(namespace: str, name: str) -> str:
+    return k8s.resource_path("batch/v1", "Job", namespace, name)
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -87,9 +93,9 @@ def utcnow() -> datetime:
 # --- reading -------------------------------------------------------------------------------------
 
 
-def read_finetunejob(runtime: Runtime, key: Key) -> dict[str, Any] | None:
+def read_finetunejob(state: OperatorState, key: Key) -> dict[str, Any] | None:
     """The FineTuneJob as stored now, or None when it is gone or being deleted."""
-    body = runtime.client.get(k8s.finetunejob_path(*key))
+    body = state.client.get(k8s.kubetune_path(KIND, *key))
     if body is None or is_terminating(body):
         return None
     return body
@@ -118,62 +124,44 @@ def is_done(status: dict[str, Any]) -> bool:
     return c.is_true(conds, c.SUCCEEDED) or (failed.get("status") == c.TRUE and not refused)
 
 
-def workload_of(runtime: Runtime, job: FineTuneJob) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+def workload_of(state: OperatorState, job: FineTuneJob) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """The FineTuneJob's own Job (not a namesake) and that Job's pods."""
     meta = job.metadata
-    workload = runtime.client.get(k8s.job_path(meta.namespace, meta.name))
+    workload = state.client.get(job_path(meta.namespace, meta.name))
     if workload is None or not owned_by(workload, meta.uid):
         return None, []
     uid = workload["metadata"]["uid"]
     selector = f"{JOB_LABEL}={meta.name},batch.kubernetes.io/controller-uid={uid}"
-    return workload, runtime.client.list(k8s.pods_path(meta.namespace), selector)
+    return workload, state.client.list(k8s.pods_path(meta.namespace), selector)
 
 
 # --- writing -------------------------------------------------------------------------------------
 
 
-def write_status(runtime: Runtime, body: dict[str, Any], desired: dict[str, Any]) -> bool:
-    """Patch status to `desired` if it differs from what `body` holds; post an Event per flip."""
-    current = body.get("status") or {}
-    patch = merge_patch(current, desired)
-    if patch is None:
-        return False
-    meta = body["metadata"]
-    request = {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": patch}
-    runtime.client.merge_patch(k8s.finetunejob_path(meta["namespace"], meta["name"]) + "/status", request)
-    metrics.STATUS_WRITES.inc()
-    post_transitions(runtime, body, current.get("conditions"), desired.get("conditions"))
-    return True
-
-
-def post_transitions(runtime: Runtime, body: dict[str, Any], before: Any, after: Any) -> None:
-    for change in c.transitions(before, after):
-        kind = "Warning" if change.warning else "Normal"
-        try:
-            message = f"{change.type}={change.status}: {change.message}"
-            runtime.client.post_event(body, kind, change.reason or change.type, message)
-        except k8s.ApiError as error:  # an Event is a courtesy; never fail a reconcile over it
-            log.warning("could not post an Event for %s: %s", body["metadata"]["name"], error)
+def write(state: OperatorState, body: dict[str, Any], desired: dict[str, Any]) -> bool:
+    """Patch status to `desired` if it differs from what `body` holds; an Event per flip (a
+    Warning for Failed=True and Admitted=False)."""
+    return write_status(state.client, body, desired, lambda change: change.warning)
 
 
 # --- FineTuneJob: admission and children ---------------------------------------------------------
 
 
 @measured
-def reconcile_finetunejob(runtime: Runtime, namespace: str, name: str) -> None:
+def reconcile_finetunejob(state: OperatorState, namespace: str, name: str) -> None:
     """Admit the job, create what runs it, bring its Job in step, and refresh its status."""
-    whole_reconcile(runtime, (namespace, name))
+    whole_reconcile(state, (namespace, name))
 
 
-def whole_reconcile(runtime: Runtime, key: Key) -> None:
-    with runtime.locks.hold(key):
-        if retry_conflicts(lambda: admit_and_create(runtime, key)):
-            status_reconcile(runtime, key, scrape_metrics=False, recreate=False)
+def whole_reconcile(state: OperatorState, key: Key) -> None:
+    with state.locks.hold(KIND, key):
+        if retry_conflicts(lambda: admit_and_create(state, key)):
+            status_reconcile(state, key, scrape_metrics=False, recreate=False)
 
 
-def admit_and_create(runtime: Runtime, key: Key) -> bool:
+def admit_and_create(state: OperatorState, key: Key) -> bool:
     """True when the job is admitted and its objects exist; raises Refused when admission says no."""
-    body = read_finetunejob(runtime, key)
+    body = read_finetunejob(state, key)
     if body is None:
         return False
     current = body.get("status") or {}
@@ -182,29 +170,29 @@ def admit_and_create(runtime: Runtime, key: Key) -> bool:
     job, parse_error = parse(body)
     generation = (body.get("metadata") or {}).get("generation")
     if job is None:
-        refuse(runtime, body, "InvalidSpec", f"the spec cannot run in a cluster:\n{parse_error}", None, generation)
+        refuse(state, body, "InvalidSpec", f"the spec cannot run in a cluster:\n{parse_error}", None, generation)
     admission = admit(job)
     if not admission.admitted:
-        admission = recorded_admission(runtime, job, current) or admission
+        admission = recorded_admission(state, job, current) or admission
     plan = admission.plan.to_wire() if admission.plan else None
     if not admission.admitted:
-        refuse(runtime, body, admission.reason, admission.message, plan, generation)
+        refuse(state, body, admission.reason, admission.message, plan, generation)
     desired = apply_admission(current, True, admission.reason, admission.message, plan, generation, utcnow())
-    write_status(runtime, body, desired)
+    write(state, body, desired)
     try:
-        ensure_children(runtime, job, admission.plan)
+        ensure_children(state, job, admission.plan)
     except RenderError as error:  # admission checks the same things; kept as a last line of defence
-        refuse(runtime, read_finetunejob(runtime, key) or body, "InvalidSpec", str(error), plan, generation)
+        refuse(state, read_finetunejob(state, key) or body, "InvalidSpec", str(error), plan, generation)
     return True
 
 
-def recorded_admission(runtime: Runtime, job: FineTuneJob, current: dict[str, Any]) -> Admission | None:
+def recorded_admission(state: OperatorState, job: FineTuneJob, current: dict[str, Any]) -> Admission | None:
     """A job whose Job is running is never refused after the fact (by a newer planner, or an edited
     annotation, seen at an operator restart): its recorded admission stands while it runs."""
     admitted = c.find(current.get("conditions"), c.ADMITTED)
     if not admitted or admitted.get("status") != c.TRUE:
         return None
-    workload = runtime.client.get(k8s.job_path(job.metadata.namespace, job.metadata.name))
+    workload = state.client.get(job_path(job.metadata.namespace, job.metadata.name))
     if workload is None or not owned_by(workload, job.metadata.uid) or job_suspended(workload) or job_outcome(workload):
         return None
     log.warning(
@@ -217,56 +205,46 @@ def recorded_admission(runtime: Runtime, job: FineTuneJob, current: dict[str, An
 
 
 def refuse(
-    runtime: Runtime, body: dict[str, Any], reason: str, message: str, plan: Any, generation: int | None
+    state: OperatorState, body: dict[str, Any], reason: str, message: str, plan: Any, generation: int | None
 ) -> NoReturn:
     """Record the refusal (Admitted False, Failed True) and stop: the same spec would fail again."""
     desired = apply_admission(body.get("status"), False, reason, message, plan, generation, utcnow())
-    write_status(runtime, body, desired)
+    write(state, body, desired)
     raise Refused(reason)
 
 
-def ensure_children(runtime: Runtime, job: FineTuneJob, plan: TrainingPlan | None) -> None:
+def ensure_children(state: OperatorState, job: FineTuneJob, plan: TrainingPlan | None) -> None:
     """ConfigMap, Service and Job, in that order (the pods mount the one and resolve through the
-    other). Existing ones are kept; the Job's mutable fields are patched; a suspended Job made for
-    another config is replaced."""
-    objects = render_finetunejob(job, runtime.config, plan)
-    config_map = ensure(runtime, objects.config_map, job.metadata.uid)
-    ensure(runtime, objects.service, job.metadata.uid)
-    existing = ensure(runtime, objects.job, job.metadata.uid)
-    if existing is None:
+    other), applied server-side. A Job that exists keeps its ConfigMap as it was made (its pods'
+    retries read the same trainer config) and gets only its mutable fields patched; a suspended Job
+    made for another config is replaced."""
+    objects = render_finetunejob(job, state.config, plan)
+    uid = job.metadata.uid
+    workload = existing_child(state.client, objects.job, uid, KIND)
+    config_map = existing_child(state.client, objects.config_map, uid, KIND)
+    service = existing_child(state.client, objects.service, uid, KIND)
+    if workload is not None and needs_replacement(workload, config_map, objects.config_map):
+        replace_job(state, workload, objects.config_map, config_map)
+    if workload is None or config_map is None:
+        apply_child(state.client, objects.config_map, config_map)
+    apply_child(state.client, objects.service, service)
+    if workload is None:
+        apply_child(state.client, objects.job, None)
         return
-    if needs_replacement(existing, config_map, objects.config_map):
-        replace_job(runtime, existing, objects.config_map)
-    patch = job_patch(job, existing, objects.job)
+    patch = job_patch(job, workload, objects.job)
     if patch:
-        runtime.client.merge_patch(k8s.object_path(objects.job, objects.job["metadata"]["name"]), patch)
+        state.client.merge_patch(k8s.object_path(objects.job, objects.job["metadata"]["name"]), patch)
         log.info("Job %s/%s patched: %s", job.metadata.namespace, job.metadata.name, patch["spec"])
 
 
-def ensure(runtime: Runtime, obj: dict[str, Any], uid: str | None) -> dict[str, Any] | None:
-    """Create `obj`; None when created, else the existing object, which must be ours."""
-    name = obj["metadata"]["name"]
-    if runtime.client.create(k8s.object_path(obj), obj):
-        log.info("created %s %s/%s", obj["kind"], obj["metadata"]["namespace"], name)
-        return None
-    existing = runtime.client.get(k8s.object_path(obj, name))
-    if existing is None:
-        raise kopf.TemporaryError(f"{obj['kind']} {name} vanished while being created; retrying", delay=1)
-    if is_terminating(existing) or not owned_by(existing, uid):
-        raise kopf.TemporaryError(
-            f"{obj['kind']} {name} exists but is not this FineTuneJob's (an earlier namesake's, being "
-            "garbage-collected?); waiting for it to go",
-            delay=3,
-        )
-    return existing
-
-
-def replace_job(runtime: Runtime, existing: dict[str, Any], config_map: dict[str, Any]) -> None:
-    """New trainer config, then the Job goes; the retry creates it from the new spec."""
-    meta = existing["metadata"]
-    config_map_path = k8s.object_path(config_map, config_map["metadata"]["name"])
-    runtime.client.merge_patch(config_map_path, {"data": config_map["data"]})
-    runtime.client.delete(k8s.job_path(meta["namespace"], meta["name"]), uid=meta["uid"])
+def replace_job(
+    state: OperatorState, workload: dict[str, Any], config_map: dict[str, Any], existing_cm: dict[str, Any] | None
+) -> NoReturn:
+    """The new trainer config, then the Job goes (its pod template cannot change); the retry
+    applies the Job anew from the new spec."""
+    meta = workload["metadata"]
+    apply_child(state.client, config_map, existing_cm)
+    state.client.delete(k8s.object_path(workload, meta["name"]), uid=meta["uid"])
     raise kopf.TemporaryError(f"Job {meta['name']} replaced for the changed spec; creating the new one", delay=1)
 
 
@@ -274,57 +252,57 @@ def replace_job(runtime: Runtime, existing: dict[str, Any], config_map: dict[str
 
 
 @measured
-def reconcile_status(runtime: Runtime, namespace: str, name: str, scrape: bool = False) -> None:
+def reconcile_status(state: OperatorState, namespace: str, name: str, scrape: bool = False) -> None:
     """Refresh the status from the Job and its pods (+ rank 0's metrics when `scrape`); an admitted
     job whose Job has gone missing (deleted by hand) gets the whole reconcile, which recreates it."""
-    status_reconcile(runtime, (namespace, name), scrape)
+    status_reconcile(state, (namespace, name), scrape)
 
 
-def status_reconcile(runtime: Runtime, key: Key, scrape_metrics: bool, recreate: bool = True) -> None:
-    with runtime.locks.hold(key):
-        missing = retry_conflicts(lambda: refresh_status(runtime, key, scrape_metrics))
+def status_reconcile(state: OperatorState, key: Key, scrape_metrics: bool, recreate: bool = True) -> None:
+    with state.locks.hold(KIND, key):
+        missing = retry_conflicts(lambda: refresh_status(state, key, scrape_metrics))
         if missing and recreate:
-            whole_reconcile(runtime, key)
+            whole_reconcile(state, key)
 
 
-def refresh_status(runtime: Runtime, key: Key, scrape_metrics: bool) -> bool:
+def refresh_status(state: OperatorState, key: Key, scrape_metrics: bool) -> bool:
     """Derive and write the status; True when the admitted job has no Job (to be created)."""
-    body = read_finetunejob(runtime, key)
+    body = read_finetunejob(state, key)
     if body is None:
         return False
     current = body.get("status") or {}
     job, _ = parse(body)
     if job is None or not is_admitted(current) or is_done(current):
         return False
-    workload, pods = workload_of(runtime, job)
+    workload, pods = workload_of(state, job)
     if workload is None:
         return True
-    state = runtime.scrapes.get(key)
-    ctx = Context(job, workload, pods, utcnow(), state.note() if state else "")
+    failures = state.scrapes.get(key)
+    ctx = Context(job, workload, pods, utcnow(), failures.note() if failures else "")
     desired = derive_status(current, ctx)
     if scrape_metrics and desired.get("phase") == "Running":
-        desired = with_metrics(runtime, key, current, ctx)
-    write_status(runtime, body, desired)
+        desired = with_metrics(state, key, current, ctx)
+    write(state, body, desired)
     return False
 
 
-def with_metrics(runtime: Runtime, key: Key, current: dict[str, Any], ctx: Context) -> dict[str, Any]:
+def with_metrics(state: OperatorState, key: Key, current: dict[str, Any], ctx: Context) -> dict[str, Any]:
     """The derived status with rank 0's latest reading folded in; a failed scrape only changes the
     Running condition's message (and a counter)."""
-    port, annotations = runtime.config.trainer_metrics_port, ctx.job.metadata.annotations
-    url = scrape.metrics_url(running_rank0(ctx.pods), port, annotations, runtime.allow_metrics_url)
+    port, annotations = state.config.trainer_metrics_port, ctx.job.metadata.annotations
+    url = scrape.metrics_url(running_rank0(ctx.pods), port, annotations, state.allow_metrics_url)
     if url is None:
         return derive_status(current, ctx)
-    state = runtime.scrapes.setdefault(key, ScrapeState())
+    failures = state.scrapes.setdefault(key, ScrapeFailures())
     try:
-        reading = scrape.reading_from(scrape.fetch(url, timeout=min(5.0, runtime.interval)), ctx.now)
+        reading = scrape.reading_from(scrape.fetch(url, timeout=min(5.0, state.interval)), ctx.now)
     except scrape.ScrapeError as error:
         metrics.SCRAPES.labels(result="error").inc()
-        state.failures += 1
-        state.since = state.since or c.timestamp(ctx.now)
-        state.error = str(error)
+        failures.failures += 1
+        failures.since = failures.since or c.timestamp(ctx.now)
+        failures.error = str(error)
         log.info("scraping %s for %s/%s failed: %s", url, *key, error)
-        return derive_status(current, replace(ctx, scrape_note=state.note()))
+        return derive_status(current, replace(ctx, scrape_note=failures.note()))
     metrics.SCRAPES.labels(result="ok").inc()
-    runtime.scrapes[key] = ScrapeState()
+    state.scrapes[key] = ScrapeFailures()
     return scrape.apply_reading(derive_status(current, replace(ctx, scrape_note="")), reading)

@@ -7,8 +7,10 @@
 # this drops the capabilities that are not in our own bounding set, then execs the real runc;
 # everything else passes straight through.
 # Register it with the engine (dockerd flags, e.g. through scripts/docker-engine.sh's
-# KUBETUNE_DOCKERD_ARGS):  --add-runtime kt-runc=<repo>/scripts/kind-runc.sh --default-runtime kt-runc
+# KUBETUNE_DOCKERD_ARGS):  --add-runtime kt-runc=<repo>/scripts/restricted/kind-runc.sh --default-runtime kt-runc
+# scripts/restricted/kind-probe-engine.sh does that for its private engine.
 # Env: KIND_RUNC_REAL (default: /usr/sbin/runc, else /usr/bin/runc).
+# Plain sh on its own, without scripts/lib/common.sh: dockerd runs it for every container.
 real=${KIND_RUNC_REAL:-}
 [ -n "$real" ] || for r in /usr/sbin/runc /usr/bin/runc; do [ -x "$r" ] && { real=$r; break; }; done
 bundle=
@@ -24,7 +26,7 @@ for a in "$@"; do
     esac
     prev=$a
 done
-file= filter=
+file='' filter=''
 case "$cmd" in
     create|run) file=${bundle:-$(pwd)}/config.json; filter=.process.capabilities ;;
     exec) file=$procfile; filter=.capabilities ;;

@@ -1,4 +1,8 @@
-"""The `cluster` fixture: a real control plane (tests/cluster/harness.py) for tests marked `cluster`.
+"""The cluster fixtures (`cluster`, `namespace`, `crds`, `helm`): a real control plane
+(tests/cluster/harness.py) for tests marked `cluster`, and for the e2e tier's operator container.
+
+A pytest plugin, registered by `pytest_plugins` in tests/conftest.py, so every tier uses the same
+fixtures without importing a conftest.
 
 If a cluster started with `python3 tests/cluster/harness.py up` is running (same clone), the
 session reuses it and leaves it running (KUBETUNE_CLUSTER_FRESH=1: never reuse); otherwise it
@@ -86,10 +90,8 @@ def crds(cluster):
         group, plural = crd["spec"]["group"], crd["spec"]["names"]["plural"]
         for version in (v["name"] for v in crd["spec"]["versions"] if v.get("served")):
             # The REST endpoint can lag the Established condition by a moment.
-            cluster.wait_for(
-                lambda: cluster.api("GET", f"/apis/{group}/{version}/{plural}?limit=1")[0] == 200,
-                f"/apis/{group}/{version}/{plural} served",
-            )
+            path = f"/apis/{group}/{version}/{plural}"
+            cluster.wait_for(lambda path=path: cluster.api("GET", f"{path}?limit=1")[0] == 200, f"{path} served")
     return names
 
 

@@ -1,7 +1,8 @@
-"""Pieces every renderer shares: errors, owner references, labels, names and quantities.
+"""What the renderers of both kinds share: errors, owner references (made and read back), labels,
+names, quantities and the restricted security contexts.
 
 Renderers are pure: a parsed object and the operator's configuration in, plain dicts out, the same
-dicts for the same input. The kopf handlers create, compare and patch what comes out.
+dicts for the same input. The reconcilers apply what comes out (`writes.apply_child`).
 """
 
 import hashlib
@@ -11,7 +12,7 @@ from typing import Any
 
 from kubetune.api.common import API_VERSION, Placement
 
-from ..config import OperatorConfig
+from .config import OperatorConfig
 
 MAX_DNS_LABEL = 63  # Service names, hostnames, label values, volume names
 DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")  # what a Service name must be
@@ -22,6 +23,8 @@ LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_INSTANCE = "app.kubernetes.io/instance"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 APP = "kubetune"
+DEFAULT_CONTAINER_ANNOTATION = "kubectl.kubernetes.io/default-container"
+RUN_AS_USER = 1000
 
 
 class RenderError(ValueError):
@@ -50,6 +53,23 @@ def owner_reference(meta: Any, kind: str) -> dict[str, Any]:
         "controller": True,
         "blockOwnerDeletion": True,
     }
+
+
+def identity(meta: Any) -> tuple[str, str]:
+    """(name, namespace) of a parsed object's metadata, as plain strings. The renderers call
+    `check_renderable` first, which refuses an object without them."""
+    return str(_meta_get(meta, "name") or ""), str(_meta_get(meta, "namespace") or "")
+
+
+def owned_by(obj: Mapping[str, Any], uid: str | None) -> bool:
+    """Whether `obj` is controlled by the object with `uid` (not a namesake left by a deleted one)."""
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return bool(uid) and any(ref.get("uid") == uid and ref.get("controller") for ref in refs)
+
+
+def is_terminating(obj: Mapping[str, Any]) -> bool:
+    """Whether `obj` is being deleted (it has a deletionTimestamp)."""
+    return bool((obj.get("metadata") or {}).get("deletionTimestamp"))
 
 
 def standard_labels(instance: str, component: str) -> dict[str, str]:
@@ -120,3 +140,29 @@ def container_resources(placement: Placement, gpus: int, config: OperatorConfig)
     if limits:
         out["limits"] = limits
     return out
+
+
+def pod_security_context() -> dict[str, Any]:
+    """fsGroup makes the output claim writable for the non-root user; OnRootMismatch avoids a
+    recursive chown of a large model claim at every start."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+        "runAsGroup": RUN_AS_USER,
+        "fsGroup": RUN_AS_USER,
+        "fsGroupChangePolicy": "OnRootMismatch",
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> dict[str, Any]:
+    """The restricted Pod Security profile, plus a read-only root filesystem."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }

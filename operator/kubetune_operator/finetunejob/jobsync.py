@@ -1,7 +1,7 @@
 """Keeping an existing Job in step with its FineTuneJob: pure decisions over dicts.
 
 A Job's pod template and completions cannot change; `suspend`, `activeDeadlineSeconds` and
-`ttlSecondsAfterFinished` can. The handlers patch those in place, and replace a Job only when its
+`ttlSecondsAfterFinished` can. The reconciler patches those in place, and replaces a Job only when its
 ConfigMap holds another trainer config than the spec now gives (resources or image changed while
 suspended; runPolicy aside) and it is suspended, so no running training is ever cut short.
 """
@@ -16,16 +16,6 @@ from kubetune.contract import CONFIG_KEY
 from .status import job_outcome, job_suspended
 
 MUTABLE_FIELDS = ("activeDeadlineSeconds", "ttlSecondsAfterFinished")
-
-
-def owned_by(obj: dict[str, Any], uid: str | None) -> bool:
-    """Whether `obj` is controlled by the object with `uid` (not a namesake left by a deleted one)."""
-    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
-    return bool(uid) and any(ref.get("uid") == uid and ref.get("controller") for ref in refs)
-
-
-def is_terminating(obj: dict[str, Any]) -> bool:
-    return bool((obj.get("metadata") or {}).get("deletionTimestamp"))
 
 
 def desired_suspend(ftj: FineTuneJob, existing: dict[str, Any]) -> bool:
@@ -53,9 +43,10 @@ def job_patch(ftj: FineTuneJob, existing: dict[str, Any], rendered: dict[str, An
     return {"spec": spec} if spec else None
 
 
-def trainer_settings(config_map: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The trainer config a ConfigMap carries, without spec.runPolicy (suspend, deadlines and TTL
-    change the Job in place, never its pods)."""
+def trainer_settings(config_map: dict[str, Any] | None) -> Any:
+    """The trainer config a ConfigMap carries (a mapping, unless someone wrote other YAML there),
+    without spec.runPolicy (suspend, deadlines and TTL change the Job in place, never its pods);
+    None when there is none."""
     text = ((config_map or {}).get("data") or {}).get(CONFIG_KEY)
     if text is None:
         return None

@@ -2,7 +2,7 @@
 
 The handlers read the FineTuneJob, its Job and the Job's pods, call `derive_status`, and write
 the result only when it differs from what is stored. Admission (the Admitted condition and
-`status.plan`) is decided elsewhere (`admission.py`); this module keeps it as it finds it.
+`status.plan`) is decided in `admission.py` and recorded by `apply_admission`; this module keeps it as it finds it.
 
 Where the facts come from, the Kubernetes way:
 * Running: the Job's pods (all of them Running), Suspended: the Job's `spec.suspend`.
@@ -21,9 +21,9 @@ from typing import Any
 from kubetune.api.finetunejob import FineTuneJob
 from kubetune.contract import TRAINER_CONTAINER, TrainerResult, adapter_uri
 
-from . import conditions as c
+from .. import conditions as c
+from .render import COMPLETION_INDEX_ANNOTATION as COMPLETION_INDEX
 
-COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 DISRUPTION_TARGET = "DisruptionTarget"
 FAILURE_DETAIL_LIMIT = 2000  # characters of a pod's termination message quoted in the Failed condition
 
@@ -35,7 +35,8 @@ Status = dict[str, Any]
 
 def job_condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
     """The Job's condition of `type_` when it is True."""
-    for condition in (job.get("status") or {}).get("conditions") or []:
+    conditions: list[dict[str, Any]] = (job.get("status") or {}).get("conditions") or []
+    for condition in conditions:
         if condition.get("type") == type_ and condition.get("status") == c.TRUE:
             return condition
     return None
@@ -74,15 +75,16 @@ def ignores_disruptions(job: dict[str, Any]) -> bool:
 
 
 def pod_name(pod: dict[str, Any]) -> str:
-    return (pod.get("metadata") or {}).get("name", "")
+    return str((pod.get("metadata") or {}).get("name", ""))
 
 
 def pod_phase(pod: dict[str, Any]) -> str:
-    return (pod.get("status") or {}).get("phase", "Pending")
+    return str((pod.get("status") or {}).get("phase", "Pending"))
 
 
 def pod_condition(pod: dict[str, Any], type_: str) -> dict[str, Any] | None:
-    for condition in (pod.get("status") or {}).get("conditions") or []:
+    conditions: list[dict[str, Any]] = (pod.get("status") or {}).get("conditions") or []
+    for condition in conditions:
         if condition.get("type") == type_:
             return condition
     return None
@@ -124,7 +126,7 @@ def terminated_state(pod: dict[str, Any], container: str = TRAINER_CONTAINER) ->
     statuses = (pod.get("status") or {}).get("containerStatuses") or []
     ordered = [s for s in statuses if s.get("name") == container] + [s for s in statuses if s.get("name") != container]
     for status in ordered:
-        terminated = (status.get("state") or {}).get("terminated")
+        terminated: dict[str, Any] | None = (status.get("state") or {}).get("terminated")
         if terminated:
             return terminated
     return None
@@ -241,9 +243,10 @@ def waiting_detail(pods: list[dict[str, Any]]) -> str:
 
 def running_condition(conds: c.Conditions, ctx: Context, outcome: str | None) -> c.Conditions:
     assert ctx.workload is not None
-    set_running = lambda status, reason, message: c.set_condition(  # noqa: E731
-        conds, c.RUNNING, status, reason, message, ctx.generation, ctx.now
-    )
+
+    def set_running(status: str, reason: str, message: str) -> c.Conditions:
+        return c.set_condition(conds, c.RUNNING, status, reason, message, ctx.generation, ctx.now)
+
     if outcome == "Complete":
         return set_running(c.FALSE, "Completed", "training finished")
     if outcome == "Failed":
@@ -359,26 +362,6 @@ def derive_status(current: Status | None, ctx: Context) -> Status:
     return status
 
 
-# --- writing -------------------------------------------------------------------------------------
-
-
-def merge_patch(before: Any, after: Any) -> Any:
-    """The RFC 7386 merge patch that turns `before` into `after` (None when equal): changed keys,
-    removed keys as null, lists replaced whole. `after` must not contain None values."""
-    if not isinstance(before, dict) or not isinstance(after, dict):
-        return None if before == after else after
-    patch: dict[str, Any] = {}
-    for key, value in after.items():
-        if key not in before:
-            patch[key] = value
-        elif before[key] != value:
-            patch[key] = merge_patch(before[key], value)
-    for key in before:
-        if key not in after:
-            patch[key] = None
-    return patch or None
-
-
 # --- admission -----------------------------------------------------------------------------------
 
 ADMISSION_REASONS = ("InvalidSpec", "InsufficientGpuMemory")
@@ -414,3 +397,27 @@ def apply_admission(
     if generation is not None:
         status["observedGeneration"] = generation
     return status
+
+
+# --- what the resync loop tracks -----------------------------------------------------------------
+
+FINISHED = (c.SUCCEEDED, c.FAILED)
+
+
+@dataclass(frozen=True)
+class Tracked:
+    """A FineTuneJob as the resync loop sees it (the value of the operator's kopf index)."""
+
+    phase: str
+    gpus: int
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in FINISHED
+
+
+def tracked(spec: dict[str, Any], status: dict[str, Any]) -> Tracked:
+    """Its phase (Pending until the operator wrote one) and the GPUs it holds while it runs."""
+    resources = spec.get("resources") or {}
+    gpus = int(resources.get("nodes") or 1) * int(resources.get("gpusPerNode", 1) or 0)
+    return Tracked((status or {}).get("phase") or c.PENDING, gpus)

@@ -159,13 +159,13 @@ def trainable_params(job: FineTuneJob, arch: Architecture) -> int:
         extra = sum(out for _, out in modules) if method.type == "dora" else 0  # DoRA's magnitude vectors
         return layers * (lora.r * sum(i + o for i, o in modules) + extra)
     if method.type == "adalora":
-        settings = method.adalora
-        modules = adapted_modules(arch, settings.target_modules if settings else ["all-linear"])
-        return layers * (settings.init_r if settings else 12) * sum(i + o for i, o in modules)
+        adalora = method.adalora
+        modules = adapted_modules(arch, adalora.target_modules if adalora else ["all-linear"])
+        return layers * (adalora.init_r if adalora else 12) * sum(i + o for i, o in modules)
     if method.type == "ia3":
-        settings = method.ia3
-        targets = settings.target_modules if settings else ["k_proj", "v_proj", "down_proj"]
-        feedforward = set(settings.feedforward_modules if settings else ["down_proj"])
+        ia3 = method.ia3
+        targets = ia3.target_modules if ia3 else ["k_proj", "v_proj", "down_proj"]
+        feedforward = set(ia3.feedforward_modules if ia3 else ["down_proj"])
         sizes = dict(zip(targets, adapted_modules(arch, targets), strict=True))
         return layers * sum(i if name in feedforward else o for name, (i, o) in sizes.items())
     tokens = method.virtual_tokens.num_virtual_tokens if method.virtual_tokens else 20

@@ -49,15 +49,19 @@ from kubetune.contract import (
 from kubetune.planning import Plan
 
 from ..config import OperatorConfig
-from .common import (
+from ..render_common import (
+    DEFAULT_CONTAINER_ANNOTATION,
     DNS_1035_LABEL,
     LABEL_COMPONENT,
     MAX_DNS_LABEL,
     RenderError,
     container_resources,
+    container_security_context,
     dns_label,
+    identity,
     object_meta,
     owner_reference,
+    pod_security_context,
     quantity,
     short_hash,
     standard_labels,
@@ -82,11 +86,9 @@ JOB_LABEL = "kubetune.io/job"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 CONFIG_HASH_ANNOTATION = "kubetune.io/config-hash"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
-DEFAULT_CONTAINER_ANNOTATION = "kubectl.kubernetes.io/default-container"
 
 # Extra seconds the pod gets beyond the trainer's grace period, for torchrun to tear down workers.
 GRACE_MARGIN_SECONDS = 15
-RUN_AS_USER = 1000
 
 
 # --- names ---------------------------------------------------------------------------------------
@@ -195,7 +197,7 @@ def trainer_config_text(trainer: TrainerConfig) -> str:
 
 
 def render_config_map(job: FineTuneJob, config: OperatorConfig, plan: AnyPlan = None) -> dict[str, Any]:
-    name, namespace = job.metadata.name, job.metadata.namespace
+    name, namespace = identity(job.metadata)
     owner = owner_reference(job.metadata, KIND)
     return {
         "apiVersion": "v1",
@@ -208,7 +210,7 @@ def render_config_map(job: FineTuneJob, config: OperatorConfig, plan: AnyPlan = 
 def render_service(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:
     """Headless, and publishing not-ready addresses: torchrun on every node resolves rank 0 while
     the pods start, long before (and regardless of whether) they would count as ready."""
-    name, namespace = job.metadata.name, job.metadata.namespace
+    name, namespace = identity(job.metadata)
     ports = [
         {"name": port["name"], "port": port["containerPort"], "targetPort": port["containerPort"], "protocol": "TCP"}
         for port in container_ports(config)
@@ -230,7 +232,7 @@ def render_job(job: FineTuneJob, config: OperatorConfig, config_hash: str = "") 
     """The Indexed Job. `config_hash` (of the ConfigMap's trainer.yaml) is recorded so the handler
     can tell that a Job was made for another config (e.g. resources changed while suspended) and
     must be replaced: a Job's pod template and completions cannot be patched."""
-    name, namespace, spec = job.metadata.name, job.metadata.namespace, job.spec
+    (name, namespace), spec = identity(job.metadata), job.spec
     policy = spec.run_policy
     annotations = {CONFIG_HASH_ANNOTATION: config_hash} if config_hash else None
     owner = owner_reference(job.metadata, KIND)
@@ -278,7 +280,7 @@ def pod_failure_policy() -> dict[str, Any]:
 
 
 def pod_template(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:
-    name = job.metadata.name
+    name, _ = identity(job.metadata)
     return {
         "metadata": {"labels": pod_labels(name), "annotations": {DEFAULT_CONTAINER_ANNOTATION: CONTAINER}},
         "spec": pod_spec(job, config),
@@ -289,7 +291,7 @@ def pod_spec(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:
     """Restricted Pod Security, no API token (the pods never talk to the API server: progress is
     read from rank 0's metrics, the result from the termination message), no service links (a
     Service named `master` would otherwise inject a MASTER_PORT variable)."""
-    name, resources = job.metadata.name, job.spec.resources
+    (name, _), resources = identity(job.metadata), job.spec.resources
     mounts = volume_mounts(name, job.spec)
     spec: dict[str, Any] = {
         "restartPolicy": "Never",  # required by podFailurePolicy; the Job controller replaces failed pods
@@ -328,7 +330,7 @@ def trainer_container(job: FineTuneJob, config: OperatorConfig, mounts: list[dic
         "image": spec.image or config.trainer_image,
         "imagePullPolicy": config.image_pull_policy,
         "command": trainer_command(spec.resources),
-        "env": trainer_env(job.metadata.name, spec.resources, config),
+        "env": trainer_env(identity(job.metadata)[0], spec.resources, config),
         "ports": container_ports(config),
         "resources": container_resources(spec.resources, spec.resources.gpus_per_node, config),
         "volumeMounts": mounts,
@@ -394,32 +396,6 @@ def container_ports(config: OperatorConfig) -> list[dict[str, Any]]:
     return ports
 
 
-def pod_security_context() -> dict[str, Any]:
-    """fsGroup makes the output claim writable for the non-root user; OnRootMismatch avoids a
-    recursive chown of a large model claim at every start."""
-    return {
-        "runAsNonRoot": True,
-        "runAsUser": RUN_AS_USER,
-        "runAsGroup": RUN_AS_USER,
-        "fsGroup": RUN_AS_USER,
-        "fsGroupChangePolicy": "OnRootMismatch",
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
-
-
-def container_security_context() -> dict[str, Any]:
-    """The restricted Pod Security profile, plus a read-only root filesystem."""
-    return {
-        "runAsNonRoot": True,
-        "runAsUser": RUN_AS_USER,
-        "allowPrivilegeEscalation": False,
-        "privileged": False,
-        "readOnlyRootFilesystem": True,
-        "capabilities": {"drop": ["ALL"]},
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
-
-
 # --- volumes -------------------------------------------------------------------------------------
 
 
@@ -472,7 +448,7 @@ def volume_mounts(name: str, spec: FineTuneJobSpec) -> list[Pair]:
     """(volume, mount) pairs, in a fixed order: config, scratch (twice: /scratch and /tmp), shm,
     claims by name, dataset ConfigMaps by name. Input claims are read-only at the volume level
     too, so no process in the pod can alter a model or a dataset."""
-    scratch = {"emptyDir": {}}
+    scratch: dict[str, Any] = {"emptyDir": {}}
     pairs = [
         _pair("config", {"configMap": {"name": config_map_name(name)}}, CONFIG_DIR, read_only=True),
         _pair("scratch", scratch, SCRATCH),

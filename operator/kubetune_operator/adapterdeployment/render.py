@@ -28,26 +28,28 @@ from kubetune.api.adapterdeployment import AdapterDeployment, AdapterDeploymentS
 from kubetune.contract import PVC_ROOT, PVC_ROOT_ENV, SCRATCH, TMP_DIR
 
 from ..config import OperatorConfig
-from .common import (
+from ..render_common import (
+    DEFAULT_CONTAINER_ANNOTATION,
     DNS_1035_LABEL,
     LABEL_COMPONENT,
     MAX_DNS_LABEL,
     RenderError,
     container_resources,
+    container_security_context,
     dns_label,
+    identity,
     object_meta,
     owner_reference,
+    pod_security_context,
     short_hash,
     standard_labels,
 )
-from .finetunejob import container_security_context, pod_security_context
 
 KIND = "AdapterDeployment"
 COMPONENT = "serving"
 CONTAINER = "server"
 DEPLOYMENT_LABEL = "kubetune.io/adapterdeployment"
 SPEC_HASH_ANNOTATION = "kubetune.io/spec-hash"
-DEFAULT_CONTAINER_ANNOTATION = "kubectl.kubernetes.io/default-container"
 PORT_NAME = "http"
 GRACE_SECONDS = 35  # the builtin server drains for 30 s
 ADAPTERS_VOLUME = "adapters"
@@ -179,7 +181,7 @@ def volumes(ad: AdapterDeployment, adapter_uris: Iterable[str]) -> tuple[list[di
         # optional: a pod that starts before the operator wrote it serves no adapters yet
         {
             "name": ADAPTERS_VOLUME,
-            "configMap": {"name": adaptersfile.configmap_name(ad.metadata.name), "optional": True},
+            "configMap": {"name": adaptersfile.configmap_name(identity(ad.metadata)[0]), "optional": True},
         },
     ]
     mounts: list[dict[str, Any]] = [
@@ -197,7 +199,7 @@ def volumes(ad: AdapterDeployment, adapter_uris: Iterable[str]) -> tuple[list[di
 
 
 def pod_template(ad: AdapterDeployment, config: OperatorConfig, adapter_uris: Iterable[str] = ()) -> dict[str, Any]:
-    spec, name = ad.spec, ad.metadata.name
+    spec, (name, _) = ad.spec, identity(ad.metadata)
     vols, mounts = volumes(ad, adapter_uris)
     # Builtin: /live answers as soon as the process does, /health once the model and the adapters
     # file are loaded. vLLM's /health answers once the engine (and its --lora-modules) is up.
@@ -246,7 +248,7 @@ def render_deployment(
 ) -> dict[str, Any]:
     """The Deployment; SPEC_HASH_ANNOTATION (of replicas + template) tells the handler whether the
     Deployment it finds was made from the same input, without comparing API-server defaults."""
-    name, namespace = ad.metadata.name, ad.metadata.namespace
+    name, namespace = identity(ad.metadata)
     template = pod_template(ad, config, adapter_uris)
     spec = {
         "replicas": ad.spec.replicas,
@@ -280,7 +282,7 @@ def sorted_items(value: Any) -> Any:
 
 
 def render_service(ad: AdapterDeployment) -> dict[str, Any]:
-    name, namespace, service = ad.metadata.name, ad.metadata.namespace, ad.spec.service
+    (name, namespace), service = identity(ad.metadata), ad.spec.service
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -309,7 +311,7 @@ def adapters_file_entries(ad: AdapterDeployment, adapters: Iterable[tuple[str, s
 
 def render_adapters_configmap(ad: AdapterDeployment, adapters: Iterable[tuple[str, str]]) -> dict[str, Any]:
     """The adapters file: `adapters` is (name, URI) of every adapter whose URI is known, spec order."""
-    name, namespace = ad.metadata.name, ad.metadata.namespace
+    name, namespace = identity(ad.metadata)
     text = adaptersfile.render_adapters_file(adapters_file_entries(ad, adapters))
     return {
         "apiVersion": "v1",

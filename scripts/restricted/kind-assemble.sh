@@ -8,17 +8,20 @@
 # lists and that is not one of the four control-plane tarballs of a Kubernetes release, with no
 # check for images already present.)
 #
-# Usage: bash scripts/kind-assemble.sh BASE_IMAGE NODE_IMAGE K8S_VERSION BINARY... -- IMAGE_TAR...
-# Called by scripts/kind-node-image.sh.
+# Usage: bash scripts/restricted/kind-assemble.sh BASE_IMAGE NODE_IMAGE K8S_VERSION BINARY... -- IMAGE_TAR...
+# Called by scripts/kind-node-image.sh (step node) with the tarballs of kind-images.sh.
 set -euo pipefail
+source "$(dirname "$0")/../lib/common.sh"
+k8s_versions
+ensure_go
 base=$1 image=$2 version=$3
 shift 3
 bins=()
 while [ $# -gt 0 ] && [ "$1" != -- ]; do bins+=("$1"); shift; done
 [ "${1:-}" = -- ] && shift
 tars=("$@")
-kind_mod=$(go env GOMODCACHE)/sigs.k8s.io/kind@${KIND_VERSION:-v0.30.0}
-say() { echo "kind-assemble: $*"; }
+kind_mod=$(go env GOMODCACHE)/sigs.k8s.io/kind@$KIND_VERSION
+[ -d "$kind_mod" ] || go mod download "sigs.k8s.io/kind@$KIND_VERSION"
 
 id=kind-build-kubetune-$$
 cleanup() { docker rm -f -v "$id" >/dev/null 2>&1 || true; }
@@ -41,16 +44,16 @@ dx mkdir -p /kind/manifests
 src=$kind_mod/pkg/build/nodeimage/const_storage.go
 prov=$(sed -n 's/^const storageProvisionerImage = "\(.*\)"$/\1/p' "$src")
 helper=$(sed -n 's/^const storageHelperImage = "\(.*\)"$/\1/p' "$src")
-[ -n "$prov" ] && [ -n "$helper" ] || { echo "kind-assemble: no storage images in $src" >&2; exit 1; }
+if [ -z "$prov" ] || [ -z "$helper" ]; then die "no storage images in $src"; fi
 awk '/^const defaultStorageManifest = `/{on=1; next} on && /^`$/{exit} on' "$src" \
     | sed -e "s#\` + storageProvisionerImage + \`#$prov#g" -e "s#\` + storageHelperImage + \`#$helper#g" \
     | dx sh -c 'cat >/kind/manifests/default-storage.yaml'
 
 # default CNI: kind templates this file ({{ .PodSubnet }}) at cluster creation; ours runs
-# scripts/kind-cni.sh under kindnetd's image name
+# scripts/restricted/kind-cni.sh under kindnetd's image name
 cni_image=$(sed -n 's/^const kindnetdImage = "\(.*\)"$/\1/p' "$kind_mod/pkg/build/nodeimage/const_cni.go")
 dx sh -c 'cat >/kind/manifests/default-cni.yaml' <<YAML
-# kubetune's offline kindnetd stand-in (scripts/kind-cni.sh)
+# kubetune's offline kindnetd stand-in (scripts/restricted/kind-cni.sh)
 # would you kindly template this file
 ---
 kind: ClusterRole
@@ -142,4 +145,4 @@ docker commit \
     --change 'ENTRYPOINT [ "/usr/local/bin/entrypoint", "/sbin/init" ]' \
     --change 'ENV HTTP_PROXY="" HTTPS_PROXY="" NO_PROXY=""' \
     "$id" "$image" >/dev/null
-say "$image committed in $(( $(date +%s) - t0 )) s"
+say "$image committed in $(elapsed "$t0") s"

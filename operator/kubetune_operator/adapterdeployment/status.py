@@ -1,17 +1,30 @@
-"""AdapterDeployment adapters: what each replica must load or unload, and the status that follows.
+"""An AdapterDeployment's status from its Deployment and what its replicas report: pure functions.
 
-Pure: plain values in, plain values out. The handler resolves the wanted adapters (a `fromJob`
-adapter has a URI once its FineTuneJob has Succeeded), asks each ready replica for `/v1/models`,
-executes the actions `plan_actions` returns, records the outcome in the `Replica` views, and calls
-`derive_status`.
+Conditions: Available (a replica is ready), Progressing (replicas rolling, or adapters loading or
+unloading), AdaptersReady (every wanted adapter loaded on every ready replica), Degraded (a load
+refused, the replicas serve different weights than the FineTuneJob reported, or a replica does not
+answer). `status.adapters` lists each adapter's state; sha256 comes from the FineTuneJob or from
+the replicas, and a mismatch fails the adapter.
 """
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from . import conditions as c
+from .. import conditions as c
+from .adapters import (
+    FAILED,
+    JOB_FAILED,
+    LOADED,
+    LOADING,
+    PENDING,
+    UNLOADING,
+    WAITING_FOR_JOB,
+    Replica,
+    Wanted,
+    has,
+)
 
 # Condition types of an AdapterDeployment.
 AVAILABLE = "Available"
@@ -19,127 +32,12 @@ PROGRESSING = "Progressing"
 ADAPTERS_READY = "AdaptersReady"
 DEGRADED = "Degraded"
 
-PENDING, LOADING, LOADED, FAILED, UNLOADING = "Pending", "Loading", "Loaded", "Failed", "Unloading"
 
-# Why a `fromJob` adapter has no URI yet (the AdaptersReady reason while it is so).
-WAITING_FOR_JOB, JOB_FAILED = "WaitingForJob", "JobFailed"
-
-
-@dataclass(frozen=True)
-class Wanted:
-    """An adapter of the spec: its URI once known, else why not (`reason`, `pending` in words)."""
-
-    name: str
-    uri: str | None = None
-    sha256: str | None = None
-    pending: str = ""
-    reason: str = ""
-    path: str | None = None  # what the runtime is given and reports as `root` (vLLM: a local path); None: the URI
-
-    @property
-    def root(self) -> str | None:
-        return self.path or self.uri
-
-
-@dataclass
-class Replica:
-    """One ready replica as seen by the operator. `loaded`: adapter name → the `root` the runtime
-    reports (the path it was given; None when it does not say), None when the replica could not be asked. `failed`:
-    adapter name → (URI, the runtime's message) for loads it refused; never retried on this replica
-    for the same URI. `error`: why it could not be asked."""
-
-    name: str
-    url: str
-    loaded: dict[str, str | None] | None = None
-    digests: dict[str, str] = field(default_factory=dict)  # adapter name → sha256 of its weights, where told
-    failed: dict[str, tuple[str, str]] = field(default_factory=dict)
-    unload_failed: dict[str, str] = field(default_factory=dict)
-    error: str = ""
-
-
-@dataclass(frozen=True)
-class Action:
-    replica: str
-    verb: str  # "load" | "unload"
-    adapter: str
-    uri: str = ""
-
-
-def adapters_from_models(models: Mapping[str, Any]) -> dict[str, str | None]:
-    """The adapters in a /v1/models answer: the cards with a parent (the base model has none)."""
-    return {card["id"]: card.get("root") for card in models.get("data") or [] if card.get("parent")}
-
-
-def digests_from_models(models: Mapping[str, Any]) -> dict[str, str]:
-    """The weights' sha256 of each adapter card that has one (the builtin runtime says; vLLM does not)."""
-    return {
-        card["id"]: card["sha256"]
-        for card in models.get("data") or []
-        if card.get("parent") and isinstance(card.get("sha256"), str)
-    }
-
-
-def resolve(spec_adapters: Iterable[Mapping[str, Any]], jobs: Mapping[str, Mapping[str, Any] | None]) -> list[Wanted]:
-    """spec.adapters (wire form) → Wanted; `jobs`: FineTuneJob name → the object (None: absent)."""
-    out = []
-    for adapter in spec_adapters:
-        name = adapter["name"]
-        if adapter.get("uri"):
-            out.append(Wanted(name, adapter["uri"]))
-            continue
-        job_name = adapter.get("fromJob") or ""
-        job = jobs.get(job_name)
-        if job is None:
-            out.append(
-                Wanted(name, pending=f"waiting for FineTuneJob {job_name} to exist and succeed", reason=WAITING_FOR_JOB)
-            )
-            continue
-        status = job.get("status") or {}
-        result = status.get("adapter") or {}
-        if c.is_true(status.get("conditions"), c.SUCCEEDED) and result.get("uri"):
-            out.append(Wanted(name, result["uri"], result.get("sha256")))
-        elif c.is_true(status.get("conditions"), c.FAILED):
-            failed = c.find(status.get("conditions"), c.FAILED) or {}
-            out.append(
-                Wanted(
-                    name,
-                    pending=f"FineTuneJob {job_name} failed: {failed.get('message', '')}".strip(),
-                    reason=JOB_FAILED,
-                )
-            )
-        else:
-            out.append(Wanted(name, pending=f"waiting for FineTuneJob {job_name} to succeed", reason=WAITING_FOR_JOB))
-    return out
-
-
-def plan_actions(wanted: list[Wanted], replicas: list[Replica]) -> list[Action]:
-    """Per replica that answered: unloads first (free slots), then loads. An adapter loaded from
-    another URI than wanted is unloaded and loaded again; a load the replica refused for this URI
-    is not retried there."""
-    by_name = {w.name: w for w in wanted}
-    actions: list[Action] = []
-    for replica in replicas:
-        if replica.loaded is None:
-            continue
-        for name, root in sorted(replica.loaded.items()):
-            want = by_name.get(name)
-            if want is None or (want.uri is not None and root is not None and root != want.root):
-                actions.append(Action(replica.name, "unload", name))
-        for want in wanted:
-            if want.uri is None:
-                continue
-            current = has(replica, want)
-            refused = replica.failed.get(want.name, ("", ""))[0] == want.uri
-            if not current and not refused:
-                actions.append(Action(replica.name, "load", want.name, want.uri))
-    return actions
-
-
-def has(replica: Replica, want: Wanted) -> bool:
-    if replica.loaded is None or want.name not in replica.loaded:
-        return False
-    root = replica.loaded[want.name]
-    return root is None or root == want.root
+def is_warning(change: c.Transition) -> bool:
+    """Which condition flips are posted as Warning Events."""
+    if change.type == DEGRADED:
+        return change.status == c.TRUE
+    return change.type in (AVAILABLE, ADAPTERS_READY) and change.status == c.FALSE
 
 
 def adapter_statuses(wanted: list[Wanted], replicas: list[Replica]) -> list[dict[str, Any]]:
@@ -165,7 +63,7 @@ def adapter_statuses(wanted: list[Wanted], replicas: list[Replica]) -> list[dict
         if refusals:
             entry.update(state=FAILED, message=refusals[0])
         elif different:  # the files at the URI were replaced, or replicas loaded it at different times
-            expected = f"the FineTuneJob reported {sha256[:12]}" if want.sha256 else "the replicas disagree"
+            expected = f"the FineTuneJob reported {want.sha256[:12]}" if want.sha256 else "the replicas disagree"
             entry.update(
                 state=FAILED,
                 message=f"replicas serve weights with sha256 {', '.join(d[:12] for d in different)}; {expected}",

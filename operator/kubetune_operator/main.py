@@ -1,5 +1,6 @@
-"""`kubetune operator`: run the handlers with kopf, plus a liveness endpoint and the operator's
-Prometheus metrics. Works with only a kubeconfig (KUBECONFIG or ~/.kube/config) or in a pod."""
+"""`kubetune operator`: run every handler (`handlers.REGISTRY`) with kopf, plus a liveness endpoint
+and the operator's Prometheus metrics. Works with only a kubeconfig (KUBECONFIG or ~/.kube/config)
+or in a pod. The CLI (`kubetune.cli`) calls `run_operator(Options(...))`."""
 
 import os
 import sys
@@ -7,10 +8,10 @@ from dataclasses import dataclass
 
 import kopf
 
-from .. import metrics
-from ..config import OperatorConfig
-from . import REGISTRY
-from .runtime import ALLOW_METRICS_URL_ENV, configure
+from . import metrics
+from .config import OperatorConfig
+from .handlers import REGISTRY, configure
+from .state import ALLOW_METRICS_URL_ENV
 
 
 @dataclass(frozen=True)
