@@ -103,7 +103,8 @@ for extra in sys.argv[1].split(","):
 print("\n".join(dict.fromkeys(reqs + ["setuptools"])))
 PY
     "$pip" install -q --dry-run --ignore-installed --no-index --find-links "$wheels" --only-binary=:all: \
-        -c requirements/lock.txt -c <(echo "deepspeed==$(deepspeed_version)") -r "$reqs" --report "$report" \
+        -c <(sed -e '/--hash=/d' -e 's/ *\\$//' requirements/lock.txt) -c <(echo "deepspeed==$(deepspeed_version)") \
+        -r "$reqs" --report "$report" \
         || die "the wheelhouse $wheels cannot satisfy kubetune[$extras] under the lock"
     "$repo/.venv/bin/python" - "$report" "$ctx/wheels" <<'PY'
 import json, os, shutil, sys

@@ -27,7 +27,7 @@ else
     echo "!!! e2e tier: no Docker engine on this machine; its tests will report NOT RUN" >&2
 fi
 
-.venv/bin/python -m pytest tests "$@"
+.venv/bin/python -m pytest tests --durations=15 "$@"   # the slowest tests, to keep the suite fast
 status=$?
 [ "$status" -eq 0 ] && [ "$images_failed" -eq 1 ] && status=1
 # pytest exits 5 when nothing was collected: that is a broken suite, not a pass.
