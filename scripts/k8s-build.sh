@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the binaries of the local Kubernetes test control plane (tests/cluster/) from source,
 # through the Go module proxy only, at the versions pinned in scripts/k8s-versions.env:
-#   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok, helm, kind.
+#   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok, kwokctl, helm,
+#   kind (kwokctl starts the others as a cluster: tests/cluster/harness.py).
 #
 # They are built into ${KUBETUNE_K8S_BIN:-${KUBETUNE_CACHE:-~/.cache/kubetune}/k8s/<K8S_VERSION>/bin},
 # outside the clone, and .cache/k8s/<K8S_VERSION>/bin in the clone is a symlink to it, so fresh
@@ -31,6 +32,7 @@ declare -A want=(
     [kube-scheduler]="kubernetes $K8S_VERSION"
     [kubectl]="kubernetes $K8S_VERSION"
     [kwok]="kwok $KWOK_VERSION"
+    [kwokctl]="kwok $KWOK_VERSION"
     [helm]="helm $HELM_VERSION"
     [kind]="kind $KIND_VERSION"
 )
@@ -52,7 +54,7 @@ make_link() {
 }
 
 missing=()
-for name in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm kind; do
+for name in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok kwokctl helm kind; do
     if need "$name"; then missing+=("$name"); fi
 done
 if [ ${#missing[@]} -eq 0 ]; then
@@ -100,9 +102,12 @@ if need etcd; then
     go_build_etcd etcd "$src/etcd-$ETCD_VERSION" "$ETCD_VERSION" "$out/etcd"
     install_bins "$out" etcd
 fi
+kwok_ldflags="-X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v} -X sigs.k8s.io/kwok/pkg/consts.KubeVersion=${K8S_VERSION#v}"
 if need kwok; then
-    go_install kwok "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" \
-        "-X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v} -X sigs.k8s.io/kwok/pkg/consts.KubeVersion=${K8S_VERSION#v}"
+    go_install kwok "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" "$kwok_ldflags"
+fi
+if need kwokctl; then # the same module as kwok; the harness hands it every binary (no downloads)
+    go_install kwokctl "sigs.k8s.io/kwok/cmd/kwokctl@$KWOK_VERSION" "$kwok_ldflags"
 fi
 if need kube-apiserver kube-controller-manager kube-scheduler kubectl; then
     out=$(mktemp -d "$bin/.out.XXXXXX")

@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import sys
 import time
 import warnings
 from typing import Any
@@ -11,7 +12,10 @@ from typing import Any
 def log(event: str, **fields: Any) -> None:
     """One JSON object per line on stdout: greppable by people, parseable by log pipelines."""
     record = {"ts": round(time.time(), 3), "event": event, **fields}
-    print(json.dumps(record, default=str), flush=True)
+    # One write of the whole line: processes that share a pipe (torchrun's ranks) then never
+    # interleave within a line, also unbuffered (print writes the text and the newline apart).
+    sys.stdout.write(json.dumps(record, default=str) + "\n")
+    sys.stdout.flush()
 
 
 def quiet_libraries() -> None:

@@ -43,6 +43,7 @@ ensure_uv() {
     dir=$kubetune_cache/tools/uv-$version
     if [ ! -x "$dir/bin/uv" ]; then
         say "installing uv $version into $dir" >&2
+        rm -rf "$dir.tmp"
         python3 -m pip install -q --disable-pip-version-check --target "$dir.tmp" "uv==$version" >&2 \
             || die "could not install uv $version with pip"
         rm -rf "$dir" && mv "$dir.tmp" "$dir"

@@ -6,7 +6,8 @@ fixtures without importing a conftest.
 
 If a cluster started with `python3 tests/cluster/harness.py up` is running (same clone), the
 session reuses it and leaves it running (KUBETUNE_CLUSTER_FRESH=1: never reuse); otherwise it
-starts one (~4 s) and stops it at the end.
+starts one (`kwokctl create cluster`, ~5 s) and deletes it at the end; a session that is killed has
+its cluster deleted by the harness's watchdog, and a leftover is deleted before the next start.
 Without built binaries every cluster test is skipped with a loud "cluster tier NOT RUN" reason.
 """
 

@@ -2,13 +2,17 @@
 """A real Kubernetes control plane for tests, from locally built binaries, started in seconds.
 
     python3 tests/cluster/harness.py up       # start (or report the running one); prints KUBECONFIG
-    python3 tests/cluster/harness.py status   # is it up? which ports, pids
-    python3 tests/cluster/harness.py down     # kill every process it started (its process group)
+    python3 tests/cluster/harness.py status   # is it up? which components, pids
+    python3 tests/cluster/harness.py down     # `kwokctl delete cluster`
 
-What runs: etcd, kube-apiserver (RBAC,Node; client-cert auth), kube-controller-manager
-(--controllers=*: Jobs make pods, garbage collection, namespaces, service accounts, ...),
-kube-scheduler and kwok, which plays the kubelet for fake nodes (annotation kwok.x-k8s.io/node=fake):
-two 8-GPU nodes (tainted nvidia.com/gpu=present:NoSchedule, zones zone-a / zone-b) and one CPU node.
+``kwokctl create cluster --runtime binary`` starts it, from the binaries ``bash scripts/k8s-build.sh``
+builds (versions in scripts/k8s-versions.env; kwokctl is handed every binary, so it downloads
+nothing): etcd, kube-apiserver (RBAC,Node; client-cert auth), kube-controller-manager (all default
+controllers: Jobs make pods, garbage collection, namespaces, service accounts, CSR signing, ...),
+kube-scheduler and kwok, which plays the kubelet for every node. Everything listens on 127.0.0.1
+only. This module adds the flags kwokctl does not set (``_config``), the nodes, and the readiness
+check: two 8-GPU nodes (tainted nvidia.com/gpu=present:NoSchedule, zones zone-a / zone-b) and one
+CPU node, all Ready.
 
 Pods on the fake nodes go Running on their own and stay Running until a test decides how they end:
 
@@ -19,21 +23,21 @@ Pods on the fake nodes go Running on their own and stay Running until a test dec
   the pod; kwok then plays the kubelet (containers killed, phase Failed) and removes the pod once its
   finalizers (e.g. the Job controller's) are gone.
 
-Binaries come from ``bash scripts/k8s-build.sh`` (versions in scripts/k8s-versions.env). Standard
-library + the ``openssl`` command only. Everything lives in ``.cache/cluster/`` (kubeconfig,
-pki, etcd data, logs/*.log, state.json); ``up`` starts from an empty etcd every time.
+Everything lives in ``.cache/cluster/``: kubeconfig (self-contained), kwokctl.yaml (the config
+handed to kwokctl), state.json, and kwok/ (KWOK_WORKDIR: clusters/kubetune/{pki,logs,pids,etcd};
+kwokctl deletes that with the cluster, so its logs are copied to logs/ first).
+``up`` starts from an empty etcd every time. kwokctl detaches the components (their own sessions);
+a test session's cluster is deleted when the session ends, killed or not (a watchdog process), and
+any leftover of this clone is deleted before a new one starts. Standard library only.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import ctypes
+import atexit
 import json
 import os
-import secrets
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -49,9 +53,24 @@ REPO = Path(__file__).resolve().parents[2]
 VERSIONS_FILE = REPO / "scripts" / "k8s-versions.env"
 BUILD_SCRIPT = "bash scripts/k8s-build.sh"
 DATA_DIR = REPO / ".cache" / "cluster"
-REQUIRED_BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kwok")
+CLUSTER_NAME = "kubetune"
+REQUIRED_BINARIES = (
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubectl",
+    "kwok",
+    "kwokctl",
+)
 SERVICE_CIDR = "10.96.0.0/16"
-SERVICE_IP = "10.96.0.1"
+POD_CIDR = "10.244.0.0/16"
+NODE_IP = "10.0.0.1"
+# kwokctl's environment: a download it attempted would go to this proxy, where nothing listens, and
+# fail at once. Loopback is never proxied; the cluster's own ranges are exempt (its components
+# inherit this environment, e.g. the API server calling a webhook at a pod IP).
+DEAD_PROXY = "http://127.0.0.1:9"
+NO_PROXY = f"localhost,127.0.0.1,{POD_CIDR},{SERVICE_CIDR},{NODE_IP}"
 
 # Annotations the kwok stages of this harness react to (on a pod, or on a Job's pod template).
 ANN_RESULT = "kubetune.test/pod-result"  # "Succeeded" | "Failed"
@@ -60,7 +79,7 @@ ANN_EXIT_CODE = "kubetune.test/exit-code"  # Failed only; default 1
 ANN_REASON = "kubetune.test/reason"  # Failed only; default "Error"
 ANN_MESSAGE = "kubetune.test/message"  # Failed only; default "container failed"
 
-KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"  # informative: kwokctl's kwok manages every node
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_TAINT = {"key": GPU_RESOURCE, "value": "present", "effect": "NoSchedule"}
 GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
@@ -203,56 +222,13 @@ def _proc_starttime(pid: int) -> str | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22: starttime
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] == "Z" else fields[19]  # field 22: starttime; a zombie counts as gone
 
 
-def _pid_alive(pid: int, starttime: str | None) -> bool:
+def _pid_alive(pid: int, starttime: str | None = None) -> bool:
     st = _proc_starttime(pid)
-    if st is None or (starttime is not None and st != starttime):
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _terminate(pgid: int | None, procs: list[tuple[int, str | None]], reap: Iterable = ()) -> None:
-    """SIGTERM (10 s grace), then SIGKILL: the process group pgid, if one of procs (pid, starttime:
-    verified against /proc so a recycled pid is never hit) still leads or is in it, and each of procs."""
-    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-        alive = [pid for pid, st in procs if _pid_alive(pid, st)]
-        if not alive:
-            return
-        group_ok = False
-        for pid in alive:
-            try:
-                group_ok = group_ok or (pgid is not None and os.getpgid(pid) == pgid)
-            except ProcessLookupError:
-                pass
-        if group_ok:
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                pass
-        for pid in alive:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            for p in reap:
-                p.poll()  # reap our own children so they do not linger as zombies
-            if not any(_pid_alive(pid, st) for pid, st in procs):
-                return
-            time.sleep(0.05)
-
-
-def _die_with_parent() -> None:  # preexec_fn: SIGKILL the child if the starting process dies
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+    return st is not None and (starttime is None or st == starttime)
 
 
 def wait_for(fn: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
@@ -272,151 +248,36 @@ def wait_for(fn: Callable[[], Any], timeout: float, what: str, interval: float =
         time.sleep(interval)
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    r = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise ClusterError(f"openssl {' '.join(args)} failed: {r.stderr.strip()}")
-
-
-_OPENSSL_CNF = """\
-[req]
-distinguished_name = dn
-[dn]
-[ca]
-basicConstraints = critical,CA:TRUE
-keyUsage = critical,keyCertSign,cRLSign,digitalSignature
-subjectKeyIdentifier = hash
-[serving]
-basicConstraints = critical,CA:FALSE
-keyUsage = critical,digitalSignature,keyEncipherment
-extendedKeyUsage = serverAuth,clientAuth
-subjectAltName = @san
-[san]
-DNS.1 = localhost
-DNS.2 = kubernetes
-DNS.3 = kubernetes.default
-DNS.4 = kubernetes.default.svc
-DNS.5 = kubernetes.default.svc.cluster.local
-IP.1 = 127.0.0.1
-IP.2 = {service_ip}
-[client]
-basicConstraints = critical,CA:FALSE
-keyUsage = critical,digitalSignature,keyEncipherment
-extendedKeyUsage = clientAuth
+# Started with a test session's cluster (argv: STATE_FILE OWNER_PID KWOKCTL-DELETE-COMMAND...): waits
+# for EOF on stdin (the session's end, however it ends, SIGKILL included), then deletes the cluster,
+# unless the session said "stopped" first or state.json names another owner by then.
+_WATCHDOG = """
+import json, os, signal, subprocess, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGHUP, signal.SIG_IGN)
+state_file, owner = sys.argv[1], int(sys.argv[2])
+if sys.stdin.buffer.read() != b"stopped":
+    try:
+        mine = json.load(open(state_file)).get("owner_pid") == owner
+    except (OSError, ValueError):
+        mine = False
+    if mine:
+        subprocess.run(sys.argv[3:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+        try:
+            os.unlink(state_file)
+        except OSError:
+            pass
 """
-
-
-def generate_pki(pki: Path) -> None:
-    """CA, apiserver serving cert, admin client cert (system:masters), service-account key pair."""
-    pki.mkdir(parents=True, exist_ok=True)
-    (pki / "openssl.cnf").write_text(_OPENSSL_CNF.format(service_ip=SERVICE_IP))
-
-    def key(name: str) -> None:
-        _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", name, cwd=pki)
-
-    def leaf(name: str, subj: str, ext: str) -> None:
-        key(f"{name}.key")
-        _openssl(
-            "req",
-            "-new",
-            "-config",
-            "openssl.cnf",
-            "-key",
-            f"{name}.key",
-            "-subj",
-            subj,
-            "-out",
-            f"{name}.csr",
-            cwd=pki,
-        )
-        _openssl(
-            "x509",
-            "-req",
-            "-in",
-            f"{name}.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-set_serial",
-            "0x" + secrets.token_hex(16),
-            "-days",
-            "3650",
-            "-sha256",
-            "-extfile",
-            "openssl.cnf",
-            "-extensions",
-            ext,
-            "-out",
-            f"{name}.crt",
-            cwd=pki,
-        )
-        (pki / f"{name}.csr").unlink()
-
-    key("ca.key")
-    _openssl(
-        "req",
-        "-x509",
-        "-new",
-        "-config",
-        "openssl.cnf",
-        "-key",
-        "ca.key",
-        "-subj",
-        "/CN=kubetune-test-ca",
-        "-days",
-        "3650",
-        "-sha256",
-        "-extensions",
-        "ca",
-        "-out",
-        "ca.crt",
-        cwd=pki,
-    )
-    leaf("apiserver", "/CN=kube-apiserver", "serving")
-    leaf("admin", "/O=system:masters/CN=kubetune-admin", "client")
-    key("sa.key")
-    _openssl("pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
-
-
-def write_kubeconfig(path: Path, server: str, pki: Path) -> None:
-    def b64(name: str) -> str:
-        return base64.b64encode((pki / name).read_bytes()).decode()
-
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [
-            {"name": "kubetune-test", "cluster": {"server": server, "certificate-authority-data": b64("ca.crt")}}
-        ],
-        "users": [
-            {
-                "name": "kubetune-admin",
-                "user": {"client-certificate-data": b64("admin.crt"), "client-key-data": b64("admin.key")},
-            }
-        ],
-        "contexts": [
-            {
-                "name": "kubetune-test",
-                "context": {"cluster": "kubetune-test", "user": "kubetune-admin", "namespace": "default"},
-            }
-        ],
-        "current-context": "kubetune-test",
-    }
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(config, indent=2))  # JSON is YAML
-    tmp.chmod(0o600)
-    tmp.replace(path)
 
 
 # ------------------------------------------------------------------------------------------------
 
 
 class LocalCluster:
-    """etcd + kube-apiserver + kube-controller-manager + kube-scheduler + kwok on 127.0.0.1.
+    """etcd + kube-apiserver + kube-controller-manager + kube-scheduler + kwok on 127.0.0.1, by kwokctl.
 
-    ``LocalCluster().start()`` (or ``with LocalCluster() as c:``) brings it up; ``stop()`` kills the
-    whole process group. ``attach()`` adopts one already started by ``harness.py up``.
+    ``LocalCluster().start()`` (or ``with LocalCluster() as c:``) brings it up; ``stop()`` deletes it
+    (``kwokctl delete cluster``). ``attach()`` adopts one already started by ``harness.py up``.
     """
 
     ANN_RESULT = ANN_RESULT
@@ -436,16 +297,18 @@ class LocalCluster:
             raise ClusterBinariesMissing(f"missing in {self.bin_dir}: {', '.join(missing)}; run `{BUILD_SCRIPT}`")
         self.data_dir = Path(data_dir)
         self.kubeconfig = self.data_dir / "kubeconfig"
-        self.pki = self.data_dir / "pki"
-        self.logs = self.data_dir / "logs"
         self.state_file = self.data_dir / "state.json"
+        self.config_file = self.data_dir / "kwokctl.yaml"
+        self.workdir = self.data_dir / "kwok"  # KWOK_WORKDIR
+        self.cluster_dir = self.workdir / "clusters" / CLUSTER_NAME
+        self.pki = self.cluster_dir / "pki"
+        self.logs = self.cluster_dir / "logs"
         self.nodes = nodes if nodes is not None else default_nodes()
         self.versions = read_versions()
         self.ports: dict[str, int] = {}
-        self.pgid: int | None = None
-        self._procs: dict[str, subprocess.Popen] = {}
         self._state: dict[str, Any] = {}
         self._ssl: ssl.SSLContext | None = None
+        self._watchdog: subprocess.Popen | None = None
         self.server = ""
         self.started_here = False
 
@@ -458,42 +321,49 @@ class LocalCluster:
         self.stop()
 
     def start(self, timeout: float = 90, die_with_parent: bool = True) -> LocalCluster:
-        """Start from scratch (an earlier cluster of this data dir is stopped first).
+        """Start from scratch (a cluster of this data dir left running is deleted first).
 
-        die_with_parent: the components get SIGKILL when this process dies (for test sessions;
-        the CLI's `up` passes False so they outlive it). A component that exits during startup
-        (say a free port taken meanwhile by another process) gets one more attempt."""
+        die_with_parent: the cluster is deleted when this process ends, however it ends (for test
+        sessions; the CLI's `up` passes False so it outlives it). A component that exits during
+        startup (say a free port taken meanwhile by another process) gets one more attempt."""
         try:
             return self._start(timeout, die_with_parent)
         except ClusterError as e:
-            if "exited with" not in str(e):
+            if "exited" not in str(e):
                 raise
             print(f"harness: {e}; starting again", file=sys.stderr)
             return self._start(timeout, die_with_parent)
 
     def _start(self, timeout: float, die_with_parent: bool) -> LocalCluster:
         t0 = time.monotonic()
-        self.pgid = None
-        self.stop_recorded()
-        if self.data_dir.exists():
-            shutil.rmtree(self.data_dir)
-        self.logs.mkdir(parents=True)
-        generate_pki(self.pki)
+        self.stop_recorded()  # a leftover of this clone (say of a session that was killed)
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+        (self.data_dir / "home").mkdir(parents=True)
+        self._ssl = None
         self.ports = {
-            name: free_port() for name in ("etcd", "etcd_peer", "apiserver", "controller_manager", "scheduler")
+            name: free_port() for name in ("etcd", "etcd_peer", "apiserver", "controller_manager", "scheduler", "kwok")
         }
         self.server = f"https://127.0.0.1:{self.ports['apiserver']}"
-        write_kubeconfig(self.kubeconfig, self.server, self.pki)
-        (self.data_dir / "kwok-stages.yaml").write_text(kwok_pod_stages())
+        self.config_file.write_text(self._config())
+        self._state = {
+            "name": CLUSTER_NAME,
+            "server": self.server,
+            "kubeconfig": str(self.kubeconfig),
+            "ports": self.ports,
+            "bin_dir": str(self.bin_dir),
+            "owner_pid": os.getpid() if die_with_parent else None,
+            "owner_starttime": _proc_starttime(os.getpid()) if die_with_parent else None,
+        }
+        self._save_state()  # before kwokctl runs: whatever it starts is found and deleted from here on
         self.started_here = True
+        if die_with_parent:
+            self._start_watchdog()
         try:
-            commands = self._commands()
-            # etcd + apiserver first; the rest once it serves (kwok's and the controllers' own
-            # retry back-off would otherwise add seconds).
-            for name, argv in commands[:2]:
-                self._spawn(name, argv, die_with_parent)
-            self._save_state()
-            self._wait_ready(t0, timeout, lambda: [self._spawn(n, a, die_with_parent) for n, a in commands[2:]])
+            r = self._kwokctl("create", f"--config={self.config_file}", timeout=max(10.0, timeout))
+            if r.returncode != 0:
+                raise ClusterError(f"kwokctl create cluster failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
+            self._write_kubeconfig()
+            self._wait_ready(t0, timeout)
         except BaseException:
             self.dump_logs()
             self.stop()
@@ -503,13 +373,16 @@ class LocalCluster:
         return self
 
     def attach(self) -> LocalCluster:
-        """Adopt the cluster recorded in state.json (started by `harness.py up`), if healthy."""
+        """Adopt the cluster recorded in state.json (started by `harness.py up`, or by a test session
+        that is still running), if healthy."""
         state = self._load_state()
-        if not state or not self._recorded_alive(state):
+        if not state or not self._components_alive():
             raise ClusterError(f"no running cluster recorded in {self.state_file}")
+        owner = state.get("owner_pid")
+        if owner is not None and not _pid_alive(owner, state.get("owner_starttime")):
+            raise ClusterError(f"the recorded cluster was left over by process {owner}, which is gone")
         self._state = state
         self.ports = state["ports"]
-        self.pgid = state["pgid"]
         self.server = state["server"]
         self.started_here = False
         if not self.healthy():
@@ -517,24 +390,27 @@ class LocalCluster:
         return self
 
     def stop(self) -> None:
-        """Kill every process this cluster started (SIGTERM to the process group, then SIGKILL)."""
+        """Delete the cluster (`kwokctl delete cluster`: every component is killed, its files go)."""
         self.stop_recorded()
-        live = [p.pid for p in self._procs.values() if p.poll() is None]
-        if live:  # started here but state.json not (yet) written
-            _terminate(self.pgid, [(pid, None) for pid in live], reap=self._procs.values())
-        for p in self._procs.values():
-            p.wait()
-        self._procs.clear()
+        if self._watchdog is not None:
+            try:
+                self._watchdog.communicate(b"stopped", timeout=10)
+            except (OSError, ValueError, subprocess.TimeoutExpired):
+                pass
+            self._watchdog = None
 
     def stop_recorded(self) -> bool:
-        """Stop the cluster recorded in state.json, if any; True if there was one."""
-        state = self._load_state()
-        if not state:
-            return False
-        procs = [(p["pid"], p["starttime"]) for p in state.get("processes", {}).values()]
-        _terminate(state.get("pgid"), procs, reap=self._procs.values())
+        """Delete the cluster recorded in state.json (or found in the kwok workdir), if any; True if
+        there was one."""
+        found = self.state_file.exists() or self.cluster_dir.exists()
+        if self.cluster_dir.exists():
+            if self.logs.is_dir():  # kwokctl deletes them with the cluster
+                shutil.copytree(self.logs, self.data_dir / "logs", dirs_exist_ok=True)
+            r = self._kwokctl("delete", timeout=120)
+            if r.returncode != 0:
+                raise ClusterError(f"kwokctl delete cluster failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
         self.state_file.unlink(missing_ok=True)
-        return True
+        return found
 
     def healthy(self) -> bool:
         try:
@@ -543,148 +419,155 @@ class LocalCluster:
         except Exception:  # noqa: BLE001
             return False
 
-    def _recorded_alive(self, state: dict) -> bool:
-        return all(_pid_alive(p["pid"], p["starttime"]) for p in state.get("processes", {}).values())
+    def component_pids(self) -> dict[str, int]:
+        """{component: pid} from kwokctl's pid files."""
+        pids = {}
+        for f in sorted((self.cluster_dir / "pids").glob("*.pid")):
+            try:
+                pids[f.stem] = int(f.read_text().strip())
+            except (OSError, ValueError):
+                pids[f.stem] = -1
+        return pids
 
-    # -- processes -------------------------------------------------------------------------------
+    def _components_alive(self) -> bool:
+        pids = self.component_pids()
+        return bool(pids) and all(_pid_alive(p) for p in pids.values())
 
-    def _commands(self) -> list[tuple[str, list[str]]]:
-        b, d, pki, p = self.bin_dir, self.data_dir, self.pki, self.ports
-        etcd_url = f"http://127.0.0.1:{p['etcd']}"
-        peer_url = f"http://127.0.0.1:{p['etcd_peer']}"
-        kc = str(self.kubeconfig)
-        return [
-            (
-                "etcd",
-                [
-                    str(b / "etcd"),
-                    "--name=kubetune",
-                    f"--data-dir={d / 'etcd'}",
-                    f"--listen-client-urls={etcd_url}",
-                    f"--advertise-client-urls={etcd_url}",
-                    f"--listen-peer-urls={peer_url}",
-                    f"--initial-advertise-peer-urls={peer_url}",
-                    f"--initial-cluster=kubetune={peer_url}",
-                    "--initial-cluster-state=new",
-                    "--unsafe-no-fsync=true",
-                    "--log-level=warn",
-                ],
-            ),
-            (
-                "kube-apiserver",
-                [
-                    str(b / "kube-apiserver"),
-                    f"--etcd-servers={etcd_url}",
-                    "--bind-address=127.0.0.1",
-                    f"--secure-port={p['apiserver']}",
-                    "--advertise-address=127.0.0.1",
-                    "--endpoint-reconciler-type=none",
-                    f"--cert-dir={d / 'apiserver'}",
-                    f"--tls-cert-file={pki / 'apiserver.crt'}",
-                    f"--tls-private-key-file={pki / 'apiserver.key'}",
-                    f"--client-ca-file={pki / 'ca.crt'}",
-                    # Front-proxy auth nobody can use (no cert has that CN); set so the delegated
-                    # authentication of the controller-manager and scheduler does not log errors.
-                    f"--requestheader-client-ca-file={pki / 'ca.crt'}",
-                    "--requestheader-allowed-names=kubetune-front-proxy-unused",
-                    "--requestheader-username-headers=X-Remote-User",
-                    "--requestheader-group-headers=X-Remote-Group",
-                    "--requestheader-extra-headers-prefix=X-Remote-Extra-",
-                    "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-                    f"--service-account-key-file={pki / 'sa.pub'}",
-                    f"--service-account-signing-key-file={pki / 'sa.key'}",
-                    f"--service-cluster-ip-range={SERVICE_CIDR}",
-                    "--authorization-mode=Node,RBAC",
-                    "--allow-privileged=true",
-                    "--enable-priority-and-fairness=false",
-                    "--profiling=false",
-                ],
-            ),
-            (
-                "kube-controller-manager",
-                [
-                    str(b / "kube-controller-manager"),
-                    f"--kubeconfig={kc}",
-                    f"--authentication-kubeconfig={kc}",
-                    f"--authorization-kubeconfig={kc}",
-                    "--bind-address=127.0.0.1",
-                    f"--secure-port={p['controller_manager']}",
-                    f"--cert-dir={d / 'controller-manager'}",
-                    "--leader-elect=false",
-                    "--controllers=*",
-                    "--use-service-account-credentials=false",
-                    f"--service-account-private-key-file={pki / 'sa.key'}",
-                    f"--root-ca-file={pki / 'ca.crt'}",
-                    f"--cluster-signing-cert-file={pki / 'ca.crt'}",
-                    f"--cluster-signing-key-file={pki / 'ca.key'}",
-                    f"--service-cluster-ip-range={SERVICE_CIDR}",
-                    "--kube-api-qps=200",
-                    "--kube-api-burst=400",
-                    "--profiling=false",
-                ],
-            ),
-            (
-                "kube-scheduler",
-                [
-                    str(b / "kube-scheduler"),
-                    f"--kubeconfig={kc}",
-                    f"--authentication-kubeconfig={kc}",
-                    f"--authorization-kubeconfig={kc}",
-                    "--bind-address=127.0.0.1",
-                    f"--secure-port={p['scheduler']}",
-                    f"--cert-dir={d / 'scheduler'}",
-                    "--leader-elect=false",
-                    "--profiling=false",
-                ],
-            ),
-            (
-                "kwok",
-                [
-                    str(b / "kwok"),
-                    f"--kubeconfig={kc}",
-                    f"--config={d / 'kwok-stages.yaml'}",
-                    "--manage-all-nodes=false",
-                    f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
-                    "--node-lease-duration-seconds=40",
-                    "--cidr=10.244.0.0/16",
-                    "--node-ip=10.0.0.1",
-                ],
-            ),
-        ]
+    # -- kwokctl ---------------------------------------------------------------------------------
 
-    def _spawn(self, name: str, argv: list[str], die_with_parent: bool) -> None:
-        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
-        env = dict(os.environ, HOME=str(self.data_dir / "home"))  # kwok reads ~/.kwok
-        (self.data_dir / "home").mkdir(exist_ok=True)
+    def _kwokctl_env(self) -> dict[str, str]:
+        # HOME: kwokctl would read ~/.kwok/kwok.yaml; and kwok, ~/.kwok.
+        env = dict(os.environ, KWOK_WORKDIR=str(self.workdir), HOME=str(self.data_dir / "home"))
+        for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+            env[var] = DEAD_PROXY
+        env["NO_PROXY"] = env["no_proxy"] = NO_PROXY
+        return env
+
+    def _kwokctl_argv(self, verb: str, *args: str) -> list[str]:
+        # kwokctl adds (create) or removes (delete) a context in --kubeconfig, ~/.kube/config by
+        # default: empty for create (none), a file of our HOME for delete (which rejects an empty one).
+        # _write_kubeconfig writes ours.
+        kubeconfig = "" if verb == "create" else self.data_dir / "home" / ".kube" / "config"
+        kwokctl = str(self.bin_dir / "kwokctl")
+        return [kwokctl, verb, "cluster", f"--name={CLUSTER_NAME}", f"--kubeconfig={kubeconfig}", *args]
+
+    def _kwokctl(self, verb: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         try:
-            proc = subprocess.Popen(
-                argv,
+            return subprocess.run(
+                self._kwokctl_argv(verb, *args),
                 stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.data_dir,
-                env=env,
-                process_group=0 if self.pgid is None else self.pgid,
-                preexec_fn=_die_with_parent if die_with_parent else None,
+                capture_output=True,
+                text=True,
+                cwd=self.data_dir if self.data_dir.is_dir() else None,
+                env=self._kwokctl_env(),
+                timeout=timeout,
             )
-        finally:
-            log.close()
-        if self.pgid is None:
-            self.pgid = proc.pid
-        self._procs[name] = proc
+        except subprocess.TimeoutExpired as e:
+            raise ClusterError(f"kwokctl {verb} cluster timed out after {timeout:.0f} s") from e
+
+    def _start_watchdog(self) -> None:
+        self._watchdog = subprocess.Popen(
+            [sys.executable, "-c", _WATCHDOG, str(self.state_file), str(os.getpid()), *self._kwokctl_argv("delete")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=self._kwokctl_env(),
+            start_new_session=True,  # not in the terminal's process group: Ctrl-C reaches the session only
+        )
+        atexit.register(self._stop_at_exit)
+
+    def _stop_at_exit(self) -> None:
+        if self._watchdog is not None:  # not stopped yet
+            self.stop()
+
+    def _config(self) -> str:
+        """The KwokctlConfiguration (binaries, ports, flags) + KwokConfiguration + pod stages."""
+        b, pki, p = self.bin_dir, self.pki, self.ports
+
+        def args(**kv: str) -> list[dict]:
+            return [{"key": k.replace("_", "-"), "value": v} for k, v in kv.items()]
+
+        kwokctl = {
+            "apiVersion": "config.kwok.x-k8s.io/v1alpha1",
+            "kind": "KwokctlConfiguration",
+            "options": {
+                "runtime": "binary",
+                "bindAddress": "127.0.0.1",  # every component listens on loopback only
+                "kubeApiserverCertSANs": ["127.0.0.1", "localhost"],
+                "securePort": True,
+                "disableQPSLimits": True,  # the controllers' client QPS/burst: 5000/10000
+                # Every component's binary, so kwokctl downloads nothing (it symlinks local paths).
+                "etcdBinary": str(b / "etcd"),
+                "kubeApiserverBinary": str(b / "kube-apiserver"),
+                "kubeControllerManagerBinary": str(b / "kube-controller-manager"),
+                "kubeSchedulerBinary": str(b / "kube-scheduler"),
+                "kwokControllerBinary": str(b / "kwok"),
+                "kubectlBinary": str(b / "kubectl"),
+                # Ports chosen here (bound on 127.0.0.1 to find them free), so kwokctl does not probe.
+                "etcdPort": p["etcd"],
+                "etcdPeerPort": p["etcd_peer"],
+                "kubeApiserverPort": p["apiserver"],
+                "kubeControllerManagerPort": p["controller_manager"],
+                "kubeSchedulerPort": p["scheduler"],
+                "kwokControllerPort": p["kwok"],
+            },
+            # Appended after kwokctl's own flags.
+            "componentsPatches": [
+                {"name": "etcd", "extraArgs": args(unsafe_no_fsync="true")},
+                {
+                    "name": "kube-apiserver",
+                    "extraArgs": args(
+                        endpoint_reconciler_type="none",
+                        service_cluster_ip_range=SERVICE_CIDR,
+                        # Front-proxy auth nobody can use (no cert has that CN); set so the delegated
+                        # authentication of the controller-manager and scheduler does not log errors.
+                        requestheader_client_ca_file=str(pki / "ca.crt"),
+                        requestheader_allowed_names="kubetune-front-proxy-unused",
+                        requestheader_username_headers="X-Remote-User",
+                        requestheader_group_headers="X-Remote-Group",
+                        requestheader_extra_headers_prefix="X-Remote-Extra-",
+                        profiling="false",
+                    ),
+                },
+                {
+                    "name": "kube-controller-manager",
+                    "extraArgs": args(
+                        leader_elect="false",
+                        controllers="*",
+                        cluster_signing_cert_file=str(pki / "ca.crt"),  # CSRs get signed
+                        cluster_signing_key_file=str(pki / "ca.key"),
+                        service_cluster_ip_range=SERVICE_CIDR,
+                        profiling="false",
+                    ),
+                },
+                {"name": "kube-scheduler", "extraArgs": args(leader_elect="false", profiling="false")},
+                # kwokctl passes --node-ip= (empty): the nodes would get no InternalIP.
+                {"name": "kwok-controller", "extraArgs": [{"key": "node-ip", "value": NODE_IP, "override": True}]},
+            ],
+        }
+        kwok = {
+            "apiVersion": "config.kwok.x-k8s.io/v1alpha1",
+            "kind": "KwokConfiguration",
+            "options": {"cidr": POD_CIDR},
+        }
+        # JSON is YAML; the stages are YAML documents of their own.
+        return f"{json.dumps(kwokctl, indent=2)}\n---\n{json.dumps(kwok, indent=2)}\n---\n{kwok_pod_stages()}"
+
+    def _write_kubeconfig(self) -> None:
+        """kwokctl's kubeconfig refers to its pki files; ours holds them (a container can mount it)."""
+        kwokctl_kubeconfig = self.cluster_dir / "kubeconfig.yaml"
+        r = self.kubectl(
+            "config", "view", "--raw", "--flatten", "--minify", "-o", "json", kubeconfig=kwokctl_kubeconfig
+        )
+        config = json.loads(r.stdout)
+        config["clusters"][0]["cluster"]["server"] = self.server
+        config["contexts"][0]["context"]["namespace"] = "default"
+        tmp = self.kubeconfig.with_suffix(".tmp")
+        tmp.write_text(json.dumps(config, indent=2))  # JSON is YAML
+        tmp.chmod(0o600)
+        tmp.replace(self.kubeconfig)
 
     def _save_state(self) -> None:
-        self._state.update(
-            {
-                "pgid": self.pgid,
-                "server": self.server,
-                "kubeconfig": str(self.kubeconfig),
-                "ports": self.ports,
-                "bin_dir": str(self.bin_dir),
-                "owner_pid": os.getpid(),
-                "processes": {n: {"pid": p.pid, "starttime": _proc_starttime(p.pid)} for n, p in self._procs.items()},
-            }
-        )
         self.state_file.write_text(json.dumps(self._state, indent=2))
 
     def _load_state(self) -> dict | None:
@@ -694,9 +577,9 @@ class LocalCluster:
             return None
 
     def _check_processes(self) -> None:
-        for name, p in self._procs.items():
-            if p.poll() is not None:
-                raise ClusterError(f"{name} exited with {p.returncode}; see {self.logs / (name + '.log')}")
+        for name, pid in self.component_pids().items():
+            if not _pid_alive(pid):
+                raise ClusterError(f"{name} exited; see {self.logs / (name + '.log')}")
 
     def dump_logs(self, lines: int = 15, out=sys.stderr) -> None:
         for log in sorted(self.logs.glob("*.log")):
@@ -707,7 +590,7 @@ class LocalCluster:
 
     # -- readiness -------------------------------------------------------------------------------
 
-    def _wait_ready(self, t0: float, timeout: float, start_rest: Callable[[], Any]) -> None:
+    def _wait_ready(self, t0: float, timeout: float) -> None:
         def remaining() -> float:
             return max(1.0, timeout - (time.monotonic() - t0))
 
@@ -716,8 +599,6 @@ class LocalCluster:
             return self.healthy()
 
         wait_for(apiserver_ready, remaining(), "kube-apiserver /readyz", interval=0.1)
-        start_rest()
-        self._save_state()
         for node in self.nodes:
             status, body = self.api("POST", "/api/v1/nodes", node)
             if status not in (201, 409):
@@ -730,6 +611,8 @@ class LocalCluster:
                 return r.status == 200
 
         def all_ready() -> bool:
+            # kwokctl reports a cluster ready even when kwok has exited (say on a flag it rejects):
+            # the nodes going Ready are what shows kwok works.
             self._check_processes()
             if not component_healthy("controller_manager") or not component_healthy("scheduler"):
                 return False
@@ -778,12 +661,21 @@ class LocalCluster:
             return status, raw.decode(errors="replace")
 
     def kubectl(
-        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60
+        self,
+        *args: str,
+        input: str | None = None,
+        check: bool = True,
+        timeout: float = 60,
+        kubeconfig: Path | None = None,
     ) -> subprocess.CompletedProcess:
         """Run kubectl against this cluster; CompletedProcess with text stdout/stderr.
 
         check=True raises ClusterError (with stderr) on a non-zero exit."""
-        env = dict(os.environ, KUBECONFIG=str(self.kubeconfig), KUBECACHEDIR=str(self.data_dir / "kubectl-cache"))
+        env = dict(
+            os.environ,
+            KUBECONFIG=str(kubeconfig or self.kubeconfig),
+            KUBECACHEDIR=str(self.data_dir / "kubectl-cache"),
+        )
         r = subprocess.run(
             [str(self.bin_dir / "kubectl"), *args],
             input=input,
@@ -938,19 +830,23 @@ class LocalCluster:
 
     def status_text(self) -> str:
         state = self._load_state()
-        if not state:
-            return f"down (no {self.state_file})"
-        alive = {n: _pid_alive(p["pid"], p["starttime"]) for n, p in state["processes"].items()}
+        pids = self.component_pids()
+        if not state and not pids:
+            return f"down (no cluster in {self.cluster_dir})"
+        alive = {n: _pid_alive(p) for n, p in pids.items()}
         if not any(alive.values()):
-            return f"down (every process recorded in {self.state_file} has exited; `down` clears it)"
-        self.ports, self.server = state["ports"], state["server"]
+            return f"down (every component of {self.cluster_dir} has exited; `down` clears it)"
+        if state:
+            self.ports, self.server = state["ports"], state["server"]
+        owner = (state or {}).get("owner_pid")
         lines = [
-            f"{'up' if all(alive.values()) and self.healthy() else 'DEGRADED'}: {state['server']}",
-            f"KUBECONFIG={state['kubeconfig']}",
-            f"process group {state['pgid']}; logs in {self.logs}",
+            f"{'up' if state and all(alive.values()) and self.healthy() else 'DEGRADED'}: {self.server or '?'}",
+            f"KUBECONFIG={self.kubeconfig}",
+            f"started by {'`harness.py up`' if owner is None else f'test session pid {owner}'}; "
+            f"kwokctl cluster {CLUSTER_NAME!r} in {self.cluster_dir}; logs in {self.logs}",
         ]
-        for n, p in state["processes"].items():
-            lines.append(f"  {n:<24} pid {p['pid']:<8} {'running' if alive[n] else 'DEAD'}")
+        for n, pid in pids.items():
+            lines.append(f"  {n:<24} pid {pid:<8} {'running' if alive[n] else 'DEAD'}")
         return "\n".join(lines)
 
 
@@ -962,13 +858,10 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("command", choices=["up", "down", "status", "restart"])
     args = parser.parse_args(list(argv) if argv is not None else None)
     try:
+        c = LocalCluster()
         if args.command == "down":
-            # Needs no binaries: it only reads state.json.
-            c = LocalCluster.__new__(LocalCluster)
-            c.data_dir, c.state_file, c._procs = DATA_DIR, DATA_DIR / "state.json", {}
             print("stopped" if c.stop_recorded() else "no cluster running")
             return 0
-        c = LocalCluster()
         if args.command == "status":
             print(c.status_text())
             return 0

@@ -406,7 +406,12 @@ def test_gpu_job_runs_on_a_gpu_node_and_an_eviction_is_not_a_restart(cluster, na
         "GPU-hours counted while Running",
         timeout=5,
     )
-    assert sample("kubetune_operator_finetunejobs", phase="Running") >= 1
+    # The gauge is refreshed from the operator's index once per resync round.
+    cluster.wait_for(
+        lambda: sample("kubetune_operator_finetunejobs", phase="Running") >= 1,
+        "the jobs-by-phase gauge counts the running job",
+        timeout=10,
+    )
 
 
 def test_a_file_uri_fails_as_invalid_spec_and_creates_nothing(cluster, namespace, operator):
