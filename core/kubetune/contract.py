@@ -124,7 +124,7 @@ class _Result(BaseModel):
     model_config = ConfigDict(populate_by_name=True, extra="ignore", allow_inf_nan=False)
 
 
-class AdapterArtifact(_Result):
+class PublishedAdapter(_Result):
     uri: str | None = None
     size_bytes: int | None = Field(default=None, alias="sizeBytes", ge=0, strict=True)
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
@@ -167,7 +167,7 @@ class TrainerResult(_Result):
     phase: Literal["Succeeded", "Failed"]
     reason: str | None = None
     message: str | None = None
-    adapter: AdapterArtifact | None = None
+    adapter: PublishedAdapter | None = None
     metrics: ResultMetrics = Field(default_factory=ResultMetrics)
     steps: int | None = Field(default=None, ge=0)
     trainable_params: int | None = Field(default=None, alias="trainableParams")

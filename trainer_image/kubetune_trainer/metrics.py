@@ -20,8 +20,9 @@ GAUGES = {
 }
 
 
-class TrainingMetrics:
-    """The gauges of one run, in their own registry (no process-global state)."""
+class MetricsExporter:
+    """Rank 0's Prometheus gauges of one run (what the operator scrapes), in their own registry (no
+    process-global state)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()

@@ -36,7 +36,7 @@ from kubetune.planning import ModelShape, Plan, plan_for_spec
 
 from . import checkpoint, data, dpo, methods, strategies
 from .distributed import DistEnv
-from .metrics import TrainingMetrics
+from .metrics import MetricsExporter
 
 
 class Preempted(Exception):
@@ -61,7 +61,7 @@ class Run:
     data_report: data.DataReport
     plan: Plan
     output: storage.OutputLocation
-    metrics: TrainingMetrics
+    metrics: MetricsExporter
     total_steps: int
     steps_per_epoch: int
     state: checkpoint.TrainerState
@@ -129,7 +129,7 @@ def setup(config: TrainerConfig, env: DistEnv) -> Run:
         data_report,
         plan,
         output,
-        TrainingMetrics(),
+        MetricsExporter(),
         total_steps,
         steps_per_epoch,
         state,

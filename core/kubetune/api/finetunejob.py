@@ -23,7 +23,7 @@ from .common import (
 MethodType = Literal["full", "lora", "qlora", "dora", "ia3", "prefixTuning", "promptTuning", "adalora"]
 LORA_FAMILY = ("lora", "qlora", "dora")
 DatasetFormat = Literal["chat", "instruction", "completion", "text", "preference"]
-Strategy = Literal["auto", "ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"]
+StrategyName = Literal["auto", "ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"]
 Precision = Literal["bf16", "fp16", "fp32"]
 
 
@@ -305,7 +305,7 @@ class Hyperparameters(ApiModel):
 class DistributedSpec(ApiModel):
     """How the model and optimizer are spread over the GPUs."""
 
-    strategy: Strategy = Field(
+    strategy: StrategyName = Field(
         default="auto",
         description="auto (chosen from the memory plan), ddp, fsdp, deepspeed-zero2 or deepspeed-zero3.",
     )
@@ -505,7 +505,7 @@ class TrainingPlan(ApiModel):
     """What the operator decided at admission."""
 
     world_size: int | None = Field(default=None, description="Processes in the run (nodes x GPUs per node).")
-    strategy: Strategy | None = Field(default=None, description="The strategy chosen (auto resolved).")
+    strategy: StrategyName | None = Field(default=None, description="The strategy chosen (auto resolved).")
     micro_batch: int | None = Field(default=None, description="Sequences per forward pass per process.")
     grad_accumulation: int | None = Field(default=None, description="Micro-batches per optimizer step.")
     estimated_gpu_memory_gib: float | None = Field(
