@@ -19,6 +19,15 @@ EXIT_USAGE = 2
 # Errors that describe the input, not the program: unreadable or missing files, invalid manifests
 # and configurations (pydantic's ValidationError is a ValueError), unusable URIs.
 USER_ERRORS = (OSError, ValueError, yaml.YAMLError, StorageError)
+# The package extra each subcommand needs beyond the core.
+EXTRA_OF = {
+    "train": "trainer",
+    "plan": "trainer",
+    "generate": "trainer",
+    "tiny-model": "trainer",
+    "serve": "serve",
+    "operator": "operator",
+}
 
 
 def cmd_crds(args: argparse.Namespace) -> int:
@@ -106,11 +115,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from kubetune_serve.server import run
 
-    try:
-        return int(run(args))
-    except ValueError as error:  # bad --adapter pairs
-        print(f"kubetune serve: {error}", file=sys.stderr)
-        return 2
+    return int(run(args))
 
 
 def cmd_operator(args: argparse.Namespace) -> int:
@@ -275,6 +280,15 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("KUBETUNE_DEBUG"):
             raise
         print(f"kubetune {args.command}: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except ModuleNotFoundError as error:  # the subcommand's extra is not installed
+        extra = EXTRA_OF.get(args.command)
+        if extra is None or os.environ.get("KUBETUNE_DEBUG"):
+            raise
+        print(
+            f"kubetune {args.command}: needs the [{extra}] extra ({error}): pip install 'kubetune[{extra}]'",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
 
 
