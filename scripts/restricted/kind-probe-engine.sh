@@ -53,13 +53,14 @@ net() {
 }
 
 stop() {
-    local chain br
+    local chain br pid
     if [ -f "$d/forward-rule" ]; then
         read -r chain br <"$d/forward-rule"
         iptables -D "$chain" -i "$br" -o "$br" -j ACCEPT 2>/dev/null || true
         rm -f "$d/forward-rule"
     fi
-    if stop_pidfile "$d/dockerd.pid"; then say "stopped dockerd $(cat "$d/dockerd.pid")"; fi
+    pid=$(cat "$d/dockerd.pid" 2>/dev/null) || return 0  # dockerd removes its pid file when it exits
+    if stop_pidfile "$d/dockerd.pid"; then say "stopped dockerd (pid $pid)"; fi
 }
 
 use() { # use IMAGE
