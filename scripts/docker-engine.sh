@@ -22,6 +22,12 @@ pidfile=$state/dockerd.pid
 wait_s=${KUBETUNE_DOCKER_WAIT:-60}
 
 engine_up() { docker info >/dev/null 2>&1; }
+ours_without_bridge() { # the dockerd this script started, with its default bridge's interface missing
+    local bridge
+    [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null && command -v ip >/dev/null 2>&1 || return 1
+    bridge=$(docker network inspect bridge -f '{{index .Options "com.docker.network.bridge.name"}}' 2>/dev/null) || return 1
+    [ -n "$bridge" ] && ! ip link show "$bridge" >/dev/null 2>&1
+}
 
 if [ "${1:-}" = "--stop" ]; then
     if stop_pidfile "$pidfile"; then
@@ -34,6 +40,11 @@ fi
 
 if ! command -v docker >/dev/null 2>&1 && ! command -v dockerd >/dev/null 2>&1; then
     : # nothing installed yet: handled below (docker.io brings the client too)
+elif engine_up && ours_without_bridge; then
+    # Another dockerd on this host (the probe engine of scripts/restricted/ has done it) can take the
+    # default bridge away; containers would then fail with "could not find bridge docker0".
+    warn "the engine's default bridge is gone; restarting the dockerd this script started"
+    stop_pidfile "$pidfile" || true
 elif engine_up; then
     say "engine available ($(docker info --format 'Docker {{.ServerVersion}}, storage {{.Driver}}, cgroup {{.CgroupVersion}}' 2>/dev/null))"
     exit 0
