@@ -11,6 +11,13 @@
 # directly, not through a service manager. The engine keeps running after the script exits; stop
 # it with `bash scripts/docker-engine.sh --stop` (only an engine this script started).
 #
+# Where this host's capability bounding set is reduced (a sandbox without CAP_SYS_RESOURCE), runc
+# cannot start `--privileged` containers, which kind needs for its nodes. That is detected (CapBnd in
+# /proc/self/status against /proc/sys/kernel/cap_last_cap), and the engine this script starts then runs
+# every container through scripts/restricted/kind-runc.sh (installed to ~/.cache/kubetune/tools so an
+# engine never points into a clone that may be deleted). An engine of ours that answers without that
+# runtime where it is needed is restarted with it; someone else's is left alone, with a warning.
+#
 # Environment: KUBETUNE_DOCKERD_ARGS  extra dockerd flags (e.g. "--iptables=false --bridge=none")
 #              KUBETUNE_DOCKER_WAIT   seconds to wait for the engine (default 60)
 set -euo pipefail
@@ -22,6 +29,21 @@ pidfile=$state/dockerd.pid
 wait_s=${KUBETUNE_DOCKER_WAIT:-60}
 
 engine_up() { docker info >/dev/null 2>&1; }
+caps_reduced() { # this host's capability bounding set lacks capabilities the kernel has
+    local bnd last
+    bnd=$(awk '/^CapBnd:/{print $2}' /proc/self/status 2>/dev/null) || return 1
+    last=$(cat /proc/sys/kernel/cap_last_cap 2>/dev/null) || return 1
+    [ -n "$bnd" ] && [ -n "$last" ] && [ $(( 0x$bnd )) -ne $(( (1 << (last + 1)) - 1 )) ]
+}
+wrapper=$kubetune_cache/tools/kind-runc.sh
+wrapper_args=()
+if caps_reduced; then
+    wrapper_args=(--add-runtime "kt-runc=$wrapper" --default-runtime kt-runc)
+fi
+ours() { [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
+lacks_wrapper() { # the engine answers, the host needs the wrapper, and the engine's default runtime is another
+    [ ${#wrapper_args[@]} -gt 0 ] && [ "$(docker info --format '{{.DefaultRuntime}}' 2>/dev/null)" != kt-runc ]
+}
 ours_without_bridge() { # the dockerd this script started, with its default bridge's interface missing
     local bridge
     [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null && command -v ip >/dev/null 2>&1 || return 1
@@ -45,7 +67,13 @@ elif engine_up && ours_without_bridge; then
     # default bridge away; containers would then fail with "could not find bridge docker0".
     warn "the engine's default bridge is gone; restarting the dockerd this script started"
     stop_pidfile "$pidfile" || true
+elif engine_up && lacks_wrapper && ours; then
+    warn "this host's capability bounding set is reduced and the engine runs plain runc; restarting the dockerd this script started with scripts/restricted/kind-runc.sh"
+    stop_pidfile "$pidfile" || true
 elif engine_up; then
+    if lacks_wrapper; then
+        warn "this host's capability bounding set is reduced (no --privileged containers, so no kind) and the running engine was not started by this script; restart it with: --add-runtime kt-runc=$wrapper --default-runtime kt-runc"
+    fi
     say "engine available ($(docker info --format 'Docker {{.ServerVersion}}, storage {{.Driver}}, cgroup {{.CgroupVersion}}' 2>/dev/null))"
     exit 0
 fi
@@ -74,10 +102,17 @@ else
     fi
     # shellcheck disable=SC2206
     extra=(${KUBETUNE_DOCKERD_ARGS:-})
+    if [ ${#wrapper_args[@]} -gt 0 ]; then
+        command -v jq >/dev/null 2>&1 || apt_install jq   # the wrapper edits the OCI spec with jq
+        mkdir -p "$(dirname "$wrapper")"
+        install -m 0755 "$restricted/kind-runc.sh" "$wrapper.tmp" && mv -f "$wrapper.tmp" "$wrapper"
+        say "this host's capability bounding set is reduced: containers run through $wrapper (scripts/restricted/kind-runc.sh)"
+        extra+=("${wrapper_args[@]}")
+    fi
     say "starting dockerd (log: $log)"
     # setsid: the engine outlives this script and make; its own process group, so an interrupted
     # make does not take it down.
-    setsid dockerd --storage-driver=overlay2 --pidfile="$pidfile.daemon" "${extra[@]}" >"$log" 2>&1 < /dev/null &
+    setsid dockerd --storage-driver=overlay2 --pidfile="$pidfile.daemon" ${extra[@]+"${extra[@]}"} >"$log" 2>&1 < /dev/null &
     echo $! >"$pidfile"
 fi
 

@@ -132,6 +132,24 @@ def cmd_operator(args: argparse.Namespace) -> int:
     return int(run_operator(options))
 
 
+def cmd_upload(args: argparse.Namespace) -> int:
+    from .upload import Options, upload
+
+    options = Options(
+        src=Path(args.src),
+        uri=args.target,
+        namespace=args.namespace,
+        size=args.size,
+        storage_class=args.storage_class,
+        image=args.image,
+        kubeconfig=args.kubeconfig,
+        context=args.context,
+        timeout=args.timeout,
+    )
+    print(upload(options).summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubetune",
@@ -244,6 +262,39 @@ def build_parser() -> argparse.ArgumentParser:
         "(default $KUBETUNE_CACHE/inputs or ~/.cache/kubetune/inputs)",
     )
     serve.set_defaults(func=cmd_serve)
+
+    upload = sub.add_parser(
+        "upload",
+        help="copy a local file or directory onto a PersistentVolumeClaim (pvc://CLAIM/PATH), with kubectl",
+        description="Copy SRC onto the claim through a short-lived pod that mounts it, creating the claim when "
+        "missing. A directory's contents become PATH, replacing what was there (at the claim's root, each file "
+        "replaces its namesake); a file is written as PATH. Every file's sha256 is checked before the new content "
+        "is renamed into place, and the pod is deleted afterwards. Uses the kubectl on PATH.",
+    )
+    upload.add_argument("src", metavar="SRC", help="local file or directory")
+    upload.add_argument(
+        "target", metavar="pvc://CLAIM/PATH", help="the claim, and the path in it (relative to its root)"
+    )
+    upload.add_argument("-n", "--namespace", help="namespace of the claim (default: the kubeconfig context's)")
+    upload.add_argument("--size", default="2Gi", help="size of the claim when it is created (default 2Gi)")
+    upload.add_argument(
+        "--storage-class", metavar="NAME", help="StorageClass of the claim when it is created (default: the cluster's)"
+    )
+    upload.add_argument(
+        "--image",
+        help="image of the upload pod: runs as uid 1000, with sh, tar, sleep and sha256sum "
+        "(default: $KUBETUNE_UPLOAD_IMAGE, else the kubetune operator image of this version)",
+    )
+    upload.add_argument("--kubeconfig", metavar="FILE", help="kubeconfig file (default: kubectl's, $KUBECONFIG)")
+    upload.add_argument("--context", metavar="NAME", help="kubeconfig context (default: the current one)")
+    upload.add_argument(
+        "--timeout",
+        type=int,
+        default=300,
+        metavar="SECONDS",
+        help="how long the pod may take to start, and how long it lives: raise it for large uploads (default 300)",
+    )
+    upload.set_defaults(func=cmd_upload)
 
     operator = sub.add_parser(
         "operator",

@@ -64,8 +64,8 @@ kubetune_train_gpu_memory_bytes 0.0
 
 
 def cpu_tiny(name: str = "tiny-support") -> dict:
-    """examples/cpu-tiny-kind.yaml's FineTuneJob (pvc:// model, data and output; CPU only)."""
-    docs = yaml.safe_load_all((REPO / "examples" / "cpu-tiny-kind.yaml").read_text())
+    """examples/cpu-one-pod.yaml's FineTuneJob (pvc:// model, data and output; CPU only)."""
+    docs = yaml.safe_load_all((REPO / "examples" / "cpu-one-pod.yaml").read_text())
     [doc] = [d for d in docs if d and d["kind"] == "FineTuneJob"]
     doc["metadata"] = {"name": name}
     return doc

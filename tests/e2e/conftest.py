@@ -60,8 +60,36 @@ def _missing_images(images: tuple[str, ...]) -> list[str]:
 _problem: dict[str, str | None] = {}
 
 
+def _kind_requested(config: pytest.Config) -> bool:
+    markexpr = config.getoption("markexpr") or ""
+    return os.environ.get("KUBETUNE_E2E_KIND") == "1" or any(
+        word in markexpr and f"not {word}" not in markexpr for word in ("e2e", "kind")
+    )
+
+
+def _skip_kind(config, items) -> None:
+    """The kind tier runs against the cluster KUBETUNE_E2E_KUBECONFIG (else KUBECONFIG) names."""
+    from tests.e2e.kube import cluster_problem
+
+    if not _kind_requested(config):
+        reason = (
+            "NOT RUN: e2e kind tier not asked for (it needs a cluster with the chart installed): `make test` "
+            "brings kind up and asks where Docker can run kind; or `make kind-up` then `pytest -m kind` "
+            "with KUBECONFIG=.cache/kind/kubeconfig"
+        )
+    else:
+        problem = os.environ.get("KUBETUNE_E2E_KIND_PROBLEM") or cluster_problem()
+        reason = f"NOT RUN: e2e kind tier: {problem}" if problem else None
+    if reason:
+        for item in items:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
 def pytest_collection_modifyitems(config, items):
-    e2e = [item for item in items if item.get_closest_marker("e2e")]
+    kind = [item for item in items if item.get_closest_marker("kind")]
+    if kind:
+        _skip_kind(config, kind)
+    e2e = [item for item in items if item.get_closest_marker("e2e") and not item.get_closest_marker("kind")]
     if not e2e:
         return
     if not _requested(config):

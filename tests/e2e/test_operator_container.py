@@ -20,8 +20,8 @@ API = "/apis/kubetune.io/v1alpha1"
 
 
 def cpu_tiny(name: str) -> dict:
-    """examples/cpu-tiny-kind.yaml's FineTuneJob."""
-    docs = yaml.safe_load_all((REPO / "examples" / "cpu-tiny-kind.yaml").read_text())
+    """examples/cpu-one-pod.yaml's FineTuneJob."""
+    docs = yaml.safe_load_all((REPO / "examples" / "cpu-one-pod.yaml").read_text())
     [doc] = [d for d in docs if d and d["kind"] == "FineTuneJob"]
     doc["metadata"] = {"name": name}
     return doc

@@ -10,14 +10,16 @@ network and the S3 server are shared, as in a cluster.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 from kubetune import storage
-from kubetune.contract import TrainerConfig
+from kubetune.contract import EXIT_PREEMPTED, TrainerConfig
 from kubetune.storage import COMPLETE_MARKER, StorageError, open_output
 from kubetune_trainer.distributed import DistEnv
 from tests.trainer.support import keys, make_config, make_folder, tree, write_config
@@ -132,8 +134,8 @@ def test_the_same_phases_on_a_shared_volume(pvc_root, tmp_path):
 # --- two real nodes ----------------------------------------------------------------------------
 
 
-def node_config(tiny_model, tmp_path, node: int, uri: str, steps: int):
-    wire = make_config(tiny_model, tmp_path, steps=steps, every_save=2).to_wire()
+def node_config(tiny_model, tmp_path, node: int, uri: str, steps: int, every_save: int = 2):
+    wire = make_config(tiny_model, tmp_path, steps=steps, every_save=every_save).to_wire()
     wire["spec"]["distributed"]["strategy"] = "fsdp"
     wire["spec"]["output"]["uri"] = uri
     wire["runtime"]["cacheDir"] = str(tmp_path / f"node{node}" / "cache")
@@ -141,36 +143,43 @@ def node_config(tiny_model, tmp_path, node: int, uri: str, steps: int):
     return write_config(TrainerConfig.model_validate(wire), tmp_path / f"node{node}" / "config.json")
 
 
-def run_two_nodes(tiny_model, tmp_path, uri: str, steps: int, attempt: str) -> list[str]:
+def start_two_nodes(tiny_model, tmp_path, uri: str, steps: int, attempt: str, every_save: int = 2):
     """`kubetune train` as two pods of the job start it: NNODES=2, their NODE_RANK, the master's
-    address; each with its own disk (cache folder, HOME, KUBETUNE_CACHE). Returns their stdouts."""
+    address; each with its own disk (cache folder, HOME, KUBETUNE_CACHE). Returns the two
+    processes and the files their output goes to."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     nodes, logs = [], []
+    for node in (0, 1):
+        home = tmp_path / f"node{node}"
+        home.mkdir(exist_ok=True)
+        config = node_config(tiny_model, tmp_path, node, uri, steps, every_save)
+        env = {
+            **os.environ,
+            "NNODES": "2",
+            "NODE_RANK": str(node),
+            "NPROC_PER_NODE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "HOME": str(home),
+            "KUBETUNE_CACHE": str(home / "kubetune"),
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": "1",
+        }
+        env.pop("KUBETUNE_LAUNCHED", None)
+        log = home / f"{attempt}.log"
+        logs.append(log)
+        with open(log, "w") as out:
+            command = [sys.executable, "-m", "kubetune", "train", "-f", str(config)]
+            nodes.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env))
+    return nodes, logs
+
+
+def run_two_nodes(tiny_model, tmp_path, uri: str, steps: int, attempt: str) -> list[str]:
+    """Both nodes to the end; returns their stdouts."""
+    nodes, logs = start_two_nodes(tiny_model, tmp_path, uri, steps, attempt)
     try:
-        for node in (0, 1):
-            home = tmp_path / f"node{node}"
-            home.mkdir(exist_ok=True)
-            config = node_config(tiny_model, tmp_path, node, uri, steps)
-            env = {
-                **os.environ,
-                "NNODES": "2",
-                "NODE_RANK": str(node),
-                "NPROC_PER_NODE": "1",
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-                "HOME": str(home),
-                "KUBETUNE_CACHE": str(home / "kubetune"),
-                "PYTHONUNBUFFERED": "1",
-                "OMP_NUM_THREADS": "1",
-            }
-            env.pop("KUBETUNE_LAUNCHED", None)
-            log = home / f"{attempt}.log"
-            logs.append(log)
-            with open(log, "w") as out:
-                command = [sys.executable, "-m", "kubetune", "train", "-f", str(config)]
-                nodes.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env))
         codes = [node.wait(timeout=240) for node in nodes]
     finally:
         for node in nodes:
@@ -226,3 +235,24 @@ def test_two_nodes_fsdp_checkpoint_every_shard_to_s3_and_resume(s3, tiny_model, 
     assert [k[len(newest) :] for k in keys(client, bucket, newest)] == SHARDED
     reader = open_output(uri, cache_dir=tmp_path / "reader")
     assert reader.list_complete("checkpoints") == [NAME, "checkpoints/step-00000004"]
+
+
+def test_preempting_one_node_stops_both_with_the_preemption_code(pvc_root, tiny_model, tmp_path):
+    """Only the evicted pod gets SIGTERM. Its peer's workers stop with it after the same step and
+    checkpoint together; torchrun reports 1 for them, but the launcher reports 143 (the Job's
+    podFailurePolicy ignores it), so neither pod spends the Job's backoffLimit."""
+    nodes, logs = start_two_nodes(tiny_model, tmp_path, "pvc://data/preempted", 5000, "run", every_save=10**6)
+    try:
+        deadline = time.monotonic() + 180
+        while '"event": "step"' not in logs[0].read_text():  # rank 0 logs the steps
+            assert time.monotonic() < deadline and nodes[0].poll() is None, logs[0].read_text()[-3000:]
+            time.sleep(0.2)
+        nodes[1].send_signal(signal.SIGTERM)
+        codes = [node.wait(timeout=180) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    texts = [log.read_text() for log in logs]
+    assert codes == [EXIT_PREEMPTED, EXIT_PREEMPTED], "\n\n".join(text[-3000:] for text in texts)
+    stopped = events(texts[0], "preempted")[0]["step"]
+    assert [e["step"] for e in events(texts[0], "checkpoint")] == [stopped]

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-COMMANDS = ["crds", "validate", "tiny-model", "train", "plan", "generate", "serve", "operator"]
+COMMANDS = ["crds", "validate", "tiny-model", "train", "plan", "generate", "serve", "operator", "upload"]
 
 
 def kubetune(*args):

@@ -72,7 +72,7 @@ def parsed_config(objects) -> TrainerConfig:
     return TrainerConfig.model_validate(yaml.safe_load(objects.config_map["data"]["trainer.yaml"]))
 
 
-ALL = ["full-fsdp-2x8.yaml", "cpu-tiny-kind.yaml", "qlora-1gpu.yaml", "kueue-queued.yaml"]
+ALL = ["full-fsdp-2x8.yaml", "cpu-one-pod.yaml", "qlora-1gpu.yaml", "kueue-queued.yaml"]
 
 
 # --- every object ------------------------------------------------------------------------------
@@ -112,11 +112,11 @@ def test_names_are_derived_from_the_job_name(example):
 
 
 def test_trainer_service_does_not_collide_with_an_adapterdeployment_of_the_same_name():
-    # cpu-tiny-kind.yaml pairs FineTuneJob and AdapterDeployment `tiny-support`; the latter serves
+    # cpu-one-pod.yaml pairs FineTuneJob and AdapterDeployment `tiny-support`; the latter serves
     # on Service `tiny-support`.
-    names = {c.kind: c.name for c in check_file(EXAMPLES / "cpu-tiny-kind.yaml")}
+    names = {c.kind: c.name for c in check_file(EXAMPLES / "cpu-one-pod.yaml")}
     assert names["FineTuneJob"] == names["AdapterDeployment"]
-    assert render("cpu-tiny-kind.yaml").service["metadata"]["name"] != names["AdapterDeployment"]
+    assert render("cpu-one-pod.yaml").service["metadata"]["name"] != names["AdapterDeployment"]
 
 
 @pytest.mark.parametrize("example", ALL)
@@ -263,7 +263,7 @@ def test_shared_memory_from_the_spec():
 
 
 def test_cpu_job_runs_one_process_without_gpus_or_torchrun():
-    objects = render("cpu-tiny-kind.yaml")
+    objects = render("cpu-one-pod.yaml")
     assert container(objects)["command"] == ["kubetune", "train", "-f", "/etc/kubetune/config/trainer.yaml"]
     assert not {"NNODES", "NODE_RANK", "NPROC_PER_NODE", "MASTER_ADDR", "MASTER_PORT"} & set(env(objects))
     resources = container(objects)["resources"]
@@ -282,7 +282,7 @@ def two_nodes(doc):
 
 
 def test_cpu_job_with_several_nodes_gets_torchrun_settings_with_one_process_each():
-    objects = render(edited("cpu-tiny-kind.yaml", two_nodes))
+    objects = render(edited("cpu-one-pod.yaml", two_nodes))
     assert env(objects)["NNODES"] == "2" and env(objects)["NPROC_PER_NODE"] == "1"
 
 
@@ -299,7 +299,7 @@ def test_qlora_on_one_gpu_downloads_from_the_hub_with_the_secret_and_writes_to_s
 
 
 def test_no_secret_no_env_from():
-    assert "envFrom" not in container(render("cpu-tiny-kind.yaml"))
+    assert "envFrom" not in container(render("cpu-one-pod.yaml"))
 
 
 QUEUE = "kueue.x-k8s.io/queue-name"
@@ -318,10 +318,10 @@ def test_queued_job_carries_the_kueue_label_and_is_created_suspended_for_kueue_t
 
 
 def test_suspend_follows_run_policy():
-    suspended = edited("cpu-tiny-kind.yaml", lambda doc: doc["spec"].setdefault("runPolicy", {}).update(suspend=True))
+    suspended = edited("cpu-one-pod.yaml", lambda doc: doc["spec"].setdefault("runPolicy", {}).update(suspend=True))
     objects = render(suspended)
     assert objects.job["spec"]["suspend"] is True
-    assert render("cpu-tiny-kind.yaml").job["spec"]["suspend"] is False
+    assert render("cpu-one-pod.yaml").job["spec"]["suspend"] is False
 
 
 def test_configmap_datasets_are_mounted_read_only_where_the_trainer_looks():
@@ -329,7 +329,7 @@ def test_configmap_datasets_are_mounted_read_only_where_the_trainer_looks():
         dataset = doc["spec"]["dataset"]
         dataset.update(uri="configmap://support.chats/train.jsonl", validation={"uri": "configmap://evals/eval.jsonl"})
 
-    objects = render(edited("cpu-tiny-kind.yaml", edit))
+    objects = render(edited("cpu-one-pod.yaml", edit))
     paths = mounts(objects)
     for name in ("support.chats", "evals"):
         mount = paths[f"/etc/kubetune/configmaps/{name}"]
@@ -339,22 +339,22 @@ def test_configmap_datasets_are_mounted_read_only_where_the_trainer_looks():
 
 
 def test_one_claim_for_input_and_output_is_mounted_once_and_writable():
-    objects = render(edited("cpu-tiny-kind.yaml", lambda doc: doc["spec"]["output"].update(uri="pvc://models/out")))
+    objects = render(edited("cpu-one-pod.yaml", lambda doc: doc["spec"]["output"].update(uri="pvc://models/out")))
     claims = [v for v in volumes(objects).values() if "persistentVolumeClaim" in v]
     assert sorted(v["persistentVolumeClaim"]["claimName"] for v in claims) == ["datasets", "models"]
     assert mounts(objects)["/mnt/pvc/models"]["readOnly"] is False
 
 
 def test_image_from_the_spec_or_the_operator_default():
-    assert container(render("cpu-tiny-kind.yaml"))["image"] == CONFIG.trainer_image
+    assert container(render("cpu-one-pod.yaml"))["image"] == CONFIG.trainer_image
     custom = OperatorConfig(
         trainer_image="registry.local/trainer:dev", image_pull_policy="Never", image_pull_secrets=("regcred",)
     )
-    objects = render(load("cpu-tiny-kind.yaml"), custom)
+    objects = render(load("cpu-one-pod.yaml"), custom)
     assert container(objects)["image"] == "registry.local/trainer:dev"
     assert container(objects)["imagePullPolicy"] == "Never"
     assert pod(objects)["imagePullSecrets"] == [{"name": "regcred"}]
-    pinned = edited("cpu-tiny-kind.yaml", lambda doc: doc["spec"].update(image="example.com/my-trainer:1"))
+    pinned = edited("cpu-one-pod.yaml", lambda doc: doc["spec"].update(image="example.com/my-trainer:1"))
     assert container(render(pinned, custom))["image"] == "example.com/my-trainer:1"
 
 
@@ -455,17 +455,17 @@ def test_the_same_input_renders_the_same_objects(example):
 
 def test_the_job_records_a_hash_of_its_config_that_changes_with_it():
     hash_of = lambda objects: objects.job["metadata"]["annotations"]["kubetune.io/config-hash"]  # noqa: E731
-    base = render("cpu-tiny-kind.yaml")
+    base = render("cpu-one-pod.yaml")
     assert re.fullmatch(r"[0-9a-f]{16}", hash_of(base))
-    more_nodes = render(edited("cpu-tiny-kind.yaml", two_nodes))
+    more_nodes = render(edited("cpu-one-pod.yaml", two_nodes))
     assert hash_of(more_nodes) != hash_of(base)
 
 
 def test_rendered_objects_are_independent_of_each_other():
-    objects = render("cpu-tiny-kind.yaml")
+    objects = render("cpu-one-pod.yaml")
     objects.job["spec"]["template"]["spec"]["volumes"].clear()
     container(objects)["securityContext"]["runAsUser"] = 0
-    fresh = render("cpu-tiny-kind.yaml")
+    fresh = render("cpu-one-pod.yaml")
     assert pod(fresh)["volumes"] and container(fresh)["securityContext"]["runAsUser"] == 1000
 
 
@@ -497,7 +497,7 @@ def test_a_name_too_long_for_the_service_and_hostnames_fails_clearly():
 @pytest.mark.parametrize("name", ["llama.8b", "8b-run"])
 def test_a_name_that_cannot_name_a_service_fails_clearly(name):
     with pytest.raises(RenderError, match="starting with a letter and without dots"):
-        render(load("cpu-tiny-kind.yaml", name=name))
+        render(load("cpu-one-pod.yaml", name=name))
 
 
 def test_name_problems_is_empty_for_good_names():
@@ -510,18 +510,18 @@ def test_name_problems_is_empty_for_good_names():
 )
 def test_missing_metadata_fails_clearly(field, message):
     with pytest.raises(RenderError, match=message):
-        render(load("cpu-tiny-kind.yaml", **{field: None}))
+        render(load("cpu-one-pod.yaml", **{field: None}))
 
 
 def test_a_spec_that_fails_validation_is_not_rendered():
-    job = edited("cpu-tiny-kind.yaml", lambda doc: doc["spec"]["model"].update(uri="file:///models/tiny"))
+    job = edited("cpu-one-pod.yaml", lambda doc: doc["spec"]["model"].update(uri="file:///models/tiny"))
     with pytest.raises(RenderError) as error:
         render(job)
     assert "spec.model.uri" in str(error.value) and "file:// only works with `kubetune train`" in str(error.value)
 
 
 def test_every_problem_is_reported_at_once():
-    job = edited("cpu-tiny-kind.yaml", lambda doc: doc["spec"]["model"].update(uri="file:///m"), name="x.y", uid=None)
+    job = edited("cpu-one-pod.yaml", lambda doc: doc["spec"]["model"].update(uri="file:///m"), name="x.y", uid=None)
     message = str(pytest.raises(RenderError, render, job).value)
     assert "without dots" in message and "metadata.uid" in message and "spec.model.uri" in message
 
@@ -548,7 +548,7 @@ def test_every_field_is_one_the_kubernetes_api_knows(example):
 
 
 def test_owner_reference_from_parsed_metadata_or_kopfs_mapping():
-    job = load("cpu-tiny-kind.yaml")
+    job = load("cpu-one-pod.yaml")
     expected = {
         "apiVersion": "kubetune.io/v1alpha1",
         "kind": "FineTuneJob",
@@ -574,7 +574,7 @@ def test_volume_names_are_valid_dns_labels_and_distinct(name):
 
 
 def test_training_pods_point_the_trainer_at_the_contracts_mount_roots():
-    variables = env(render("cpu-tiny-kind.yaml"))
+    variables = env(render("cpu-one-pod.yaml"))
     assert variables[contract.PVC_ROOT_ENV] == contract.PVC_ROOT
     assert variables[contract.CONFIGMAP_ROOT_ENV] == contract.CONFIGMAP_ROOT
 

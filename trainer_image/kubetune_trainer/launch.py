@@ -2,9 +2,11 @@
 trainer config (in a pod) becomes a TrainerConfig; several local processes go through torchrun."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -27,6 +29,10 @@ from kubetune.contract import (
 from kubetune.storage import local_cache
 
 LAUNCHED = "KUBETUNE_LAUNCHED"  # set by the torchrun re-launch so it does not recurse
+# A file the workers create when they stopped for a preemption (a checkpoint was saved). In a job of
+# several pods only the preempted pod gets SIGTERM; the others' workers stop with it (they agree
+# after every step) and exit 143, but torchrun reports 1 for them: the marker tells the launcher.
+PREEMPTED_MARKER = "KUBETUNE_PREEMPTED_MARKER"
 
 
 def load_config(path: Path, metrics_port: int = 0) -> TrainerConfig:
@@ -89,7 +95,8 @@ def relaunch_with_torchrun(argv: list[str], torchrun_args: list[str]) -> int:
     preemption) goes straight to the workers (`stop_workers`); they checkpoint and exit 143, but
     torchrun itself reports 1, so a stop we forwarded is reported as 143 again."""
     command = [sys.executable, "-m", "torch.distributed.run", *torchrun_args, "-m", "kubetune", *argv]
-    child = subprocess.Popen(command, env={**os.environ, LAUNCHED: "1"})
+    marker = Path(tempfile.mkdtemp(prefix="kubetune-launch-")) / "preempted"
+    child = subprocess.Popen(command, env={**os.environ, LAUNCHED: "1", PREEMPTED_MARKER: str(marker)})
     stopped = []
 
     def forward(signum, frame):
@@ -99,7 +106,9 @@ def relaunch_with_torchrun(argv: list[str], torchrun_args: list[str]) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, forward)
     code = child.wait()
-    return EXIT_PREEMPTED if stopped and code != 0 else code
+    preempted = bool(stopped) or marker.exists()
+    shutil.rmtree(marker.parent, ignore_errors=True)
+    return EXIT_PREEMPTED if preempted and code != 0 else code
 
 
 def stop_workers(torchrun_pid: int, signum: int) -> None:

@@ -8,8 +8,10 @@ result does not depend on how the batch was split (world size, accumulation), no
 distributed strategy (DDP, FSDP, DeepSpeed ZeRO: see strategies.py), up to reduction order.
 """
 
+import contextlib
 import json
 import math
+import os
 import shutil
 import signal
 import tempfile
@@ -565,11 +567,21 @@ def run_training(config: TrainerConfig) -> int:
         return 0
     except Preempted:
         log("preempted", step=run.state.step)
+        _mark_preempted()
         return EXIT_PREEMPTED
     finally:
         if run is not None:
             run.metrics.stop()
         env.shutdown()
+
+
+def _mark_preempted() -> None:
+    """Tell torchrun's launcher (launch.PREEMPTED_MARKER) that this stop was a preemption."""
+    from .launch import PREEMPTED_MARKER
+
+    if marker := os.environ.get(PREEMPTED_MARKER):
+        with contextlib.suppress(OSError):
+            Path(marker).touch()
 
 
 def _fail(config: TrainerConfig, env: DistEnv, reason: str, message: str, code: int) -> int:
