@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 TINY_MODEL := .cache/models/tiny-llama
 
-.PHONY: help setup lint test test-unit test-trainer demo crds k8s-binaries cluster-up cluster-down clean
+.PHONY: help setup lint test test-unit test-trainer demo demo-local crds k8s-binaries cluster-up cluster-down clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -33,8 +33,11 @@ test-unit: setup ## only the unit tier (seconds)
 test-trainer: setup ## only the trainer tier
 	@$(PYTHON) -m pytest -m trainer tests
 
-demo: setup ## fine-tune the tiny model from a FineTuneJob manifest and ask the adapter a question
+demo: setup ## on kind: cluster up, chart installed, a FineTuneJob trains, an AdapterDeployment answers
 	@bash scripts/demo.sh
+
+demo-local: setup ## no cluster: fine-tune the tiny model from a FineTuneJob manifest here, ask the adapter
+	@bash scripts/demo-local.sh
 
 crds: setup ## regenerate crds/ and the chart's copy from the API models
 	@$(PYTHON) -m kubetune crds --write crds
@@ -52,10 +55,20 @@ cluster-down: ## stop it
 clean: ## remove this clone's .venv and caches (uv's download cache in ~/.cache/kubetune stays)
 	rm -rf .cache .pytest_cache $(VENV)
 
-.PHONY: images test-e2e
+.PHONY: images test-e2e kind-up kind-down kind-status
 
 images: setup ## container images: Docker engine, debootstrapped base, trainer and operator (offline wheelhouse)
 	@bash scripts/images.sh
 
-test-e2e: images ## the e2e tier: kubetune's images run as real containers (tests/e2e)
-	@$(PYTHON) -m pytest -m e2e tests/e2e
+test-e2e: images ## the e2e tier: kubetune's images as containers, and the scenario on kind (tests/e2e)
+	@bash scripts/kind.sh up
+	@KUBETUNE_E2E_KUBECONFIG=.cache/kind/kubeconfig $(PYTHON) -m pytest -m e2e tests/e2e
+
+kind-up: setup ## a kind cluster (kind-config.yaml) with kubetune's images and chart; KUBECONFIG=.cache/kind/kubeconfig
+	@bash scripts/kind.sh up
+
+kind-down: ## delete the kind cluster (images and caches stay)
+	@bash scripts/kind.sh down
+
+kind-status: ## is the kind cluster up and healthy, is the operator running
+	@bash scripts/kind.sh status

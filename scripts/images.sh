@@ -88,8 +88,11 @@ stage_context() {
     rm -rf "$ctx"
     mkdir -p "$ctx/wheels"
     tar -c --exclude=__pycache__ --exclude='*.pyc' --exclude='*.egg-info' \
-        pyproject.toml README.md requirements core operator trainer_image kernels scripts/image-entrypoint.sh \
+        pyproject.toml requirements core operator trainer_image kernels scripts/image-entrypoint.sh \
         | tar -x -C "$ctx"
+    # The package's readme, for its metadata only: a fixed text, so that editing the README does not
+    # rebuild (and re-load into kind) a 6 GB image.
+    printf '# kubetune\n\nA Kubernetes-native fine-tuning operator. See the project README.\n' >"$ctx/README.md"
     reqs=$ctx/.requirements.txt
     report=$ctx/.resolution.json
     # The project's requirements for these extras (what the Dockerfile installs), plus setuptools
