@@ -124,8 +124,9 @@ PY
     say "context $ctx: $(find "$ctx/wheels" -name '*.whl' | wc -l) wheels, $(du -shL "$ctx" | cut -f1)"
 }
 
-build_image() { # build_image NAME DOCKERFILE EXTRAS
+build_image() { # build_image NAME DOCKERFILE EXTRAS CHART_NAME...
     local name=$1 dockerfile=$2 extras=$3 tag=kubetune/$1:$version t0
+    shift 3
     stage_context "$name" "$extras"
     # Up to date: the image carries the hash of everything its build reads.
     local hash
@@ -134,6 +135,7 @@ build_image() { # build_image NAME DOCKERFILE EXTRAS
              ls wheels) | sha256sum | cut -c1-32)
     if [ "$(docker image inspect -f '{{index .Config.Labels "io.kubetune.build-inputs"}}' "$tag" 2>/dev/null)" = "$hash" ]; then
         say "$tag is up to date (same Dockerfile, base image, sources and wheels); not rebuilt"
+        chart_names "$name" "$@"
         return 0
     fi
     local previous
@@ -149,6 +151,7 @@ build_image() { # build_image NAME DOCKERFILE EXTRAS
         die "docker build $tag failed (log: .cache/images/$name-build.log)"
     fi
     # The image this one replaces would stay behind untagged (GBs for the trainer).
+    chart_names "$name" "$@"   # before removing the previous image, which they named too
     if [ -n "$previous" ] && [ "$previous" != "$(docker image inspect -f '{{.Id}}' "$tag")" ]; then
         docker rmi "$previous" >/dev/null 2>&1 || true
     fi
@@ -175,7 +178,7 @@ chart_names() { # chart_names IMAGE NAME...
     local image=$1 name; shift
     for name in "$@"; do docker tag "kubetune/$image:$version" "ghcr.io/kubetune/$name:$version"; done
 }
-if want operator; then build_image operator operator/Dockerfile operator; chart_names operator operator; fi
-if want trainer; then build_image trainer trainer_image/Dockerfile trainer,serve; chart_names trainer trainer serve; fi
+if want operator; then build_image operator operator/Dockerfile operator operator; fi
+if want trainer; then build_image trainer trainer_image/Dockerfile trainer,serve trainer serve; fi
 say "done in $(elapsed "$t_all") s"
 docker images --format '  {{.Repository}}:{{.Tag}}  {{.Size}}' 'kubetune/*' 2>/dev/null || true

@@ -30,6 +30,7 @@ release=kubetune
 release_ns=kubetune-system
 operator_image=ghcr.io/kubetune/operator:$version
 trainer_images=(ghcr.io/kubetune/trainer:"$version" ghcr.io/kubetune/serve:"$version")
+loaded_dir=/var/lib/kubetune-images   # in each node: the image IDs load_images put there
 kind=$k8s_bin/kind
 kubectl=("$k8s_bin/kubectl" --kubeconfig "$kubeconfig")
 helm=("$k8s_bin/helm" --kubeconfig "$kubeconfig")
@@ -87,13 +88,34 @@ create_cluster() {
 }
 
 load_images() {
-    local workers
-    # kind skips an image a node already holds under that name and ID
-    "$kind" load docker-image --name "$name" "$operator_image"
-    # the trainer image (~6 GB) only where training and serving pods can run: the worker nodes
-    workers=$("$kind" get nodes --name "$name" | grep -v -- '-control-plane$' | paste -sd, -)
+    local node image id had workers
+    # The trainer image (~6 GB) only where training and serving pods run: the worker nodes.
+    workers=$("$kind" get nodes --name "$name" | grep -v -- '-control-plane$' || true)
     [ -n "$workers" ] || workers=$name-control-plane
-    "$kind" load docker-image --name "$name" --nodes "$workers" "${trainer_images[@]}"
+    for node in $("$kind" get nodes --name "$name"); do
+        local wanted=("$operator_image") missing=()
+        if grep -qx "$node" <<<"$workers"; then wanted+=("${trainer_images[@]}"); fi
+        for image in "${wanted[@]}"; do
+            id=$(docker image inspect -f '{{.Id}}' "$image")
+            # What this script loaded into the node is noted in the node itself (its ID per image
+            # name): a reused cluster skips what it holds, and a rebuilt image's predecessor is
+            # removed from the node first, so the node's disk does not fill with old 6 GB images.
+            had=$(docker exec "$node" cat "$loaded_dir/${image//[\/:]/_}" 2>/dev/null || true)
+            [ "$had" = "$id" ] && continue
+            if [ -n "$had" ]; then
+                docker exec "$node" ctr -n k8s.io images rm "$image" "$had" >/dev/null 2>&1 || true
+            fi
+            missing+=("$image")
+        done
+        if [ ${#missing[@]} -eq 0 ]; then
+            say "$node holds ${wanted[*]}"
+            continue
+        fi
+        "$kind" load docker-image --name "$name" --nodes "$node" "${missing[@]}"
+        for image in "${missing[@]}"; do
+            docker exec "$node" sh -c "mkdir -p $loaded_dir && echo $(docker image inspect -f '{{.Id}}' "$image") > $loaded_dir/${image//[\/:]/_}"
+        done
+    done
 }
 
 install_chart() {
