@@ -20,9 +20,10 @@
 #   probe: kind create cluster --image kubetune/kind-node:v1.34.2 --config kind-config.yaml
 #          --name kt-probe, wait for nodes + system pods, a smoke pod on the worker (CoreDNS
 #          lookup, a local-path PVC), then delete the cluster (KIND_PROBE_KEEP=1 keeps it).
-#          Where the engine can't run --privileged containers (this sandbox lacks
-#          CAP_SYS_RESOURCE) it runs against scripts/restricted/kind-probe-engine.sh's private
-#          engine, whose runc is wrapped by scripts/restricted/kind-runc.sh.
+#          Needs an engine that runs --privileged containers: where the host lacks capabilities
+#          (this sandbox: CAP_SYS_RESOURCE), scripts/docker-engine.sh starts one whose runc is
+#          wrapped by scripts/restricted/kind-runc.sh. `make kind-up` (scripts/kind.sh) is the
+#          cluster users get; the probe is this image's own smoke test.
 # Idempotent: every step is skipped when its output (stamp or docker image) is present;
 # KIND_NODE_REBUILD=1 rebuilds the images and node.
 set -euo pipefail
@@ -126,11 +127,8 @@ probe() {
     t0=$(date +%s)
     # An engine that can't run privileged containers (this sandbox: no CAP_SYS_RESOURCE in the
     # bounding set) gets a private second engine with runc wrapped.
-    if [ -z "${DOCKER_HOST:-}" ] && ! docker run --rm --privileged --entrypoint true "$kind_base" >/dev/null 2>&1; then
-        say "[probe] the engine can't run --privileged containers; using scripts/restricted/kind-probe-engine.sh"
-        export DOCKER_HOST
-        DOCKER_HOST=$(bash "$restricted/kind-probe-engine.sh" use "$node_image")
-    fi
+    docker run --rm --privileged --entrypoint true "$kind_base" >/dev/null 2>&1 \
+        || die "the engine can't run --privileged containers; start it with scripts/docker-engine.sh (which runs containers through scripts/restricted/kind-runc.sh where the host needs it)"
     "$kind" delete cluster --name kt-probe >/dev/null 2>&1 || true
     mkdir -p "$repo/.cache/e2e"
     say "[probe] kind create cluster --image $node_image --config kind-config.yaml --name kt-probe --wait 3m"
@@ -176,7 +174,6 @@ spec:
   - name: d
     persistentVolumeClaim: {claimName: kt-probe-pvc}
 YAML
-    if docker exec kt-probe-worker test -d /var/lib/kubetune; then record "[probe] extraMount /var/lib/kubetune present on the worker"; else record "[probe] extraMount /var/lib/kubetune MISSING on the worker"; fi
     if "${k[@]}" wait --for=jsonpath='{.status.phase}'=Succeeded pod/kt-probe-smoke --timeout=120s; then
         record "[probe] smoke pod: $("${k[@]}" logs kt-probe-smoke | tr '\n' ' ')"
     else

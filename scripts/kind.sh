@@ -112,6 +112,9 @@ load_images() {
             continue
         fi
         "$kind" load docker-image --name "$name" --nodes "$node" "${missing[@]}"
+        # kind's `ctr images import --digests` also names each image import-DATE@DIGEST; those
+        # names would keep a replaced image's content on the node's disk for good
+        docker exec "$node" sh -c 'ctr -n k8s.io images ls -q | grep "^import-" | xargs -r ctr -n k8s.io images rm >/dev/null'
         for image in "${missing[@]}"; do
             docker exec "$node" sh -c "mkdir -p $loaded_dir && echo $(docker image inspect -f '{{.Id}}' "$image") > $loaded_dir/${image//[\/:]/_}"
         done

@@ -8,7 +8,7 @@
 # everything else passes straight through.
 # Register it with the engine (dockerd flags, e.g. through scripts/docker-engine.sh's
 # KUBETUNE_DOCKERD_ARGS):  --add-runtime kt-runc=<repo>/scripts/restricted/kind-runc.sh --default-runtime kt-runc
-# scripts/restricted/kind-probe-engine.sh does that for its private engine.
+# scripts/docker-engine.sh does that by itself where it detects a reduced bounding set.
 # Env: KIND_RUNC_REAL (default: /usr/sbin/runc, else /usr/bin/runc).
 # Plain sh on its own, without scripts/lib/common.sh: dockerd runs it for every container.
 real=${KIND_RUNC_REAL:-}
