@@ -74,6 +74,9 @@ check_privileged() {
 create_cluster() {
     local image=$1 current
     current=$(cluster_node_image)
+    if exists && [ ! -s "$kubeconfig" ]; then   # made by another clone of this repository: reuse it
+        "$kind" export kubeconfig --name "$name" --kubeconfig "$kubeconfig" >/dev/null 2>&1 || true
+    fi
     if healthy && [ "$current" = "$image" ]; then
         say "cluster $name is up and healthy (node image $image): reused"
         return 0

@@ -24,7 +24,7 @@ PREFIX = "kubetune_train_"
 METRICS_URL_ANNOTATION = "kubetune.io/metrics-url"
 GIB = 2**30
 NAMES = ("step", "total_steps", "epoch", "loss", "eval_loss", "learning_rate", "tokens_per_second",
-         "eta_seconds", "gpu_memory_bytes")  # fmt: skip
+         "eta_seconds", "gpu_memory_bytes", "resumes")  # fmt: skip
 
 
 class ScrapeError(RuntimeError):
@@ -54,6 +54,7 @@ class Reading:
 
     progress: dict[str, Any]
     metrics: dict[str, float]
+    resumes: int = 0  # times the trainer went on from a checkpoint
 
 
 def progress_from(values: dict[str, float], now: datetime) -> dict[str, Any]:
@@ -90,15 +91,17 @@ def metrics_from(values: dict[str, float]) -> dict[str, float]:
 
 def reading_from(text: str, now: datetime) -> Reading:
     values = parse_metrics(text)
-    return Reading(progress_from(values, now), metrics_from(values))
+    return Reading(progress_from(values, now), metrics_from(values), int(values.get("resumes", 0)))
 
 
 def apply_reading(status: dict[str, Any], reading: Reading) -> dict[str, Any]:
     """status with the reading folded in: progress replaced, metrics updated key by key (a loss
-    measured earlier stays until a new one is read)."""
+    measured earlier stays until a new one is read), restarts raised to the trainer's resumes (a
+    preempted pod is left out of the Job's failures, but the trainer knows it went on)."""
     out = dict(status)
     out["progress"] = dict(reading.progress)
     out["metrics"] = {**(status.get("metrics") or {}), **reading.metrics}
+    out["restarts"] = max(int(status.get("restarts") or 0), reading.resumes)
     return out
 
 

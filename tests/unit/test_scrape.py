@@ -52,8 +52,16 @@ def test_unreadable_answers_raise_scrape_error(text):
 def test_apply_reading_replaces_progress_and_updates_metrics():
     status = {"phase": "Running", "progress": {"step": 1, "eta": "x"}, "metrics": {"evalLoss": 2.0, "trainLoss": 3.0}}
     reading = scrape.Reading({"step": 5}, {"trainLoss": 1.0})
-    assert scrape.apply_reading(status, reading) == {"phase": "Running", "progress": {"step": 5},
+    assert scrape.apply_reading(status, reading) == {"phase": "Running", "progress": {"step": 5}, "restarts": 0,
                                                      "metrics": {"evalLoss": 2.0, "trainLoss": 1.0}}  # fmt: skip
+
+
+def test_the_trainers_resumes_raise_restarts_and_never_lower_them():
+    # a preempted pod is left out of the Job's failures; rank 0 knows the run went on from a checkpoint
+    reading = scrape.reading_from(exposition(step=30, total_steps=200, resumes=1), NOW)
+    assert reading.resumes == 1
+    assert scrape.apply_reading({"restarts": 0}, reading)["restarts"] == 1
+    assert scrape.apply_reading({"restarts": 3}, reading)["restarts"] == 3
 
 
 def test_metrics_url():

@@ -149,6 +149,11 @@ def test_restarts_count_failures():
     assert derive(admitted(), wl=workload(failed=2, active=1), pods=[pod()])["restarts"] == 2
 
 
+def test_restarts_are_never_lowered():
+    # 2 came from rank 0's resumes (a preemption the Job does not count as a failure)
+    assert derive({**admitted(), "restarts": 2}, wl=workload(failed=1, active=1), pods=[pod()])["restarts"] == 2
+
+
 def test_disruptions_do_not_count_when_the_job_already_ignores_them():
     # The podFailurePolicy's Ignore rule keeps evicted pods out of status.failed already.
     evicted = pod("old", phase="Failed", disrupted=True, terminated={"exitCode": 137})
@@ -241,8 +246,9 @@ def test_the_trainers_json_error_is_quoted_as_reason_and_message():
     error = json.dumps({"phase": "Failed", "reason": "InvalidInput", "message": "dataset row 3: no messages"})
     crashed = pod("c", phase="Failed", terminated={"exitCode": 2, "reason": "Error", "message": error})
     wl = workload(failed=1, conditions=[job_cond("Failed", "PodFailurePolicy", "exit code 2")])
-    message = cond(derive(admitted(), wl=wl, pods=[crashed]), c.FAILED)["message"]
-    assert message == "exit code 2; last pod c exited 2 (Error): InvalidInput: dataset row 3: no messages"
+    failed = cond(derive(admitted(), wl=wl, pods=[crashed]), c.FAILED)
+    assert failed["reason"] == "InvalidInput"  # the trainer's, not the Job's PodFailurePolicy
+    assert failed["message"] == "last pod c exited 2 (Error): InvalidInput: dataset row 3: no messages; exit code 2"
     assert s.trainer_error("Traceback (most recent call last): ...") == "Traceback (most recent call last): ..."
 
 

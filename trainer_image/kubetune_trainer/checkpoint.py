@@ -31,6 +31,7 @@ class TrainerState:
     fingerprint: str
     global_batch_size: int
     history: list[dict] = field(default_factory=list)  # one entry per logged step: step, loss, lr, ...
+    resumes: int = 0  # times the run went on from a checkpoint (preemptions, retried failures)
 
 
 def checkpoint_name(step: int) -> str:

@@ -28,11 +28,9 @@ from kubetune.contract import (
 )
 from kubetune.storage import local_cache
 
+from .preemption import PREEMPTED_MARKER
+
 LAUNCHED = "KUBETUNE_LAUNCHED"  # set by the torchrun re-launch so it does not recurse
-# A file the workers create when they stopped for a preemption (a checkpoint was saved). In a job of
-# several pods only the preempted pod gets SIGTERM; the others' workers stop with it (they agree
-# after every step) and exit 143, but torchrun reports 1 for them: the marker tells the launcher.
-PREEMPTED_MARKER = "KUBETUNE_PREEMPTED_MARKER"
 
 
 def load_config(path: Path, metrics_port: int = 0) -> TrainerConfig:

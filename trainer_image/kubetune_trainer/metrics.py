@@ -15,6 +15,7 @@ GAUGES = {
     "samples_per_second": "Sequences processed per second, all ranks together.",
     "gpu_memory_bytes": "Peak GPU memory allocated on rank 0.",
     "eta_seconds": "Estimated seconds until the last step.",
+    "resumes": "Times this run went on from a checkpoint (after a preemption or a retried failure).",
     "trainable_parameters": "Parameters that receive gradients.",
     "total_parameters": "Parameters in the model.",
 }

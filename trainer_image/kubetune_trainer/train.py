@@ -8,10 +8,8 @@ result does not depend on how the batch was split (world size, accumulation), no
 distributed strategy (DDP, FSDP, DeepSpeed ZeRO: see strategies.py), up to reduction order.
 """
 
-import contextlib
 import json
 import math
-import os
 import shutil
 import signal
 import tempfile
@@ -39,6 +37,7 @@ from kubetune.planning import ModelShape, Plan, plan_for_spec
 from . import checkpoint, data, dpo, methods, strategies
 from .distributed import DistEnv
 from .metrics import MetricsExporter
+from .preemption import mark_preempted
 
 
 class Preempted(Exception):
@@ -209,8 +208,10 @@ def resume_if_possible(run: Run) -> None:
             f"{run.data_report.fingerprint[:12]}); write to a new output URI or delete the checkpoints"
         )
     run.strategy.load_state(folder)  # weights and optimizer state, in the strategy's format
+    state.resumes += 1
     run.state = state
-    log("resumed", checkpoint=newest, step=state.step)
+    run.metrics.set(resumes=state.resumes)
+    log("resumed", checkpoint=newest, step=state.step, resumes=state.resumes)
 
 
 def _on_ranks(env: DistEnv, selected: bool, action) -> list:
@@ -406,6 +407,7 @@ def _publish_metrics(run: Run, entry: dict, tokens_per_second: float, steps_per_
         samples_per_second=steps_per_second * run.config.spec.hyperparameters.global_batch_size,
         eta_seconds=remaining / steps_per_second if steps_per_second else None,
         gpu_memory_bytes=memory,
+        resumes=run.state.resumes,
     )
 
 
@@ -567,21 +569,12 @@ def run_training(config: TrainerConfig) -> int:
         return 0
     except Preempted:
         log("preempted", step=run.state.step)
-        _mark_preempted()
+        mark_preempted()
         return EXIT_PREEMPTED
     finally:
         if run is not None:
             run.metrics.stop()
         env.shutdown()
-
-
-def _mark_preempted() -> None:
-    """Tell torchrun's launcher (launch.PREEMPTED_MARKER) that this stop was a preemption."""
-    from .launch import PREEMPTED_MARKER
-
-    if marker := os.environ.get(PREEMPTED_MARKER):
-        with contextlib.suppress(OSError):
-            Path(marker).touch()
 
 
 def _fail(config: TrainerConfig, env: DistEnv, reason: str, message: str, code: int) -> int:

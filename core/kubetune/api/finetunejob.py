@@ -555,7 +555,9 @@ class FineTuneJobStatus(ApiModel):
     progress: Progress | None = Field(default=None, description="Training progress.")
     metrics: TrainingMetrics | None = Field(default=None, description="Training metrics.")
     restarts: int | None = Field(
-        default=None, description="Attempts that failed and were retried (preemptions excluded)."
+        default=None,
+        description="Times training restarted: failed attempts that were retried, and preemptions the "
+        "trainer resumed from a checkpoint.",
     )
     start_time: datetime | None = Field(default=None, description="When the first pod started.")
     completion_time: datetime | None = Field(default=None, description="When the job finished.")

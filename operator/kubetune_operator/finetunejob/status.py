@@ -10,7 +10,8 @@ Where the facts come from, the Kubernetes way:
   BackoffLimitExceeded, PodFailurePolicy, DeadlineExceeded, ...).
 * The result: rank 0's termination message, `kubetune.contract.TrainerResult` as JSON, parsed with
   the same model (and its limits) the trainer wrote it with.
-* restarts: the Job's failed count, without pod disruptions (preemption, drain, eviction).
+* restarts: the Job's failed count, without pod disruptions (preemption, drain, eviction), or the
+  trainer's resumes from a checkpoint as rank 0 reports them, whichever is higher; never lowered.
 """
 
 import copy
@@ -262,12 +263,16 @@ def running_condition(conds: c.Conditions, ctx: Context, outcome: str | None) ->
     return set_running(c.FALSE, "PodsPending", f"{running}/{expected} pods running; {waiting_detail(live)}")
 
 
+def last_failed_pod(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    failed = [p for p in pods if pod_phase(p) == "Failed" and terminated_state(p)]
+    return max(failed, key=lambda p: (terminated_state(p) or {}).get("finishedAt") or "") if failed else None
+
+
 def failure_detail(pods: list[dict[str, Any]]) -> str:
     """The last failed pod's exit and termination message (the trainer's error, or its log tail)."""
-    failed = [p for p in pods if pod_phase(p) == "Failed" and terminated_state(p)]
-    if not failed:
+    last = last_failed_pod(pods)
+    if last is None:
         return ""
-    last = max(failed, key=lambda p: (terminated_state(p) or {}).get("finishedAt") or "")
     state = terminated_state(last) or {}
     text = f"last pod {pod_name(last)} exited {state.get('exitCode')} ({state.get('reason') or 'Error'})"
     message = trainer_error((state.get("message") or "").strip())
@@ -285,11 +290,22 @@ def trainer_error(message: str) -> str:
     return f"{result.reason}: {result.message}" if result.reason else result.message
 
 
+def trainer_reason(pods: list[dict[str, Any]]) -> str | None:
+    """The reason the trainer gave for the last failure (InvalidInput, InputUnavailable, ...)."""
+    last = last_failed_pod(pods)
+    if last is None:
+        return None
+    result, _ = TrainerResult.parse(((terminated_state(last) or {}).get("message") or "").strip())
+    return result.reason if result is not None and result.phase == "Failed" else None
+
+
 def failed_condition(conds: c.Conditions, ctx: Context) -> c.Conditions:
+    """Failed=True with the trainer's reason when it gave one (the Job's own reason, e.g.
+    PodFailurePolicy or BackoffLimitExceeded, otherwise): the trainer's words first, then the Job's."""
     assert ctx.workload is not None
     failed = job_condition(ctx.workload, "Failed") or {}
-    reason = failed.get("reason") or "JobFailed"
-    parts = [failed.get("message") or "the Job failed", failure_detail(ctx.pods)]
+    reason = trainer_reason(ctx.pods) or failed.get("reason") or "JobFailed"
+    parts = [failure_detail(ctx.pods), failed.get("message") or "the Job failed"]
     message = "; ".join(p for p in parts if p)
     return c.set_condition(conds, c.FAILED, c.TRUE, reason, message, ctx.generation, ctx.now)
 
@@ -355,7 +371,9 @@ def derive_status(current: Status | None, ctx: Context) -> Status:
     if outcome == "Complete":
         status = apply_success(status, ctx)
     status = times(status, ctx.workload, outcome)
-    status["restarts"] = restarts(ctx.workload, ctx.pods)
+    # never lowered: preemptions come from rank 0's resumes (scrape.apply_reading), and a failed
+    # pod the Job controller has since deleted no longer shows in what is read here
+    status["restarts"] = max(restarts(ctx.workload, ctx.pods), int(status.get("restarts") or 0))
     status["phase"] = c.phase_of(status["conditions"])
     if ctx.generation is not None:
         status["observedGeneration"] = ctx.generation
