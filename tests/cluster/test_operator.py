@@ -6,7 +6,7 @@ What is shown: admission (plan recorded, invalid specs and jobs that cannot fit 
 Job), the ConfigMap/Service/Job created once and owned by the FineTuneJob, conditions and phase
 following the pods, progress scraped from a fake rank-0 metrics endpoint, the result read from
 rank 0's termination message, suspend/resume and deadlines patched onto the Job, failures with
-the Job's reason, an evicted pod not counted as a restart, a restart of the operator mid-reconcile
+the trainer's reason, an evicted pod not counted as a restart, a restart of the operator mid-reconcile
 converging without duplicates (and not failing a running job), a Job deleted by hand created
 again, and deletion garbage-collecting everything (no finalizer).
 
@@ -479,16 +479,17 @@ def test_suspend_resume_and_deadline_are_patched_onto_the_job(cluster, namespace
     )
 
 
-def test_a_trainer_failure_reports_the_jobs_reason_and_the_message(cluster, namespace, operator):
+def test_a_trainer_failure_reports_the_trainers_reason_and_the_message(cluster, namespace, operator):
     create_ftj(cluster, namespace, gpu_job("doomed"))
     pod = running_rank0(cluster, namespace, "doomed")
     # Exit code 2 means bad input: the podFailurePolicy fails the Job at once, without retries. The
     # trainer's termination message says why, as JSON.
     error = json.dumps({"phase": "Failed", "reason": "InvalidInput", "message": "dataset row 3: no 'messages' key"})
     cluster.fail_pod(namespace, pod["metadata"]["name"], exit_code=2, message=error)
-    failed = wait_condition(cluster, namespace, "doomed", "Failed", reason="PodFailurePolicy")
+    failed = wait_condition(cluster, namespace, "doomed", "Failed", reason="InvalidInput")  # the trainer's reason
     message = cond(failed, "Failed")["message"]
     assert "exited 2" in message and "InvalidInput: dataset row 3: no 'messages' key" in message, message
+    assert "FailJob" in message  # and the Job's own words: its podFailurePolicy rule
     assert failed["status"]["restarts"] == 0  # failed at once: no retry
     assert failed["status"]["phase"] == "Failed" and failed["status"]["completionTime"]
 
