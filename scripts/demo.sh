@@ -26,12 +26,12 @@ python=.venv/bin/python
 t_demo=$(date +%s)
 t0=0
 begin() { t0=$(date +%s); echo; echo "== $*"; }
-end() { record "demo: $1: $(elapsed "$t0") s"; }
-doc() { # doc KIND: that document of the example
+end() { record "$1: $(elapsed "$t0") s"; }
+doc() { # doc KIND: that document of the example, as JSON (a YAML dump could unquote "1e-2")
     "$python" - "$1" <<'PY'
-import sys, yaml
+import json, sys, yaml
 docs = [d for d in yaml.safe_load_all(open("examples/cpu-tiny-kind.yaml")) if d["kind"] == sys.argv[1]]
-print(yaml.safe_dump(docs[0], sort_keys=False))
+print(json.dumps(docs[0]))
 PY
 }
 
@@ -99,6 +99,6 @@ if not answers.get("support", "").startswith("Backups are kept for thirty days."
     sys.exit("the adapter did not give the trained answer")
 PY
 end answer
-record "demo: all: $(elapsed "$t_demo") s"
+record "all: $(elapsed "$t_demo") s"
 echo
 echo "The cluster stays up: KUBECONFIG=$KUBECONFIG kubectl get ftj,adapterdeployment -n $ns; make kind-down deletes it."

@@ -142,6 +142,12 @@ def test_never_suspended_means_no_suspended_condition():
     assert cond(derive(admitted(), wl=workload(active=1), pods=[pod()]), c.SUSPENDED) is None
 
 
+def test_pods_done_before_the_job_is_marked_complete_still_read_running():
+    # between the last pod's exit and the Job's Complete condition: no flicker back to Admitted
+    st = derive(admitted(), wl=workload(parallelism=2, active=1), pods=[pod("a", phase="Succeeded"), pod("b")])
+    assert st["phase"] == "Running" and cond(st, c.RUNNING)["reason"] == "Finishing"
+
+
 # --- restarts ------------------------------------------------------------------------------------
 
 

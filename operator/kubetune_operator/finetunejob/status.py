@@ -260,6 +260,9 @@ def running_condition(conds: c.Conditions, ctx: Context, outcome: str | None) ->
     if running >= expected:
         message = f"{running}/{expected} pods running"
         return set_running(c.TRUE, "PodsRunning", f"{message}; {ctx.scrape_note}" if ctx.scrape_note else message)
+    finished = sum(1 for p in live if pod_phase(p) == "Succeeded")
+    if finished and running + finished >= expected:  # the Job controller has not marked it Complete yet
+        return set_running(c.TRUE, "Finishing", f"{finished}/{expected} pods finished, {running} running")
     return set_running(c.FALSE, "PodsPending", f"{running}/{expected} pods running; {waiting_detail(live)}")
 
 
