@@ -7,6 +7,11 @@ tests/conftest.py repeats at the end of the run.
 The tier runs when asked for: `make test` asks (KUBETUNE_E2E=1) once it has built the images,
 where this machine can run a Docker engine; `make test-e2e` and `pytest -m e2e` ask too. A plain
 `pytest tests` reports it as NOT RUN, so a quick local run does not build GBs of images.
+
+test_kind.py (markers e2e and kind) needs no Docker of its own: it runs against the cluster that
+KUBETUNE_E2E_KUBECONFIG (else KUBECONFIG) names, with kubetune's chart installed. `make test` brings
+kind up (`make kind-up`) and asks (KUBETUNE_E2E_KIND=1); where it cannot, the reason it passes in
+KUBETUNE_E2E_KIND_PROBLEM is the NOT RUN reason.
 """
 
 from __future__ import annotations
