@@ -112,8 +112,8 @@ def test_names_are_derived_from_the_job_name(example):
 
 
 def test_trainer_service_does_not_collide_with_an_adapterdeployment_of_the_same_name():
-    # cpu-one-pod.yaml pairs FineTuneJob and AdapterDeployment `tiny-support`; the latter serves
-    # on Service `tiny-support`.
+    # cpu-one-pod.yaml pairs FineTuneJob and AdapterDeployment `one-pod`; the latter serves
+    # on Service `one-pod`.
     names = {c.kind: c.name for c in check_file(EXAMPLES / "cpu-one-pod.yaml")}
     assert names["FineTuneJob"] == names["AdapterDeployment"]
     assert render("cpu-one-pod.yaml").service["metadata"]["name"] != names["AdapterDeployment"]
@@ -552,13 +552,13 @@ def test_owner_reference_from_parsed_metadata_or_kopfs_mapping():
     expected = {
         "apiVersion": "kubetune.io/v1alpha1",
         "kind": "FineTuneJob",
-        "name": "tiny-support",
+        "name": "one-pod",
         "uid": UID,
         "controller": True,
         "blockOwnerDeletion": True,
     }
     assert owner_reference(job.metadata, "FineTuneJob") == expected
-    assert owner_reference({"name": "tiny-support", "uid": UID, "namespace": "default"}, "FineTuneJob") == expected
+    assert owner_reference({"name": "one-pod", "uid": UID, "namespace": "default"}, "FineTuneJob") == expected
     with pytest.raises(RenderError, match="needs name and uid"):
         owner_reference({"name": "tiny-support"}, "FineTuneJob")
 
