@@ -85,7 +85,7 @@ def _skip_kind(config, items) -> None:
     else:
         problem = os.environ.get("KUBETUNE_E2E_KIND_PROBLEM") or cluster_problem()
         reason = f"NOT RUN: e2e kind tier: {problem}" if problem else None
-    if reason:
+    if reason:  # a loud NOT RUN with its cause, repeated in the tier summary: never a silent pass
         for item in items:
             item.add_marker(pytest.mark.skip(reason=reason))
 

@@ -50,15 +50,15 @@ def kubectl(*args: str, input: str | None = None, check: bool = True, timeout: f
     return run.stdout
 
 
-def get(kind: str, name: str | None = None, namespace: str | None = None, **selectors: str) -> Any:
+def get(kind: str, name: str | None = None, namespace: str | None = None, label: str | None = None) -> Any:
     """`kubectl get -o json`: one object (None when it does not exist) or the list's items."""
     args = ["get", kind, *([name] if name else []), "-o", "json"]
     if namespace:
         args += ["-n", namespace]
     elif not name:
         args += ["--all-namespaces"]
-    if selectors.get("label"):
-        args += ["-l", selectors["label"]]
+    if label:
+        args += ["-l", label]
     if name:
         out = kubectl(*args, check=False)
         return json.loads(out) if out.strip() else None

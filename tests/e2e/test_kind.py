@@ -22,6 +22,7 @@ too (`pytest -s` or the captured output of a failure).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -31,7 +32,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.e2e.kube import REPO, apply, evict, get, kubectl, wait_for
+from tests.e2e.kube import REPO, apply, evict, get, kubeconfig, kubectl, kubectl_binary, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kind, pytest.mark.timeout(1800)]
 
@@ -110,10 +111,6 @@ def upload(source: Path, target: str, namespace: str) -> None:
 
 
 def _kube_env() -> dict[str, str]:
-    import os
-
-    from tests.e2e.kube import kubeconfig, kubectl_binary
-
     env = dict(os.environ)
     if kubeconfig():
         env["KUBECONFIG"] = kubeconfig()
