@@ -75,6 +75,15 @@ class DatasetSpec(ApiModel):
         default="tokenizer",
         description="Template that renders chat and instruction data: the tokenizer's own, or a named one.",
     )
+    max_bad_row_fraction: float = Field(
+        default=0.01,
+        ge=0,
+        le=1,
+        description=(
+            "Largest fraction of rows that may be unusable (unparsable, wrong shape, wrong encoding) before the "
+            "job fails with InvalidInput and examples of the bad rows; bad rows below it are skipped and counted."
+        ),
+    )
 
 
 # --- spec.method ---------------------------------------------------------------------------------
