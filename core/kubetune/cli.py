@@ -48,13 +48,18 @@ def cmd_crds(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from .api.manifest import check_file
+    from .api.yamlsafe import ManifestError
 
     failed = 0
     for file in args.filename:
         try:
             results = check_file(Path(file), local=args.local)
-        except (OSError, ValueError) as error:  # unreadable file, or YAML syntax error
-            print(f"{file}: {error}", file=sys.stderr)
+        except ManifestError as error:  # not YAML, too large, too deep, an alias bomb: names the file
+            print(error, file=sys.stderr)
+            failed += 1
+            continue
+        except OSError as error:  # missing or unreadable file
+            print(f"{file}: {_one_line(error)}", file=sys.stderr)
             failed += 1
             continue
         if not results:
@@ -80,9 +85,27 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from kubetune_trainer.launch import train_main
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
+
+def check_training_manifest(path: Path) -> None:
+    """Refuse, in one line, a file that `train` and `plan` cannot take, before the trainer reads
+    it: anything but exactly one valid FineTuneJob, or one trainer config (`spec` and optionally
+    `runtime`, what the operator mounts). The file is read within the safe loader's limits, so an alias bomb
+    or a document nested 200,000 deep is refused here, before anything expands or recurses into it."""
+    from .api.manifest import load_documents, load_one
+
+    documents = load_documents(path)
+    if len(documents) == 1 and isinstance(documents[0], dict) and "kind" not in documents[0] and "spec" in documents[0]:
+        return  # a trainer config: the trainer validates it
+    load_one(path, "FineTuneJob", local=True)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from kubetune_trainer.launch import train_main  # first: without the extra, that is the one thing to say
+
+    check_training_manifest(Path(args.filename))
     quiet_libraries()
     argv = ["train", "-f", args.filename, "--metrics-port", str(args.metrics_port)]  # what each torchrun worker runs
     return int(train_main(Path(args.filename), args.nproc_per_node, args.metrics_port, argv))
@@ -92,6 +115,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from kubetune_trainer.launch import load_config
     from kubetune_trainer.plan import plan_for_config
 
+    check_training_manifest(Path(args.filename))
     quiet_libraries()
     config = load_config(Path(args.filename))
     print(plan_for_config(config).summary())
@@ -217,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve a base model with hot-swappable LoRA adapters (OpenAI-compatible)",
         description="The builtin runtime of AdapterDeployment: OpenAI /v1/completions, /v1/chat/completions and "
         "/v1/models; vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter; /health (ready), /live and /metrics. "
-        "Requests pick the base model or an adapter with the `model` field.",
+        "Requests pick the base model or an adapter with the `model` field. Loading adapters over HTTP needs "
+        "--admin-key-file (or --api-key) and --allow-source.",
     )
     serve.add_argument("--model", required=True, help="base model URI (hf://, pvc://, s3://, file://) or a path")
     serve.add_argument(
@@ -260,6 +285,89 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-dir",
         help="where s3:// and https:// inputs are downloaded "
         "(default $KUBETUNE_CACHE/inputs or ~/.cache/kubetune/inputs)",
+    )
+    access = serve.add_argument_group(
+        "access",
+        "Clients send OpenAI's `Authorization: Bearer KEY`. /health, /ready, /live and /metrics stay open. "
+        "Key files are re-read when they change (a mounted Secret is updated in place).",
+    )
+    access.add_argument(
+        "--admin-key-file",
+        metavar="PATH",
+        default=os.environ.get("KUBETUNE_SERVE_ADMIN_KEY_FILE") or None,
+        help="file holding the key required by /v1/load_lora_adapter and /v1/unload_lora_adapter "
+        "(env KUBETUNE_SERVE_ADMIN_KEY_FILE)",
+    )
+    access.add_argument(
+        "--api-key-file",
+        metavar="PATH",
+        default=os.environ.get("KUBETUNE_SERVE_API_KEY_FILE") or None,
+        help="file holding the key required by inference and /v1/models, also accepted by the admin endpoints "
+        "(env KUBETUNE_SERVE_API_KEY_FILE); without it and --api-key, inference is open",
+    )
+    access.add_argument(
+        "--api-key",
+        metavar="KEY",
+        default=os.environ.get("KUBETUNE_SERVE_API_KEY") or None,
+        help="the api key itself, for local use (env KUBETUNE_SERVE_API_KEY; --api-key-file wins)",
+    )
+    access.add_argument(
+        "--allow-unauthenticated-admin",
+        action="store_true",
+        help="with no key at all, let anyone load and unload adapters (a laptop only; otherwise they answer 403)",
+    )
+    access.add_argument(
+        "--allow-source",
+        action="append",
+        metavar="PREFIX",
+        default=[os.environ.get("KUBETUNE_SERVE_ALLOWED_SOURCES", "")],
+        help="URI prefix runtime loads may read from, e.g. pvc://adapters/team-a/ or s3://bucket/adapters/ "
+        "(repeatable; env KUBETUNE_SERVE_ALLOWED_SOURCES, comma- or newline-separated; a prefix allows "
+        "itself and what lies below it after a '/'). None: every runtime load is refused. --adapter and "
+        "--adapters-file are not restricted by it",
+    )
+    limits = serve.add_argument_group("limits", "Bounds on what one client can ask of the server.")
+    limits.add_argument(
+        "--max-adapter-bytes",
+        type=int,
+        default=2 * 1024**3,
+        metavar="BYTES",
+        help="largest adapter read or downloaded, all files together (default 2 GiB)",
+    )
+    limits.add_argument(
+        "--max-concurrent-loads",
+        type=int,
+        default=2,
+        metavar="N",
+        help="runtime loads running at once; one more is answered 429 (default 2)",
+    )
+    limits.add_argument(
+        "--load-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="a runtime load taking longer is abandoned and answered 504 (default 300)",
+    )
+    limits.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=1024 * 1024,
+        metavar="BYTES",
+        help="largest request body; larger is answered 413 (default 1 MiB)",
+    )
+    limits.add_argument(
+        "--max-sequences-per-request",
+        type=int,
+        default=16,
+        metavar="N",
+        help="prompts x n of one request; more is answered 400 (default 16)",
+    )
+    limits.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="/health answers 503 when generation makes no progress for this long (default 120)",
     )
     serve.set_defaults(func=cmd_serve)
 
@@ -330,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         if os.environ.get("KUBETUNE_DEBUG"):
             raise
-        print(f"kubetune {args.command}: {error}", file=sys.stderr)
+        print(f"kubetune {args.command}: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     except ModuleNotFoundError as error:  # the subcommand's extra is not installed
         extra = EXTRA_OF.get(args.command)

@@ -94,6 +94,11 @@ def prune_empty(value):
     return value
 
 
+# A CRD's root-level rules (the metadata.name rules) may not name a fieldPath inside metadata: the
+# API server reports them on the object itself, which it writes `<nil>`; offline they are on metadata.name.
+SERVER_PATH = {"metadata.name": "<nil>"}
+
+
 def server_errors(stderr: str) -> list[tuple[str, str]]:
     """(field path, message) of each `PATH: Invalid value: "object": MESSAGE` the API server reported."""
     return re.findall(r'(?:^|\* |is invalid: )(\S+): Invalid value: "object": (.*)$', stderr, re.M)
@@ -277,7 +282,140 @@ def test_cel_error_names_the_offline_field_path(cluster, ns, example):
     r = create(cluster, ns, manifest(example.path))
     errors = server_errors(r.stderr)
     for problem in checked.problems:
-        assert (problem.path, problem.message) in errors, r.stderr
+        assert (SERVER_PATH.get(problem.path, problem.path), problem.message) in errors, r.stderr
+
+
+@pytest.mark.parametrize("example", invalid_examples(), ids=lambda e: e.path.name)
+def test_every_invalid_example_is_refused_offline_and_where_the_split_says(cluster, ns, example):
+    """`kubetune validate` refuses every file in examples/invalid; the API server refuses every one
+    marked `admission` (schema, CEL, list keys), so the two agree on what the server holds."""
+    (checked,) = check_file(example.path)
+    assert not checked.ok, f"kubetune validate accepted {example.path.name}"
+    r = cluster.kubectl(
+        "create",
+        "--dry-run=server",
+        "--validate=strict",
+        "-n",
+        ns,
+        "-f",
+        "-",
+        input=manifest(example.path),
+        check=False,
+    )
+    assert (r.returncode != 0) == (example.rejected_by == "admission"), r.stderr
+
+
+HOSTILE_URIS = [
+    "pvc://datasets/../../../proc/self",
+    "pvc://datasets/%2e%2e/x",
+    "pvc://../x",
+    "configmap://../key",
+    "configmap://cm/../key",
+    "configmap://Chat_Data/key",
+    "pvc://Payroll_DB/x",
+    "pvc://datasets/a\nb",
+    "pvc://datasets/a\u0000b",
+    "pvc://datasets/a\\b",
+    "pvc://datasets/a%0ab",
+    "pvc://datasets/a\u2028b",
+    "pvc://" + "a" * 254 + "/x",
+]
+
+
+@pytest.mark.parametrize("uri", HOSTILE_URIS, ids=lambda u: repr(u)[:50])
+@pytest.mark.parametrize("where", ["model", "dataset", "validation", "output", "adapter", "baseModel"])
+def test_hostile_uris_are_refused_by_both_in_the_same_words(cluster, ns, uri, where):
+    if where in ("adapter", "baseModel"):
+        obj = json.loads(json.dumps(MINIMAL_ADEP))
+        if where == "adapter":
+            obj["spec"]["adapters"] = [{"name": "a", "uri": uri}]
+            path = "spec.adapters[0].uri"
+        else:
+            obj["spec"]["baseModel"]["uri"] = uri
+            path = "spec.baseModel.uri"
+    else:
+        obj = json.loads(json.dumps(MINIMAL_FTJ))
+        target = {"model": "model", "dataset": "dataset", "output": "output"}
+        if where == "validation":
+            obj["spec"]["dataset"]["validation"] = {"uri": uri}
+            path = "spec.dataset.validation.uri"
+        else:
+            obj["spec"][target[where]]["uri"] = uri
+            path = f"spec.{target[where]}.uri"
+    offline = [(p.path, p.message) for p in parse(obj).problems]
+    assert offline and all(p == path for p, _ in offline), offline
+    r = cluster.kubectl("create", "--dry-run=server", "-n", ns, "-f", "-", input=json.dumps(obj), check=False)
+    assert r.returncode != 0, f"the API server accepted {uri!r} in {path}"
+    assert not cel_runtime_errors(r.stderr), r.stderr
+    assert offline[0] in server_errors(r.stderr), r.stderr
+
+
+PARITY_URIS = [
+    "pvc://datasets/a/b...c/d..e/.hidden",
+    "pvc://my.claim-1/x",
+    "pvc://x",
+    "pvc://x/",
+    "pvc://x.",
+    "pvc://x:80/a",
+    "pvc:///x",
+    "pvc://" + "a" * 253 + "/x",
+    "configmap://cm.v1/train_set-2.json",
+    "configmap://cm/",
+    "configmap://cm",
+    "configmap://cm/a b",
+    "configmap://" + "a" * 253 + "/k",
+    "https://example.com/..?x=1",
+    "https://example.com/a/...",
+    "https://example.com/a%2E%2e/b",
+    "https://example.com/a%7fb",
+    "https://example.com/a%7Eb",
+    "s3://bucket/dir/./x",
+    "hf://org/name",
+    "pvc://datasets/données.jsonl",
+    "pvc://datasets/a\u0085b",
+    "pvc://datasets/a\u2029b",
+]
+
+
+@pytest.mark.parametrize("uri", PARITY_URIS, ids=lambda u: repr(u)[:50])
+def test_the_api_server_and_the_python_twin_draw_the_same_line(cluster, ns, uri):
+    """For URIs near the edges of the rules, the server refuses exactly what `shared_problem` refuses."""
+    from kubetune.api.uris import shared_problem
+
+    obj = json.loads(json.dumps(MINIMAL_FTJ))
+    obj["metadata"]["name"] = "parity"
+    obj["spec"]["dataset"]["uri"] = uri
+    r = cluster.kubectl("create", "--dry-run=server", "-n", ns, "-f", "-", input=json.dumps(obj), check=False)
+    expected = shared_problem(uri)
+    assert not cel_runtime_errors(r.stderr), r.stderr
+    if expected is None:
+        assert r.returncode == 0, r.stderr
+    else:
+        assert ("spec.dataset.uri", expected) in server_errors(r.stderr), r.stderr
+
+
+def test_many_adapters_with_long_uris_stay_within_the_cel_budget(cluster, ns):
+    """256 adapters (the list's maxItems) with URIs near maxLength: the rules evaluate, the object is admitted."""
+    obj = json.loads(json.dumps(MINIMAL_ADEP))
+    obj["metadata"]["name"] = "many-adapters"
+    long_path = "/".join(["segment"] * 250)
+    obj["spec"]["maxAdapters"] = 256
+    obj["spec"]["adapters"] = [{"name": f"a{i}", "uri": f"pvc://adapters/{i}/{long_path}"} for i in range(256)]
+    assert parse(obj).ok
+    r = cluster.kubectl("create", "--dry-run=server", "-n", ns, "-f", "-", input=json.dumps(obj), check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("kind", ["FineTuneJob", "AdapterDeployment"])
+@pytest.mark.parametrize("name", ["my.job", "1job", "a" * 56, "a" * 60, "a" * 64, "ok-name", "a" * 55])
+def test_names_are_refused_by_both_alike(cluster, ns, kind, name):
+    obj = json.loads(json.dumps(MINIMAL_FTJ if kind == "FineTuneJob" else MINIMAL_ADEP))
+    obj["metadata"]["name"] = name
+    offline = [p.message for p in parse(obj).problems]
+    r = cluster.kubectl("create", "--dry-run=server", "-n", ns, "-f", "-", input=json.dumps(obj), check=False)
+    assert (r.returncode != 0) == bool(offline), (offline, r.stderr)
+    for message in offline:
+        assert ("<nil>", message) in server_errors(r.stderr), r.stderr
 
 
 @pytest.mark.parametrize("example", VALIDATION, ids=lambda e: e.path.name)

@@ -114,3 +114,36 @@ def test_descriptions_teach_the_api():
             if path.endswith(("[]", "{}")):  # list items and map values are described by their field
                 continue
             assert node.get("description"), f"{info.kind} {path} has no description for kubectl explain"
+
+
+# --- admission closes the holes: URIs and names (issue 14, findings 7 and 8) ----------------------
+
+URI_FIELDS = {
+    "FineTuneJob": ["spec.model", "spec.dataset", "spec.dataset.validation", "spec.output"],
+    "AdapterDeployment": ["spec.baseModel", "spec.adapters[]"],
+}
+
+
+@pytest.mark.parametrize("info", KINDS, ids=lambda i: i.kind)
+def test_every_uri_field_carries_the_uri_rules(info):
+    from kubetune.api.uris import CONFIGMAP_MESSAGE, CONTROL_MESSAGE, DOT_SEGMENT_MESSAGE, PVC_MESSAGE
+
+    nodes = dict(walk(schema(info)))
+    with_uri = {path for path, node in nodes.items() if "uri" in node.get("properties", {}) and path.startswith("spec")}
+    assert with_uri == set(URI_FIELDS[info.kind])
+    for path in URI_FIELDS[info.kind]:
+        rules = nodes[path].get("x-kubernetes-validations", [])
+        on_uri = {r["message"] for r in rules if r.get("fieldPath") == ".uri"}
+        assert {CONTROL_MESSAGE, DOT_SEGMENT_MESSAGE, PVC_MESSAGE, CONFIGMAP_MESSAGE} <= on_uri, path
+        assert nodes[path]["properties"]["uri"]["maxLength"] <= 2048, "CEL cost needs a bounded URI"
+
+
+@pytest.mark.parametrize("info", KINDS, ids=lambda i: i.kind)
+def test_the_root_refuses_names_the_operator_cannot_use(info):
+    from kubetune.api.names import NAME_RULES
+
+    rules = schema(info)["x-kubernetes-validations"]
+    rule = NAME_RULES[info.kind]
+    assert {r["message"] for r in rules} == {rule.format_message, rule.length_message}
+    assert any(f"self.metadata.name.size() <= {rule.max_length}" == r["rule"] for r in rules)
+    assert any("self.metadata.name.matches(" in r["rule"] for r in rules)

@@ -5,7 +5,9 @@ from .common import API_VERSION, GROUP, VERSION, Condition, ModelSource, Rule
 from .finetunejob import FineTuneJob, FineTuneJobSpec, FineTuneJobStatus
 from .kinds import BY_KIND, KINDS
 from .manifest import Checked, check_file, load_one, parse
+from .uris import uri_problem
 from .validation import Problem, validate
+from .yamlsafe import ManifestError
 
 __all__ = [
     "API_VERSION",
@@ -22,11 +24,13 @@ __all__ = [
     "FineTuneJobSpec",
     "FineTuneJobStatus",
     "KINDS",
+    "ManifestError",
     "ModelSource",
     "Problem",
     "Rule",
     "check_file",
     "load_one",
     "parse",
+    "uri_problem",
     "validate",
 ]

@@ -6,6 +6,7 @@ from pydantic import Field
 
 from .common import (
     DNS_LABEL,
+    DNS_SUBDOMAIN,
     MAX_NAME,
     MAX_URI,
     ApiModel,
@@ -17,6 +18,7 @@ from .common import (
     section,
 )
 from .finetunejob import ObjectMeta
+from .uris import uri_rules
 
 
 class AdapterRef(ApiModel):
@@ -42,6 +44,7 @@ class AdapterRef(ApiModel):
             message="each adapter needs exactly one of fromJob or uri",
             check=lambda a: (a.from_job is None) != (a.uri is None),
         ),
+        *uri_rules("uri", "uri", optional=True),
     )
 
 
@@ -58,6 +61,15 @@ class ServiceSpec(ApiModel):
 
     port: int = Field(default=8000, ge=1, le=65535, description="Port of the OpenAI-compatible API.")
     type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field(default="ClusterIP", description="Service type.")
+
+
+class ApiKeyRef(ApiModel):
+    """A key of a Secret in the AdapterDeployment's namespace holding the API key clients must send."""
+
+    name: str = Field(description="Name of the Secret.", pattern=DNS_SUBDOMAIN, max_length=MAX_NAME)
+    key: str = Field(
+        default="api-key", description="Key in the Secret.", pattern=r"^[-._a-zA-Z0-9]+$", max_length=MAX_NAME
+    )
 
 
 class AdapterDeploymentSpec(ApiModel):
@@ -82,6 +94,13 @@ class AdapterDeploymentSpec(ApiModel):
     service: ServiceSpec = section(ServiceSpec, "The Service.")
     image: str | None = Field(
         default=None, max_length=1024, description="Serving image; the operator's default when empty."
+    )
+    api_key_secret_ref: ApiKeyRef | None = Field(
+        default=None,
+        description=(
+            "Clients must send this key as `Authorization: Bearer KEY` for inference and /v1/models. Loading and "
+            "unloading adapters always needs the operator's own per-object key."
+        ),
     )
 
     cel_rules: ClassVar = (

@@ -20,14 +20,23 @@ def configmap_name(adapterdeployment: str) -> str:
     return f"{adapterdeployment}-adapters"
 
 
+# The operator writes at most 256 adapters of a few hundred bytes each.
+MAX_BYTES = 1 << 20
+
+
 def parse_adapters_file(text: str) -> dict[str, str]:
-    """name → path of the adapters the file lists; ValueError says what is wrong with it."""
+    """name → path of the adapters the file lists; ValueError says what is wrong with it (also
+    for a file too large or nested too deep to be one the operator wrote)."""
     if not text.strip():
         return {}
+    if len(text) > MAX_BYTES:
+        raise ValueError(f"larger than {MAX_BYTES // 1024} KiB")
     try:
         document = json.loads(text)
     except ValueError as error:
         raise ValueError(f"not JSON: {error}") from None
+    except RecursionError:
+        raise ValueError("not JSON the operator writes: nested too deep") from None
     entries = document.get("adapters") if isinstance(document, dict) else None
     if not isinstance(entries, list):
         raise ValueError('expected {"adapters": [{"name": ..., "path": ...}, ...]}')

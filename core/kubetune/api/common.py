@@ -6,8 +6,6 @@ with them, so a field cannot mean two things in two places.
 """
 
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal, Self
 
@@ -16,47 +14,18 @@ from pydantic.alias_generators import to_camel
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
+from .rules import Rule as Rule  # re-exported: Rule and MAX_URI have always been importable from here
+from .uris import MAX_URI as MAX_URI
+from .uris import uri_rules
+
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 
 # Bounds on strings and lists keep the API server's CEL cost estimate finite: without a
 # maxLength every rule that compares whole objects is rejected as too expensive.
-MAX_URI = 2048
 MAX_NAME = 253
 MAX_SHORT = 63
-
-
-@dataclass(frozen=True)
-class Rule:
-    """A cross-field rule written once for two enforcers.
-
-    `cel` is emitted into the CRD as an `x-kubernetes-validations` rule, which the API server
-    evaluates at admission; `check` evaluates the same condition in Python so that
-    `kubetune validate`, the operator and the trainer reject the same objects offline with the
-    same words. A rule without `check` uses `oldSelf` (a transition rule such as immutability)
-    and can only be enforced by the API server.
-    """
-
-    cel: str
-    message: str
-    check: Callable[[Any], bool] | None = None
-    field_path: str | None = None
-    # Optional CEL that builds the message from the object, and the Python twin that builds the
-    # same text; a cluster test asserts the two agree.
-    message_expression: str | None = None
-    describe: Callable[[Any], str] | None = None
-
-    def to_crd(self) -> dict[str, str]:
-        out = {"rule": self.cel, "message": self.message}
-        if self.message_expression:
-            out["messageExpression"] = self.message_expression
-        if self.field_path:
-            out["fieldPath"] = self.field_path
-        return out
-
-    def user_message(self, obj: Any) -> str:
-        return self.describe(obj) if self.describe else self.message
 
 
 class ApiModel(BaseModel):
@@ -194,6 +163,8 @@ class ModelSource(ApiModel):
         default=None, description="Branch, tag or commit for hf:// models (default: main).", max_length=MAX_NAME
     )
     secret_ref: SecretRef | None = Field(default=None, description="Credentials for private models or buckets.")
+
+    cel_rules: ClassVar = uri_rules("uri", "uri")
 
 
 class Toleration(ApiModel):

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from .common import GROUP, VERSION
 from .kinds import KINDS, KindInfo
+from .names import name_rules
 
 # Keys a structural schema may carry, in the order they are written (so the YAML reads like
 # hand-written CRDs: type and description first); pydantic's other keys (title, ...) are dropped.
@@ -141,6 +142,9 @@ def crd(info: KindInfo) -> dict[str, Any]:
             "spec": spec_schema,
             "status": status_schema,
         },
+        # metadata.name is the one part of metadata a CRD's rules may read: names the operator
+        # could not give the object's children are refused here, as `kubetune validate` does.
+        "x-kubernetes-validations": name_rules(info.kind),
     }
     return {
         "apiVersion": "apiextensions.k8s.io/v1",

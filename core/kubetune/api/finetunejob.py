@@ -19,6 +19,7 @@ from .common import (
     conditions_field,
     section,
 )
+from .uris import uri_rules
 
 MethodType = Literal["full", "lora", "qlora", "dora", "ia3", "prefixTuning", "promptTuning", "adalora"]
 LORA_FAMILY = ("lora", "qlora", "dora")
@@ -42,6 +43,7 @@ class ValidationSplit(ApiModel):
             message="dataset.validation needs exactly one of fraction or uri",
             check=lambda v: (v.fraction is None) != (v.uri is None),
         ),
+        *uri_rules("uri", "uri", optional=True),
     )
 
 
@@ -84,6 +86,8 @@ class DatasetSpec(ApiModel):
             "job fails with InvalidInput and examples of the bad rows; bad rows below it are skipped and counted."
         ),
     )
+
+    cel_rules: ClassVar = uri_rules("uri", "uri")
 
 
 # --- spec.method ---------------------------------------------------------------------------------
@@ -380,6 +384,8 @@ class OutputSpec(ApiModel):
         description="pvc://CLAIM/PATH, s3://BUCKET/PATH or file:///PATH (local runs only).",
     )
     merge_weights: bool = Field(default=False, description="Also write the base model with the adapter merged in.")
+
+    cel_rules: ClassVar = uri_rules("uri", "uri")
 
 
 class RunPolicy(ApiModel):

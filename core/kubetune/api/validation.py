@@ -5,13 +5,15 @@ trainer (before loading anything) all call it. Each Problem names the field and 
 """
 
 import difflib
-import re
+import json
 from dataclasses import dataclass
-from urllib.parse import urlparse
+from typing import Any
+from urllib.parse import urlsplit
 
 from .adapterdeployment import AdapterDeployment
-from .common import DNS_LABEL
 from .finetunejob import FineTuneJob, FineTuneJobSpec
+from .names import name_problems
+from .uris import uri_problem
 
 
 @dataclass(frozen=True)
@@ -135,14 +137,36 @@ def validate_finetunejob(spec: FineTuneJobSpec, local: bool = False) -> list[Pro
 def validate_adapterdeployment(obj: AdapterDeployment, local: bool = False) -> list[Problem]:
     spec = obj.spec
     problems = check_uri("spec.baseModel.uri", spec.base_model.uri, MODEL_SCHEMES, local)
+    seen: dict[str, int] = {}
     for index, adapter in enumerate(spec.adapters):
+        if adapter.name in seen:
+            # The API server's words for a second entry with the same key in a listType=map list.
+            key = json.dumps({"name": adapter.name}, separators=(",", ":"))
+            problems.append(
+                Problem(
+                    f"spec.adapters[{index}]",
+                    f"Duplicate value: {key}: adapter names must be unique "
+                    f"(spec.adapters[{seen[adapter.name]}] has it too)",
+                )
+            )
+        seen.setdefault(adapter.name, index)
         if adapter.uri:
             problems += check_uri(f"spec.adapters[{index}].uri", adapter.uri, ADAPTER_SCHEMES, local)
-        if adapter.from_job and not re.match(DNS_LABEL, adapter.from_job.split(".")[0]):
+        if adapter.from_job and name_problems("FineTuneJob", adapter.from_job):
             problems.append(
                 Problem(f"spec.adapters[{index}].fromJob", f"{adapter.from_job!r} is not a FineTuneJob name")
             )
     return problems
+
+
+def validate_metadata(kind: str, metadata: Any, local: bool = False) -> list[Problem]:
+    """Problems with the name of an object of `kind`, as the API server (the CRD's root rules) and
+    the operator see them. A local run (`kubetune train`) needs no name, but one it is given must
+    be valid: the same manifest is applied to a cluster later."""
+    name = metadata.get("name") if isinstance(metadata, dict) else None
+    if local and name in (None, ""):
+        return []
+    return [Problem("metadata.name", message) for message in name_problems(kind, name)]
 
 
 def check_strategy(spec: FineTuneJobSpec) -> list[Problem]:
@@ -166,38 +190,20 @@ def check_strategy(spec: FineTuneJobSpec) -> list[Problem]:
 
 
 def check_uri(path: str, uri: str, schemes: tuple[str, ...], local: bool) -> list[Problem]:
-    parsed = urlparse(uri)
-    scheme = parsed.scheme
+    """`uri_problem` for the field at `path`, plus where file:// makes sense (local runs only)."""
+    scheme = uri.partition("://")[0] if "://" in uri else urlsplit(uri).scheme
     if scheme not in schemes:
         allowed = ", ".join(f"{s}://" for s in schemes if s != "file")
         return [Problem(path, f"{uri!r}: scheme must be one of {allowed} (file:// for local runs)")]
-    if scheme == "file":
-        if not local:
-            return [
-                Problem(
-                    path,
-                    f"{uri!r}: file:// only works with `kubetune train` on your machine; in a cluster use pvc:// or s3://",
-                )
-            ]
-        if parsed.netloc in ("", "localhost") and parsed.path.startswith("/"):
-            return []
-        return [Problem(path, f"{uri!r}: file:// needs an absolute path, with three slashes (file:///data/x)")]
-    if not parsed.netloc:
-        return [Problem(path, f"{uri!r}: missing the {_host_word(scheme)} after {scheme}://")]
-    if scheme == "pvc":
-        if not re.match(DNS_LABEL, parsed.netloc) or len(parsed.netloc) > 63:
-            return [Problem(path, f"{uri!r}: {parsed.netloc!r} is not a valid PersistentVolumeClaim name")]
-    if scheme == "s3" and not re.match(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", parsed.netloc):
-        return [Problem(path, f"{uri!r}: {parsed.netloc!r} is not a valid S3 bucket name")]
-    if scheme == "configmap" and not parsed.path.strip("/"):
-        return [Problem(path, f"{uri!r}: name the key too, configmap://NAME/KEY")]
-    return []
-
-
-def _host_word(scheme: str) -> str:
-    return {"pvc": "claim name", "s3": "bucket", "hf": "organisation or repository", "configmap": "ConfigMap name"}.get(
-        scheme, "host"
-    )
+    if scheme == "file" and not local:
+        return [
+            Problem(
+                path,
+                f"{uri!r}: file:// only works with `kubetune train` on your machine; in a cluster use pvc:// or s3://",
+            )
+        ]
+    problem = uri_problem(uri, schemes)
+    return [Problem(path, problem)] if problem else []
 
 
 def check_target_modules(path: str, modules: list[str]) -> list[Problem]:
