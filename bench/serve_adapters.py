@@ -63,7 +63,10 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(model: Path, port: int, log: Path) -> subprocess.Popen:
+API_KEY = "kubetune-bench"  # the api key also opens loading and unloading
+
+
+def start_server(model: Path, port: int, log: Path, adapters: Path) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [
         sys.executable,
@@ -82,6 +85,10 @@ def start_server(model: Path, port: int, log: Path) -> subprocess.Popen:
         str(ADAPTERS),
         "--cache-dir",
         str(log.parent / "cache"),
+        "--api-key",
+        API_KEY,
+        "--allow-source",
+        f"file://{adapters}/",
     ]
     with log.open("w") as out:
         return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -146,7 +153,7 @@ def load_adapters(client: httpx.Client, names: list[str], paths: list[Path]) -> 
     """Load the adapters through the API; the seconds it took."""
     started = time.perf_counter()
     for name, path in zip(names, paths, strict=True):
-        response = client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)})
+        response = client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": f"file://{path}"})
         if response.status_code != 200:
             sys.exit(f"loading {name}: HTTP {response.status_code}: {response.text}")
     return time.perf_counter() - started
@@ -179,9 +186,12 @@ def main() -> None:
         adapters = make_adapters(model, work / "adapters", ADAPTERS)
         log = work / "serve.log"
         port = free_port()
-        server = start_server(model, port, log)
+        server = start_server(model, port, log, work / "adapters")
         with httpx.Client(
-            base_url=f"http://127.0.0.1:{port}", timeout=600, limits=httpx.Limits(max_connections=args.concurrency + 1)
+            base_url=f"http://127.0.0.1:{port}",
+            timeout=600,
+            limits=httpx.Limits(max_connections=args.concurrency + 1),
+            headers={"Authorization": f"Bearer {API_KEY}"},
         ) as client:
             wait_until_ready(client, server, log)
             names = [f"adapter-{i:02d}" for i in range(ADAPTERS)]

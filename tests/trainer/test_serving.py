@@ -1,8 +1,12 @@
 """`kubetune serve` for real: the tiny model, two LoRA adapters trained on CPU, the server started
-through the CLI, and every check over HTTP. Greedy outputs are compared with `generate.answer`."""
+through the CLI, and every check over HTTP. Greedy outputs are compared with `generate.answer`.
+
+The server runs as a deployment's would: an api key on every request, runtime loads allowed from
+the folder holding the test's adapters (file:// there) and nowhere else."""
 
 import json
 import subprocess
+import time
 
 import pytest
 
@@ -28,6 +32,71 @@ from tests.trainer.support import (  # noqa: E402
     unload,
 )
 
+API_KEY = "kubetune-test-api-key"
+GENERIC_REFUSAL = "adapter source not found or not allowed"
+STARTUP_TIMEOUT_S = 300  # torch's import and the model's load, on a machine other test runs share
+
+
+def wait_ready(client, process, log, timeout=STARTUP_TIMEOUT_S):
+    """Until /ready answers 200 (support.wait_until_ready, with room for a busy machine)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, f"the server exited:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"never ready:\n{log.read_text()[-3000:]}"
+        try:
+            if client.get("/ready", timeout=10).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass  # not listening yet
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def server(files, tmp_path_factory):
+    """`kubetune serve` in a subprocess on a free port, with adapter alpha from the command line, an
+    api key (sent by this client on every request) and runtime loads allowed from the adapters' folder."""
+    tiny, adapters = files
+    port = free_port()
+    log = tmp_path_factory.mktemp("server-log") / "serve.log"
+    command = serve_command(
+        tiny,
+        port,
+        "--served-model-name",
+        "tiny",
+        "--adapter",
+        f"alpha=file://{adapters['alpha']}",
+        "--max-adapters",
+        "2",
+        "--max-lora-rank",
+        "64",
+        "--cache-dir",
+        str(log.parent / "cache"),
+        "--api-key",
+        API_KEY,
+        "--allow-source",
+        f"file://{tiny.parent}/",
+    )
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=subprocess_env())
+    client = httpx.Client(
+        base_url=f"http://127.0.0.1:{port}", timeout=60, headers={"Authorization": f"Bearer {API_KEY}"}
+    )
+    try:
+        wait_ready(client, process, log)
+        yield client
+    finally:
+        client.close()
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def uri(path):
+    return f"file://{path}"
+
 
 def test_ready_once_loaded_and_models_list_the_base_and_the_startup_adapter(server, files):
     assert server.get("/health").status_code == 200
@@ -47,7 +116,7 @@ def test_base_and_adapters_answer_as_generate_does(server, files, offline):
     assert chat_text(server, "tiny").strip() == answers["tiny"]
     assert chat_text(server, "alpha").strip() == answers["alpha"]
 
-    loaded = load(server, "beta", files[1]["beta"])  # a plain path, at runtime
+    loaded = load(server, "beta", uri(files[1]["beta"]))  # from an allowed folder, at runtime
     assert loaded.status_code == 200 and loaded.text == "Success: LoRA adapter 'beta' added successfully."
     try:
         assert model_ids(server) == ["tiny", "alpha", "beta"]
@@ -75,7 +144,9 @@ def test_base_and_adapters_answer_as_generate_does(server, files, offline):
         assert outputs == answers
         assert len(set(outputs.values())) == 3
 
-        assert_error(load(server, "beta", files[1]["beta"]), 400, "already been loaded")
+        again = load(server, "beta", uri(files[1]["beta"]))  # the same name from the same source: nothing to do
+        assert again.status_code == 200, again.text
+        assert_error(load(server, "beta", uri(files[1]["alpha"])), 400, "already been loaded")
     finally:
         unloaded = unload(server, "beta")
     assert unloaded.status_code == 200 and unloaded.text == "Success: LoRA adapter 'beta' removed successfully."
@@ -87,16 +158,17 @@ def test_base_and_adapters_answer_as_generate_does(server, files, offline):
 
 def test_adapters_the_server_refuses(server, files):
     adapters = files[1]
-    assert_error(load(server, "wide", adapters["wide"]), 400, "adapter rank 128 exceeds maxLoraRank 64")
-    assert_error(load(server, "other", adapters["other"]), 400, "does not fit base model tiny")
-    assert_error(load(server, "other", adapters["other-bin"]), 400, "could not be loaded")
-    assert_error(load(server, "nowhere", files[0].parent / "nowhere"), 404, "No adapter found")
-    assert_error(load(server, "tiny", adapters["beta"]), 400, "base model's name")
+    assert_error(load(server, "wide", uri(adapters["wide"])), 422, "adapter rank 128 exceeds maxLoraRank 64")
+    assert_error(load(server, "other", uri(adapters["other"])), 422, "does not fit base model tiny")
+    assert_error(load(server, "other", uri(adapters["other-bin"])), 422, "could not be loaded")
+    assert_error(load(server, "nowhere", uri(files[0].parent / "nowhere")), 404, GENERIC_REFUSAL)
+    assert_error(load(server, "plain", adapters["beta"]), 404, GENERIC_REFUSAL)  # a plain path: never at runtime
+    assert_error(load(server, "tiny", uri(adapters["beta"])), 400, "base model's name")
     assert model_ids(server) == ["tiny", "alpha"]
 
-    assert load(server, "beta", f"file://{adapters['beta']}").status_code == 200
+    assert load(server, "beta", uri(adapters["beta"])).status_code == 200
     try:
-        assert_error(load(server, "gamma", adapters["alpha"]), 400, "maxAdapters 2")
+        assert_error(load(server, "gamma", uri(adapters["alpha"])), 400, "maxAdapters 2")
     finally:
         assert unload(server, "beta").status_code == 200
     assert server.get("/ready").status_code == 200
@@ -207,11 +279,20 @@ def test_metrics_count_requests_tokens_and_adapters(server):
 def test_an_adapter_that_cannot_load_at_startup_stops_the_server(files):
     """Never ready, and exit 1: the pod restarts and its log says why."""
     tiny, adapters = files
-    command = serve_command(tiny, free_port(), "--adapter", f"wide={adapters['wide']}")
+    command = serve_command(tiny, free_port(), "--adapter", f"wide={uri(adapters['wide'])}")
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=subprocess_env())
     assert result.returncode == 1, result.stderr[-2000:]
     failure = [json.loads(line) for line in result.stdout.splitlines() if '"startup_failed"' in line]
     assert failure and failure[0]["error"] == "adapter rank 128 exceeds maxLoraRank 64"
+
+    plain = subprocess.run(  # a startup adapter is trusted, but still has to be a URI
+        serve_command(tiny, free_port(), "--adapter", f"alpha={adapters['alpha']}"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=subprocess_env(),
+    )
+    assert plain.returncode == 2 and "not a URI kubetune reads" in plain.stderr
 
     bad = subprocess.run(
         serve_command(tiny, free_port(), "--adapter", "no-uri"),
@@ -231,12 +312,12 @@ def test_a_failed_first_load_leaves_the_base_model_as_it_was(files, offline, tmp
     engine = Engine(str(tiny), "tiny", cache_dir=tmp_path)
     engine.load_base()
     with pytest.raises(EngineError) as failed:
-        engine.load_adapter("other", str(adapters["other-bin"]))
-    assert failed.value.status == 400
+        engine.load_adapter("other", uri(adapters["other-bin"]))
+    assert failed.value.status == 422
     assert engine.adapters() == [] and "lora" not in str(engine.base).lower()
     ids = engine.encode_chat([{"role": "user", "content": PROMPT}])
     assert engine.generate("tiny", ids, Sampling(MAX_TOKENS, temperature=0)).text.strip() == answers["tiny"]
-    engine.load_adapter("beta", str(adapters["beta"]))
+    engine.load_adapter("beta", uri(adapters["beta"]))
     assert engine.generate("beta", ids, Sampling(MAX_TOKENS, temperature=0)).text.strip() == answers["beta"]
     engine.unload_adapter("beta")  # the last one: back to the plain model
     assert "lora" not in str(engine.base).lower()

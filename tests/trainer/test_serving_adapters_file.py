@@ -24,8 +24,8 @@ from tests.trainer.support import (  # noqa: E402
     model_ids,
     serve_command,
     subprocess_env,
-    wait_until_ready,
 )
+from tests.trainer.test_serving import wait_ready  # noqa: E402
 
 
 def write(path, adapters):
@@ -70,7 +70,7 @@ def loaded(engine):
 
 def test_only_changes_of_the_file_are_applied(files, engine, tmp_path):
     _, adapters = files
-    alpha, beta, wide = (str(adapters[n]) for n in ("alpha", "beta", "wide"))
+    alpha, beta, wide = (f"file://{adapters[n]}" for n in ("alpha", "beta", "wide"))
     path = tmp_path / "adapters.json"
     sync = AdaptersFileSync(engine, path, ServingMetrics(), interval=0.1)
 
@@ -99,12 +99,17 @@ def test_only_changes_of_the_file_are_applied(files, engine, tmp_path):
     assert sync.sync_once() is True
     assert loaded(engine) == {"beta": beta} and sync.error is None
 
+    write(path, [("plain", str(adapters["alpha"])), ("up", "pvc://data/../etc")])  # trusted, but URIs all the same
+    assert sync.sync_once() is True
+    assert loaded(engine) == {"beta": beta} and sorted(sync.failed) == ["plain", "up"]
+
 
 def test_a_replica_is_ready_only_with_the_files_adapters_and_follows_the_file(files, tmp_path):
     tiny, adapters = files
     path = tmp_path / "config" / "adapters.json"
     path.parent.mkdir()
-    write(path, [("alpha", f"file://{adapters['alpha']}"), ("wide", str(adapters["wide"]))])
+    alpha, beta, wide = (f"file://{adapters[n]}" for n in ("alpha", "beta", "wide"))
+    write(path, [("alpha", alpha), ("wide", wide)])
     port, log = free_port(), tmp_path / "serve.log"
     command = serve_command(
         tiny,
@@ -117,28 +122,32 @@ def test_a_replica_is_ready_only_with_the_files_adapters_and_follows_the_file(fi
         "0.2",
         "--cache-dir",
         str(tmp_path / "cache"),
+        "--allow-unauthenticated-admin",  # a laptop's server: no key, loads from the adapters' folder
+        "--allow-source",
+        f"file://{tiny.parent}",
     )
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=subprocess_env())
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
     try:
-        wait_until_ready(client, process, log)
+        wait_ready(client, process, log)
         health = client.get("/health")
         assert health.status_code == 200
         assert health.json()["adapters"] == ["alpha"]  # loaded before the replica said it was ready
         assert health.json()["adaptersFile"]["failed"] == {"wide": "adapter rank 128 exceeds maxLoraRank 64"}
         assert client.get("/live").status_code == 200
 
-        write(path, [("beta", str(adapters["beta"]))])  # the operator changed spec.adapters
+        write(path, [("beta", beta)])  # the operator changed spec.adapters
         eventually(lambda: model_ids(client) == ["tiny", "beta"], "alpha unloaded and beta loaded from the file")
         assert "adaptersFile" not in client.get("/health").json()
 
-        assert load(client, "alpha", adapters["alpha"]).status_code == 200  # a load through the API stays
-        write(path, [("beta", str(adapters["beta"])), ("gamma", str(adapters["alpha"]))])
+        assert load(client, "alpha", alpha).status_code == 200  # a load through the API stays
+        write(path, [("beta", beta), ("gamma", alpha)])
         eventually(lambda: "gamma" in model_ids(client), "gamma loaded from the file")
         assert model_ids(client) == ["tiny", "beta", "alpha", "gamma"]
         metrics = client.get("/metrics").text
-        assert 'kubetune_serve_adapter_load_failures_total{adapter="wide"} 1.0' in metrics
+        assert 'kubetune_serve_adapter_load_failures_total{reason="invalid"} 1.0' in metrics
+        assert "wide" not in metrics  # counted by reason, never by the name a client chose
         assert "kubetune_serve_loaded_adapters 3.0" in metrics
     finally:
         client.close()

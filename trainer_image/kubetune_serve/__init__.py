@@ -9,4 +9,7 @@ OpenAI `model` field.
 * `text`: generated tokens to text: stop strings and streaming deltas.
 * `app`: the FastAPI routes; `schemas`: their request bodies.
 * `metrics`: Prometheus metrics; `server`: `run(args)`, what the CLI calls.
+* `access`: the admin and api keys (`Authorization: Bearer`); `sources`: which adapter URIs a
+  runtime load may read (`--allow-source`) and how they are fetched, capped; `loads`: the pool
+  that runs runtime loads off the request path, with a deadline; `errors`: `EngineError`.
 """

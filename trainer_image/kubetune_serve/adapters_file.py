@@ -13,6 +13,10 @@ of a mounted ConfigMap, which can take a minute). Both paths converge on the sam
 sync applies only what changed in the file since it last read it: an adapter loaded through the
 API is left alone until the file says otherwise. A load the engine refuses is remembered with its
 message (`failed`) and not retried until the file changes that adapter.
+
+The file is the deployment's own configuration, so its paths skip the runtime allow-list
+(`--allow-source`), but not the URI rule nor the size cap: a path the API would refuse as a URI is
+reported as failed here too.
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ class AdaptersFileSync:
         except FileNotFoundError:
             return ""  # the ConfigMap is optional: no file yet means no adapters yet
         except OSError as error:
-            raise ValueError(f"cannot read {self.path}: {error}") from None
+            log("adapters_file_unreadable", path=str(self.path), error=str(error))
+            raise ValueError(f"cannot read it ({type(error).__name__})") from None
 
     def sync_once(self) -> bool:
         """Reads the file; when it changed, unloads what it dropped and loads what it added or moved.
@@ -55,16 +60,16 @@ class AdaptersFileSync:
             self._seen = text
             desired = parse_adapters_file(text)
         except ValueError as error:
-            self.error = f"{self.path}: {error}"
+            self.error = f"{self.path.name}: {error}"
             log("adapters_file_invalid", path=str(self.path), error=str(error))
             return False
         self.error = None
+        self.failed = {name: message for name, message in self.failed.items() if name in desired}
         self._unload_dropped(desired)
         for name, path in desired.items():
             if self.applied.get(name) != path:  # new or moved; an unchanged entry was dealt with before
                 self._load(name, path)
         self.applied = desired
-        self.failed = {name: message for name, message in self.failed.items() if name in desired}
         self.metrics.loaded_adapters.set(len(self.engine.adapters()))
         log(
             "adapters_file_applied",
@@ -96,6 +101,7 @@ class AdaptersFileSync:
                 continue  # moved to another path: the load below replaces it in place
             try:
                 self.engine.unload_adapter(name)
+                self.metrics.forget(name)
                 log("adapter_unloaded", name=name, source="adapters-file")
             except EngineError as error:
                 if error.status != 404:  # already gone (unloaded through the API): nothing to do
@@ -112,8 +118,9 @@ class AdaptersFileSync:
                 self.failed.pop(name, None)
                 return
             self.failed[name] = error.message
-            self.metrics.load_failures.labels(name).inc()
-            log("adapter_load_failed", name=name, uri=path, error=error.message, source="adapters-file")
+            self.metrics.load_failed(error.reason or ("invalid" if error.status in (400, 422) else "not_allowed"))
+            detail = getattr(error, "detail", error.message)
+            log("adapter_load_failed", name=name, uri=path, error=detail, source="adapters-file")
             return
         self.failed.pop(name, None)
         log("adapter_loaded", name=name, uri=path, source="adapters-file")

@@ -3,6 +3,14 @@ runtime LoRA endpoints, health, readiness and Prometheus metrics.
 
 Errors are OpenAI's `{"error": {"message", "type", "param", "code"}}` with `code` the HTTP status,
 as vLLM answers. Generation runs in worker threads; the engine serialises it.
+
+Everything a client sends is bounded before it costs anything (`Guard`, `Limits`): the API key is
+checked before the body is read (401/403, see `access`), the body is capped (413, on Content-Length
+and while reading a chunked body), the sequences of one request (prompts x n) are capped (400), a
+non-streaming request whose client left stops at its next token, and adapter loads run in their own
+bounded pool with a deadline (429, 504, see `loads`). Refused adapter sources all get one message
+(404, see `sources`); adapter content that can never load gets 422, never 500. `/health` is 503 when
+the engine is wedged (no progress for `stall_timeout`), whatever the number of loads in flight.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import anyio
 from fastapi import FastAPI, Request
@@ -23,12 +32,31 @@ from starlette.exceptions import HTTPException
 
 from kubetune.logs import log
 
+from .access import Access
 from .adapters_file import AdaptersFileSync
 from .engine import Engine, EngineError, Generation, Sampling
+from .loads import BUSY_RETRY_AFTER_S, Loads
 from .metrics import ServingMetrics
 from .schemas import ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
+from .sources import SourceRefused
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+DISCONNECT_POLL_S = 0.25
+CLIENT_GONE = 499  # nginx's "client closed request": counted in the metrics, never seen by a client
+ENDPOINTS = {
+    "/v1/completions": "completions",
+    "/v1/chat/completions": "chat_completions",
+    "/v1/models": "models",
+    "/v1/load_lora_adapter": "load_lora_adapter",
+    "/v1/unload_lora_adapter": "unload_lora_adapter",
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_request_bytes: int = 1024 * 1024
+    max_sequences: int = 16  # prompts x n in one request
+    stall_timeout: float = 120.0  # seconds without progress before /health calls the engine wedged
 
 
 class Startup:
@@ -45,6 +73,7 @@ class Startup:
         self.engine, self.adapters, self.metrics, self.adapters_file = engine, adapters, metrics, adapters_file
         self.ready = False
         self.error: str | None = None
+        self.public_error: str | None = None
 
     def run(self) -> None:
         try:
@@ -62,7 +91,12 @@ class Startup:
                 self.metrics.loaded_adapters.set(len(self.engine.adapters()))
                 log("adapter_loaded", name=name, uri=uri)
         except Exception as error:
-            self.error = error.message if isinstance(error, EngineError) else f"{type(error).__name__}: {error}"
+            # the log has the whole story; /health, open to anyone, names no file of this machine
+            detail = getattr(error, "detail", None) or (error.message if isinstance(error, EngineError) else None)
+            self.error = detail or f"{type(error).__name__}: {error}"
+            self.public_error = (
+                error.message if isinstance(error, EngineError) else f"{type(error).__name__}; the server log says why"
+            )
             log("startup_failed", error=self.error)
             raise
         if self.adapters_file is not None:
@@ -75,7 +109,7 @@ class Startup:
         """The body of /health: what is loaded, and what the adapters file asked for but did not get."""
         body: dict = {"status": "ready" if self.ready else ("failed" if self.error else "loading")}
         if self.error:
-            body["message"] = self.error
+            body["message"] = self.public_error
         if self.ready:
             body.update(model=self.engine.served_name, adapters=[a.name for a in self.engine.adapters()])
         if self.adapters_file is not None and (self.adapters_file.failed or self.adapters_file.error):
@@ -88,7 +122,76 @@ def error_body(message: str, type: str, status: int, param: str | None = None) -
 
 
 def error_response(error: EngineError) -> JSONResponse:
-    return JSONResponse(error_body(error.message, error.type, error.status), status_code=error.status)
+    headers = {"Retry-After": str(BUSY_RETRY_AFTER_S)} if error.status == 429 else None
+    return JSONResponse(
+        error_body(error.message, error.type, error.status, error.param), status_code=error.status, headers=headers
+    )
+
+
+def endpoint_label(path: str) -> str:
+    """A metrics label for a path: a known endpoint or "other" (a client picks paths, not labels)."""
+    if path.startswith("/v1/models/"):
+        return "models"
+    return ENDPOINTS.get(path, "other")
+
+
+class Guard:
+    """ASGI middleware in front of every route: the API key, then the body size.
+
+    The key is checked before any byte of the body is read. The body is read here, whole and capped
+    (a declared Content-Length over the cap is refused before reading, a chunked body as soon as it
+    passes the cap), then handed to the app; what the client sends later (its disconnect) passes through.
+    """
+
+    KINDS = {401: "AuthenticationError", 403: "PermissionDeniedError", 413: "RequestTooLargeError"}
+
+    def __init__(self, app, access: Access, max_bytes: int, metrics: ServingMetrics):
+        self.app, self.access, self.max_bytes, self.metrics = app, access, max_bytes, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        refusal = self.access.problem(scope["path"], headers.get("authorization"))
+        if refusal is not None:
+            return await self._refuse(scope, send, *refusal)
+        declared = headers.get("content-length")
+        if declared is not None and (not declared.strip().isdigit() or int(declared) > self.max_bytes):
+            return await self._refuse(scope, send, 413, self._too_large())
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                return await self._refuse(scope, send, 413, self._too_large())
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    def _too_large(self) -> str:
+        return f"the request body is larger than {self.max_bytes} bytes (--max-request-bytes)"
+
+    async def _refuse(self, scope, send, status: int, message: str) -> None:
+        self.metrics.request(endpoint_label(scope["path"]), "unknown", status, 0.0)
+        payload = json.dumps(error_body(message, self.KINDS.get(status, "BadRequestError"), status)).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+        if status == 401:
+            headers.append((b"www-authenticate", b"Bearer"))
+        if status == 413:
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
 
 
 class _Measured:
@@ -120,8 +223,23 @@ class _Measured:
         return False
 
 
-def create_app(engine: Engine, metrics: ServingMetrics, startup: Startup) -> FastAPI:
+def create_app(
+    engine: Engine,
+    metrics: ServingMetrics,
+    startup: Startup,
+    *,
+    access: Access | None = None,
+    loads: Loads | None = None,
+    limits: Limits | None = None,
+) -> FastAPI:
+    """The API. `access` defaults to no keys (admin endpoints refused), `loads` to a pool with no
+    allowed source (every runtime load refused), `limits` to the defaults of the CLI."""
+    access = access or Access()
+    loads = loads or Loads(engine, allowed=())
+    limits = limits or Limits()
     app = FastAPI(title="kubetune serve", description="OpenAI-compatible serving of a base model and LoRA adapters.")
+    app.add_middleware(Guard, access=access, max_bytes=limits.max_request_bytes, metrics=metrics)
+    metrics.loads_in_flight.set_function(lambda: loads.running)
 
     def measured(endpoint: str, model: str | None) -> _Measured:
         return _Measured(metrics, engine, endpoint, model)
@@ -145,9 +263,10 @@ def create_app(engine: Engine, metrics: ServingMetrics, startup: Startup) -> Fas
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception):
+        # the details (which may name files) go to the log only
         log("internal_error", path=request.url.path, error=f"{type(error).__name__}: {error}")
         return JSONResponse(
-            error_body(f"internal error: {type(error).__name__}: {error}", "InternalServerError", 500), status_code=500
+            error_body("internal error; the server log has the details", "InternalServerError", 500), status_code=500
         )
 
     # --- probes and metrics ------------------------------------------------------------------------
@@ -161,8 +280,15 @@ def create_app(engine: Engine, metrics: ServingMetrics, startup: Startup) -> Fas
     @app.get("/ready")
     async def health():
         """Readiness: 200 only once the base model and every startup adapter are loaded (those of
-        the command line and of the adapters file), so no request reaches a replica that lacks one."""
-        return JSONResponse(startup.state(), status_code=200 if startup.ready else 503)
+        the command line and of the adapters file), so no request reaches a replica that lacks one;
+        503 again when the engine is wedged. Adapter loads in flight do not count: they never hold
+        the engine for long."""
+        state = startup.state()
+        stalled = engine.stalled_for()
+        if startup.ready and stalled > limits.stall_timeout:
+            state.update(status="wedged", message=f"the engine has made no progress for {stalled:.0f}s")
+            return JSONResponse(state, status_code=503)
+        return JSONResponse(state, status_code=200 if startup.ready else 503)
 
     @app.get("/metrics")
     async def prometheus():
@@ -212,24 +338,37 @@ def create_app(engine: Engine, metrics: ServingMetrics, startup: Startup) -> Fas
             raise EngineError(f"The model `{model}` does not exist.", 404, "NotFoundError")
 
     @app.post("/v1/load_lora_adapter")
-    def load_lora_adapter(body: LoadLoRAAdapterRequest):
-        with measured("load_lora_adapter", body.lora_name):
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest):
+        """Load an adapter from an allowed source, in the load pool (see `loads`). Loading a name
+        again from the same source changes nothing (200); `load_inplace` over an adapter being
+        served is refused (409): unload it first, so no request is answered by half of a swap."""
+        name, uri = body.lora_name, body.lora_path
+        with measured("load_lora_adapter", name):
             try:
-                engine.load_adapter(body.lora_name, body.lora_path, replace=body.load_inplace)
+                if body.load_inplace and name != engine.served_name and engine.has_model(name):
+                    raise EngineError(
+                        f"the lora adapter '{name[:256]}' is being served; unload it, then load it again",
+                        409,
+                        "ConflictError",
+                        reason="conflict",
+                    )
+                await loads.load(name, uri)
             except EngineError as error:
-                if error.status != 503:  # 503: the base model still loading, not a refusal
-                    metrics.load_failures.labels(body.lora_name or "").inc()
-                log("adapter_load_failed", name=body.lora_name, uri=body.lora_path, error=error.message)
+                _load_failed(metrics, error, name, uri)
+                raise
+            except Exception:
+                metrics.load_failed("error")
                 raise
             metrics.loaded_adapters.set(len(engine.adapters()))
-            log("adapter_loaded", name=body.lora_name, uri=body.lora_path)
-            return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+            log("adapter_loaded", name=name, uri=uri)
+            return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
     def unload_lora_adapter(body: UnloadLoRAAdapterRequest):
         with measured("unload_lora_adapter", body.lora_name) as call:
             engine.unload_adapter(body.lora_name)
             call.model = None  # gone now: counted as "unknown" like any name not served
+            metrics.forget(body.lora_name or "")
             metrics.loaded_adapters.set(len(engine.adapters()))
             log("adapter_unloaded", name=body.lora_name)
             return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
@@ -237,13 +376,14 @@ def create_app(engine: Engine, metrics: ServingMetrics, startup: Startup) -> Fas
     # --- generation -------------------------------------------------------------------------------
 
     @app.post("/v1/completions")
-    def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         model = body.model or engine.served_name
         with measured("completions", model) as call:
             engine.check_model(model)
             if body.echo or body.logprobs:
                 raise EngineError("echo and logprobs are not supported by the builtin runtime")
-            prompts = _prompt_ids(engine, body.prompt)
+            check_sequences(_prompt_count(body.prompt), body.n, limits.max_sequences)
+            prompts = await anyio.to_thread.run_sync(_prompt_ids, engine, body.prompt)
             max_tokens = body.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS
             for ids in prompts:
                 engine.check_length(len(ids), max_tokens)
@@ -256,7 +396,7 @@ def create_app(engine: Engine, metrics: ServingMetrics, startup: Startup) -> Fas
             if body.stream:
                 call.streaming = True
                 return _stream(engine, metrics, call, jobs, reply.completion_chunk, reply, _usage_wanted(body))
-            results = [(index, engine.generate(model, ids, sampling)) for index, ids, sampling in jobs]
+            results = await _generate_all(request, engine, model, jobs)
             _count_tokens(metrics, call, reply, [g for _, g in results])
             return reply.body(
                 [
@@ -273,13 +413,15 @@ def create_app(engine: Engine, metrics: ServingMetrics, startup: Startup) -> Fas
             )
 
     @app.post("/v1/chat/completions")
-    def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         model = body.model or engine.served_name
         with measured("chat_completions", model) as call:
             engine.check_model(model)
             if body.logprobs:
                 raise EngineError("logprobs are not supported by the builtin runtime")
-            ids = engine.encode_chat([_message(m) for m in body.messages], body.add_generation_prompt)
+            check_sequences(1, body.n, limits.max_sequences)
+            messages = [_message(m) for m in body.messages]
+            ids = await anyio.to_thread.run_sync(engine.encode_chat, messages, body.add_generation_prompt)
             max_tokens = body.max_completion_tokens or body.max_tokens or max(1, (engine.max_model_len or 0) - len(ids))
             engine.check_length(len(ids), max_tokens)
             jobs = [(j, ids, _sampling(body, max_tokens, j)) for j in range(body.n)]
@@ -287,7 +429,7 @@ def create_app(engine: Engine, metrics: ServingMetrics, startup: Startup) -> Fas
             if body.stream:
                 call.streaming = True
                 return _stream(engine, metrics, call, jobs, reply.chat_chunk, reply, _usage_wanted(body))
-            results = [(index, engine.generate(model, ids, sampling)) for index, ids, sampling in jobs]
+            results = await _generate_all(request, engine, model, jobs)
             _count_tokens(metrics, call, reply, [g for _, g in results])
             return reply.body(
                 [
@@ -307,6 +449,85 @@ def create_app(engine: Engine, metrics: ServingMetrics, startup: Startup) -> Fas
 
 
 # --- helpers ---------------------------------------------------------------------------------------
+
+
+def _load_failed(metrics: ServingMetrics, error: EngineError, name: str, uri: str) -> None:
+    """Count and log a refused load. The log has the details a client is not told (a refused source's
+    real cause); the metrics have a fixed reason, never the name or the path."""
+    if error.status == 503:  # the base model still loading: not a refusal
+        return
+    reason = error.reason or _REASONS.get(error.status, "invalid" if error.status < 500 else "error")
+    metrics.load_failed(reason)
+    detail = error.detail if isinstance(error, SourceRefused) else error.message
+    log("adapter_load_failed", name=name[:256], uri=uri[:512], status=error.status, reason=reason, error=detail)
+
+
+_REASONS = {404: "not_allowed", 409: "conflict", 429: "busy", 504: "timeout"}
+
+
+class ClientGone(EngineError):
+    def __init__(self) -> None:
+        super().__init__("the client closed the request", CLIENT_GONE, "ClientClosedRequest")
+
+
+def check_sequences(prompts: int, n: int, most: int) -> None:
+    """Every prompt is generated n times: the product is the work a request asks for."""
+    if prompts * n > most:
+        raise EngineError(
+            f"{prompts} prompts x n={n} asks for {prompts * n} sequences; this server generates at most "
+            f"{most} per request (--max-sequences-per-request): send fewer prompts or a smaller n",
+            param="n",
+        )
+
+
+def _prompt_count(prompt) -> int:
+    """How many prompts `prompt` holds, before anything is tokenized: a string or a list of token
+    ids is one, a list of strings or of token lists is one each."""
+    if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int):
+        return 1
+    return len(prompt)
+
+
+async def _generate_all(request: Request, engine: Engine, model: str, jobs: list) -> list[tuple[int, Generation]]:
+    """Generate `jobs` one after another in a worker thread, stopping at the next token when the
+    client disconnects (a non-streaming client that left must not keep the engine busy)."""
+    cancel = threading.Event()
+    done = threading.Event()
+
+    def work() -> list[tuple[int, Generation]]:
+        try:
+            results = []
+            for index, ids, sampling in jobs:
+                if cancel.is_set():
+                    break
+                results.append((index, engine.generate(model, ids, sampling, cancelled=cancel.is_set)))
+            return results
+        finally:
+            done.set()
+
+    async def watch() -> None:
+        while not done.is_set():
+            if await request.is_disconnected():
+                cancel.set()
+                return
+            await anyio.sleep(DISCONNECT_POLL_S)
+
+    failure: Exception | None = None
+    results: list[tuple[int, Generation]] = []
+    async with anyio.create_task_group() as group:
+        group.start_soon(watch)
+        try:
+            results = await anyio.to_thread.run_sync(work)
+        except Exception as error:  # raised below, outside the task group, which would wrap it in a group
+            failure = error
+        finally:
+            group.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    if cancel.is_set():
+        log("request_cancelled", model=model, reason="client disconnected")
+        raise ClientGone()
+    return results
 
 
 def _prompt_ids(engine: Engine, prompt) -> list[list[int]]:
@@ -348,6 +569,7 @@ def _sampling(body, max_tokens: int, sample: int) -> Sampling:
         top_k=body.top_k if body.top_k and body.top_k > 0 else None,
         stop=body.stop_list(),
         seed=None if body.seed is None else body.seed + sample,  # n samples from one seed differ
+        ignore_eos=bool(body.ignore_eos),
     )
 
 

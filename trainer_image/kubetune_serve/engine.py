@@ -7,12 +7,19 @@ Adapters live in one PEFT model wrapped around the base (`load_adapter`, `delete
 not thread-safe and switching adapters changes the model, so both happen under one lock. Public
 adapter names (anything a client may put in `model`) map to internal PEFT names, which must be
 valid module names and must not collide with PEFT's own prefixes.
+
+A load is two steps: `prepare_adapter` (no lock: check the source, copy it into a private staging
+folder within the size cap, check config and weights) and `attach` (under the lock: PEFT reads the
+staged, local files). So a slow or hostile source never holds up generation, and the weights hashed
+are the weights served. Content that can never load (not LoRA, too wide, another base, unreadable
+weights) is a 422. `stalled_for` tells /health whether the work holding the lock still moves.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,15 +29,11 @@ from pathlib import Path
 
 from kubetune.storage import StorageError, resolve_input, sha256_of
 
+from .errors import EngineError
+from .sources import check_source, fetch
 from .text import TextTracker
 
-
-class EngineError(Exception):
-    """A request the engine refuses: `status` and `type` are what the API answers with."""
-
-    def __init__(self, message: str, status: int = 400, type: str = "BadRequestError"):
-        super().__init__(message)
-        self.message, self.status, self.type = message, status, type
+__all__ = ["Adapter", "Engine", "EngineError", "Generation", "Prepared", "Sampling"]
 
 
 def not_found(message: str) -> EngineError:
@@ -53,6 +56,17 @@ class Adapter:
 
 
 @dataclass
+class Prepared:
+    """An adapter fetched into a private staging folder and checked, waiting for `Engine.attach`."""
+
+    name: str
+    uri: str
+    path: Path
+    rank: int
+    sha256: str | None
+
+
+@dataclass
 class Sampling:
     max_tokens: int
     temperature: float = 1.0
@@ -60,6 +74,7 @@ class Sampling:
     top_k: int | None = None
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
 
 
 @dataclass
@@ -71,13 +86,25 @@ class Generation:
 
 
 def resolve(uri: str, cache_dir: Path) -> Path:
-    """A local folder for a model or adapter given as a URI (hf://, pvc://, s3://, file://) or a plain path."""
+    """A local folder for the base model given as a URI (hf://, pvc://, s3://, file://) or a plain path."""
     if "://" not in uri:
         path = Path(uri).expanduser()
         if not path.exists():
             raise StorageError(f"{uri}: does not exist on this machine")
         return path
     return resolve_input(uri, cache_dir=cache_dir, local=True)
+
+
+def invalid_adapter(message: str) -> EngineError:
+    """Adapter content that can never load here (not LoRA, too wide, another base, bad weights): 422,
+    so the operator marks the adapter Failed instead of retrying."""
+    return EngineError(message, 422, "UnprocessableEntityError")
+
+
+def one_line(text: str, path: Path, uri: str, limit: int = 300) -> str:
+    """An error from a library as one line for a client: the staging folder shown as the URI it came from."""
+    flat = " ".join(str(text).replace(str(path), uri).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
 def adapter_rank(config: dict) -> int:
@@ -88,17 +115,20 @@ def read_adapter_config(path: Path, uri: str, max_lora_rank: int) -> dict:
     """adapter_config.json of a LoRA adapter whose rank fits `max_lora_rank`, or an EngineError."""
     file = path / "adapter_config.json"
     if not file.is_file():
-        raise not_found(f"No adapter found for {uri}: {file} does not exist")
+        raise invalid_adapter(f"{uri}: not a LoRA adapter (no adapter_config.json)")
     try:
         config = json.loads(file.read_text())
-    except (OSError, ValueError) as error:
-        raise EngineError(f"{uri}: unreadable adapter_config.json ({error})") from None
+    except (OSError, ValueError, RecursionError) as error:
+        raise invalid_adapter(f"{uri}: unreadable adapter_config.json ({one_line(error, path, uri, 120)})") from None
     if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
         kind = config.get("peft_type") if isinstance(config, dict) else None
-        raise EngineError(f"{uri}: only LoRA adapters can be served, this is a {kind} adapter")
-    rank = adapter_rank(config)
+        raise invalid_adapter(f"{uri}: only LoRA adapters can be served, this is a {str(kind)[:40]} adapter")
+    try:
+        rank = adapter_rank(config)
+    except (TypeError, ValueError, AttributeError, OverflowError):
+        raise invalid_adapter(f"{uri}: adapter_config.json has no valid rank (r, rank_pattern)") from None
     if rank > max_lora_rank:
-        raise EngineError(f"adapter rank {rank} exceeds maxLoraRank {max_lora_rank}")
+        raise invalid_adapter(f"adapter rank {rank} exceeds maxLoraRank {max_lora_rank}")
     return config
 
 
@@ -111,7 +141,7 @@ def weights_sha256(path: Path) -> str | None:
     return sha256_of(file) if file else None
 
 
-def weight_mismatches(model, path: Path) -> list[str]:
+def weight_mismatches(model, path: Path, uri: str = "") -> list[str]:
     """What in the adapter's weights does not fit `model`: absent modules and wrong shapes.
 
     Read from the safetensors header only, before PEFT touches the model: an adapter trained on
@@ -123,7 +153,9 @@ def weight_mismatches(model, path: Path) -> list[str]:
     try:
         return _mismatches(model, file)
     except Exception as error:  # not a safetensors file, truncated header
-        raise EngineError(f"unreadable adapter weights {file}: {error}") from None
+        raise invalid_adapter(
+            f"{uri or 'the adapter'}: unreadable adapter_model.safetensors ({one_line(error, path, uri, 120)})"
+        ) from None
 
 
 def _mismatches(model, file: Path) -> list[str]:
@@ -173,9 +205,12 @@ class Engine:
         max_lora_rank: int = 64,
         device: str = "auto",
         dtype: str = "auto",
+        max_adapter_bytes: int = 2 * 1024**3,
     ):
         self.model_uri, self.served_name, self.cache_dir = model_uri, served_name, Path(cache_dir)
         self.max_adapters, self.max_lora_rank = max_adapters, max_lora_rank
+        self.max_adapter_bytes = max_adapter_bytes
+        self.staging_dir = self.cache_dir / "adapter-staging"
         self.device_name, self.dtype_name = device, dtype
         self.created = int(time.time())
         self.base = self.tokenizer = None
@@ -184,6 +219,9 @@ class Engine:
         self._adapters: dict[str, Adapter] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
+        # For /health: when the work holding the lock last moved (a token, the start of an attach).
+        self._progress_at: float | None = None
+        self._attaching_since: float | None = None
 
     # --- loading ---------------------------------------------------------------------------------
 
@@ -211,39 +249,81 @@ class Engine:
             self.tokenizer, self.base = tokenizer, model
 
     def load_adapter(self, name: str, uri: str, *, replace: bool = False) -> Adapter:
-        """Load `uri` as adapter `name`; with `replace`, swap it for an adapter of that name already loaded."""
+        """Load a trusted adapter (the command line, the adapters file) now: `prepare_adapter` with no
+        allow-list, then `attach`. With `replace`, swap it for an adapter of that name already loaded."""
+        prepared = self.prepare_adapter(name, uri, replace=replace)
+        if isinstance(prepared, Adapter):
+            return prepared
+        return self.attach(prepared, replace=replace)
+
+    def prepare_adapter(
+        self,
+        name: str,
+        uri: str,
+        *,
+        replace: bool = False,
+        allowed: tuple[str, ...] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> Prepared | Adapter:
+        """Everything slow of a load, without the lock: check the source (against `allowed`, the
+        runtime allow-list, unless None), copy it into a staging folder, read and check its config
+        and weights. Returns the loaded Adapter when `name` already serves `uri` (nothing to do)."""
         if not name or not uri:
             raise EngineError("Both 'lora_name' and 'lora_path' must be provided.", 400, "InvalidUserInput")
         self._require_loaded()
-        self._check_room(name, replace)  # fail fast, before any download
+        same = self._check_room(name, uri, replace)  # fail fast, before any download (checked again in attach)
+        if same is not None:
+            return same
+        prefix = check_source(uri, allowed)
+        path = fetch(uri, self.staging_dir, self.max_adapter_bytes, cancelled, within=prefix)
         try:
-            path = resolve(uri, self.cache_dir)
-        except StorageError as error:
-            status = 404 if "does not exist" in str(error) else 400
-            raise EngineError(
-                f"No adapter found for {uri}: {error}" if status == 404 else str(error),
-                status,
-                "NotFoundError" if status == 404 else "BadRequestError",
-            ) from None
-        config = read_adapter_config(path, uri, self.max_lora_rank)
-        digest = weights_sha256(path)
-        with self._lock:
-            self._check_room(name, replace)
-            problems = weight_mismatches(self.base, path)
+            config = read_adapter_config(path, uri, self.max_lora_rank)
+            problems = weight_mismatches(self.base, path, uri)
             if problems:
-                declared = config.get("base_model_name_or_path") or "another model"
-                raise EngineError(
+                declared = str(config.get("base_model_name_or_path") or "another model")[:200]
+                raise invalid_adapter(
                     f"adapter {name} does not fit base model {self.served_name} (it was trained on {declared}): "
                     + "; ".join(problems[:3])
                     + (f" and {len(problems) - 3} more" if len(problems) > 3 else "")
                 )
-            adapter = Adapter(name, uri, path, adapter_rank(config), f"kubetune_adapter_{next(self._ids)}", digest)
-            self._attach(adapter)
-            old = self._adapters.pop(name, None)
-            if old is not None:
-                self._detach(old)
-            self._adapters[name] = adapter
-        return adapter
+            digest = weights_sha256(path)
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+        return Prepared(name, uri, path, adapter_rank(config), digest)
+
+    def attach(self, prepared: Prepared, *, replace: bool = False) -> Adapter:
+        """The only step of a load under the lock: PEFT reads the staged (local) files into the model.
+        The staging folder is removed afterwards, loaded or not."""
+        try:
+            with self._lock:
+                self._attaching_since = time.monotonic()
+                try:
+                    same = self._check_room(prepared.name, prepared.uri, replace)
+                    if same is not None:
+                        return same
+                    adapter = Adapter(
+                        prepared.name,
+                        prepared.uri,
+                        prepared.path,
+                        prepared.rank,
+                        f"kubetune_adapter_{next(self._ids)}",
+                        prepared.sha256,
+                    )
+                    self._attach(adapter)
+                    old = self._adapters.pop(prepared.name, None)
+                    if old is not None:
+                        self._detach(old)
+                    self._adapters[prepared.name] = adapter
+                    return adapter
+                finally:
+                    self._attaching_since = None
+        finally:
+            self.discard(prepared)
+
+    @staticmethod
+    def discard(prepared: Prepared) -> None:
+        shutil.rmtree(prepared.path, ignore_errors=True)
 
     def unload_adapter(self, name: str | None) -> None:
         if not name:
@@ -260,20 +340,27 @@ class Engine:
                 "the base model is still loading; retry when /ready answers 200", 503, "ServiceUnavailableError"
             )
 
-    def _check_room(self, name: str, replace: bool) -> None:
+    def _check_room(self, name: str, uri: str, replace: bool) -> Adapter | None:
+        """Whether `name` may be loaded from `uri` now (decided under the lock in `attach`; `prepare_adapter`
+        looks first without it, so a load that cannot fit fails before any download); the adapter itself
+        when it is already loaded from that very URI and not to be replaced: loading it again changes nothing."""
         if name == self.served_name:
             raise EngineError(
                 f"'{name}' is the base model's name; give the adapter another lora_name", 400, "InvalidUserInput"
             )
         if name in self._adapters:
             if replace:
-                return
+                return None
+            if self._adapters[name].uri == uri:
+                return self._adapters[name]
             raise EngineError(f"The lora adapter '{name}' has already been loaded.", 400, "InvalidUserInput")
         if len(self._adapters) >= self.max_adapters:
             raise EngineError(
                 f"cannot load adapter '{name}': {len(self._adapters)} adapters are loaded, "
-                f"the most this server keeps (maxAdapters {self.max_adapters}); unload one first"
+                f"the most this server keeps (maxAdapters {self.max_adapters}); unload one first",
+                reason="full",
             )
+        return None
 
     def _attach(self, adapter: Adapter) -> None:
         from peft import PeftModel
@@ -287,7 +374,8 @@ class Engine:
                 self._peft.load_adapter(str(adapter.path), adapter_name=adapter.internal, is_trainable=False)
         except Exception as error:
             self._undo_attach(adapter)
-            raise EngineError(f"adapter {adapter.name} could not be loaded from {adapter.uri}: {error}") from None
+            detail = one_line(f"{type(error).__name__}: {error}", adapter.path, adapter.uri, 200)
+            raise invalid_adapter(f"adapter {adapter.name} could not be loaded from {adapter.uri}: {detail}") from None
 
     def _undo_attach(self, adapter: Adapter) -> None:
         if self._peft is not None:
@@ -361,15 +449,21 @@ class Engine:
         self._require_loaded()
         self.check_length(len(prompt_ids), sampling.max_tokens)
 
+        engine = self
+
         class _Until(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
+                engine._progress_at = time.monotonic()
                 stop = tracker.done or (cancelled is not None and cancelled())
                 return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
-        with self._lock:
+        with self._lock, self._in_progress():
             if model != self.served_name and model not in self._adapters:
                 raise model_not_found(model)
-            tracker = TextTracker(self.tokenizer, sampling.stop, self._eos_ids, on_text)
+            if cancelled is not None and cancelled():  # the client left while waiting for the lock
+                return Generation("", "abort", len(prompt_ids), 0)
+            eos_ids = [] if sampling.ignore_eos else self._eos_ids
+            tracker = TextTracker(self.tokenizer, sampling.stop, eos_ids, on_text)
             input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
             options = dict(
                 max_new_tokens=sampling.max_tokens,
@@ -384,11 +478,28 @@ class Engine:
                 )
             else:
                 options.update(do_sample=False)
+            if sampling.ignore_eos:
+                options.update(min_new_tokens=sampling.max_tokens)
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
             with torch.no_grad(), self._using(self._adapters.get(model)) as network:
                 network.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **options)
         return Generation(tracker.text, tracker.finish_reason or "length", len(prompt_ids), len(tracker.token_ids))
+
+    @contextmanager
+    def _in_progress(self) -> Iterator[None]:
+        self._progress_at = time.monotonic()
+        try:
+            yield
+        finally:
+            self._progress_at = None
+
+    def stalled_for(self) -> float:
+        """Seconds the work holding the lock (a generation, an attach) has made no progress; 0 when idle.
+        /health turns 503 when this grows past its bound: the replica is wedged, not busy."""
+        now = time.monotonic()
+        marks = [t for t in (self._progress_at, self._attaching_since) if t is not None]
+        return max((now - t for t in marks), default=0.0)
 
     @contextmanager
     def _using(self, adapter: Adapter | None) -> Iterator[object]:

@@ -1,8 +1,19 @@
-"""Prometheus metrics of `kubetune serve`, in their own registry (no process-global state)."""
+"""Prometheus metrics of `kubetune serve`, in their own registry (no process-global state).
+
+Every label takes a bounded set of values: `model` is the base, a resident adapter (at most
+--max-adapters) or "unknown", and an adapter's series are removed when it is unloaded; failed
+loads are counted by a fixed `reason`, never by the name or path a client sent.
+"""
+
+from collections import defaultdict
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 PREFIX = "kubetune_serve_"
+# Why a load failed: not_allowed (the source refused, whatever the cause), invalid (not a servable
+# LoRA adapter, or a bad request), conflict (load_inplace over a served adapter), full (maxAdapters),
+# busy (every load worker taken), timeout (--load-timeout), error (anything else).
+LOAD_FAILURE_REASONS = ("not_allowed", "invalid", "conflict", "full", "busy", "timeout", "error")
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 
 
@@ -31,10 +42,16 @@ class ServingMetrics:
         self.loaded_adapters = Gauge(PREFIX + "loaded_adapters", "Adapters loaded now.", registry=self.registry)
         self.load_failures = Counter(
             PREFIX + "adapter_load_failures",
-            "Adapter loads refused, by adapter name.",
-            ["adapter"],
+            "Adapter loads refused, by reason: " + ", ".join(LOAD_FAILURE_REASONS) + ".",
+            ["reason"],
             registry=self.registry,
         )
+        for reason in LOAD_FAILURE_REASONS:
+            self.load_failures.labels(reason)
+        self.loads_in_flight = Gauge(
+            PREFIX + "adapter_loads_in_flight", "Adapter loads being fetched or attached now.", registry=self.registry
+        )
+        self._series: defaultdict[str, set[tuple]] = defaultdict(set)  # model -> (metric, labels) it has
         self.ready = Gauge(
             PREFIX + "ready", "1 once the base model and the startup adapters are loaded.", registry=self.registry
         )
@@ -42,7 +59,20 @@ class ServingMetrics:
     def request(self, endpoint: str, model: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, model, str(status)).inc()
         self.latency.labels(endpoint, model).observe(seconds)
+        self._series[model].update({(self.requests, (endpoint, model, str(status))), (self.latency, (endpoint, model))})
 
     def tokens(self, model: str, prompt: int, generated: int) -> None:
         self.prompt_tokens.labels(model).inc(prompt)
         self.generation_tokens.labels(model).inc(generated)
+        self._series[model].update({(self.prompt_tokens, (model,)), (self.generation_tokens, (model,))})
+
+    def load_failed(self, reason: str) -> None:
+        self.load_failures.labels(reason if reason in LOAD_FAILURE_REASONS else "error").inc()
+
+    def forget(self, model: str) -> None:
+        """Drop every series of an adapter that was unloaded: names come and go, series must not pile up."""
+        for metric, labels in self._series.pop(model, set()):
+            try:
+                metric.remove(*labels)
+            except KeyError:
+                pass

@@ -1,5 +1,10 @@
 """Request bodies of the API, as OpenAI and vLLM define them. Unknown fields are accepted and
-ignored (as vLLM does), so clients written for either work unchanged."""
+ignored (as vLLM does), so clients written for either work unchanged.
+
+Numbers that reach torch are bounded here (a seed past 64 bits, a top_k past any vocabulary), so
+no JSON value gets past validation and then fails inside generation. The body as a whole is capped
+before it is parsed (`--max-request-bytes`), and prompts x n by `--max-sequences-per-request`.
+"""
 
 from typing import Any
 
@@ -16,13 +21,14 @@ class StreamOptions(_Body):
 
 class _Sampling(_Body):
     model: str | None = Field(default=None, description="The base model's name or an adapter's; the base when absent.")
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=2**31 - 1)
     temperature: float | None = Field(default=None, ge=0, le=2, description="0 decodes greedily. Default 1.")
     top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=-1, description="vLLM's extension; -1 or 0: off.")
+    top_k: int | None = Field(default=None, ge=-1, le=2**31 - 1, description="vLLM's extension; -1 or 0: off.")
     n: int = Field(default=1, ge=1, le=16)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1 - 16)  # seed + sample index, for torch
+    ignore_eos: bool = Field(default=False, description="vLLM's extension: always generate max_tokens tokens.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -46,7 +52,7 @@ class ChatMessage(_Body):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=2**31 - 1)
     logprobs: bool | None = False
     add_generation_prompt: bool = Field(default=True, description="vLLM's extension.")
 

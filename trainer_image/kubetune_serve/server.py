@@ -2,7 +2,15 @@
 adapters and those of the adapters file load in the background, and `/health` (also `/ready`) turns
 200 once all are loaded. If the model or a command-line adapter fails to load, the process exits 1,
 so its pod restarts and its logs say why; an adapter of the adapters file that fails is reported on
-/health and the others serve. The adapters file is then polled for changes."""
+/health and the others serve. The adapters file is then polled for changes.
+
+Access (see `access`, `sources`, `loads`): `--admin-key-file` protects loading and unloading,
+`--api-key-file`/`--api-key` inference (and is accepted for admin too); without either key, runtime
+loads are refused unless `--allow-unauthenticated-admin`. A runtime load must name a URI below an
+`--allow-source` prefix (none: every runtime load is refused); it runs in a pool of
+`--max-concurrent-loads` with a deadline of `--load-timeout` seconds and a cap of
+`--max-adapter-bytes`. Requests are capped by `--max-request-bytes` and `--max-sequences-per-request`;
+/health answers 503 when generation makes no progress for `--stall-timeout` seconds."""
 
 from __future__ import annotations
 
@@ -12,9 +20,22 @@ import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
+from kubetune.api.uris import uri_problem
 from kubetune.logs import log
 
+from .sources import ADAPTER_SCHEMES, parse_prefixes, prefix_problem
+
 _NAME = re.compile(r"^[^\s=]{1,256}$")
+
+
+def parse_allowed_sources(values: list[str]) -> tuple[str, ...]:
+    """--allow-source prefixes (each one a valid adapter URI); ValueError says which is not."""
+    prefixes = parse_prefixes(values)
+    for prefix in prefixes:
+        problem = prefix_problem(prefix)
+        if problem:
+            raise ValueError(f"--allow-source: {problem}")
+    return prefixes
 
 
 def default_served_name(model_uri: str) -> str:
@@ -38,6 +59,9 @@ def parse_adapters(pairs: list[str], max_adapters: int) -> list[tuple[str, str]]
             raise ValueError(f"--adapter {pair!r}: write NAME=URI, e.g. support-v1=pvc://adapters/support")
         if name in dict(adapters):
             raise ValueError(f"--adapter {name} is given twice")
+        problem = uri_problem(uri, ADAPTER_SCHEMES)
+        if problem:
+            raise ValueError(f"--adapter {name}: {problem}")
         adapters.append((name, uri))
     if len(adapters) > max_adapters:
         raise ValueError(f"{len(adapters)} adapters given but --max-adapters is {max_adapters}")
@@ -50,12 +74,16 @@ def run(args: argparse.Namespace) -> int:
     from kubetune.logs import quiet_libraries
     from kubetune.storage import local_cache
 
+    from .access import from_args
     from .adapters_file import AdaptersFileSync
-    from .app import Startup, create_app
+    from .app import Limits, Startup, create_app
     from .engine import Engine
+    from .loads import Loads
     from .metrics import ServingMetrics
 
     adapters = parse_adapters(args.adapter, args.max_adapters)
+    allowed = parse_allowed_sources(args.allow_source)
+    access = from_args(args.admin_key_file, args.api_key_file, args.api_key, args.allow_unauthenticated_admin)
     quiet_libraries()
     engine = Engine(
         args.model,
@@ -65,15 +93,22 @@ def run(args: argparse.Namespace) -> int:
         max_lora_rank=args.max_lora_rank,
         device=args.device,
         dtype=args.dtype,
+        max_adapter_bytes=args.max_adapter_bytes,
     )
     metrics = ServingMetrics()
+    loads = Loads(engine, allowed, max_concurrent=args.max_concurrent_loads, timeout=args.load_timeout)
+    limits = Limits(
+        max_request_bytes=args.max_request_bytes,
+        max_sequences=args.max_sequences_per_request,
+        stall_timeout=args.stall_timeout,
+    )
     adapters_file = None
     if args.adapters_file:
         adapters_file = AdaptersFileSync(engine, Path(args.adapters_file), metrics, args.adapters_file_interval)
     startup = Startup(engine, adapters, metrics, adapters_file)
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(engine, metrics, startup),
+            create_app(engine, metrics, startup, access=access, loads=loads, limits=limits),
             host=args.host,
             port=args.port,
             log_level="warning",
@@ -102,6 +137,10 @@ def run(args: argparse.Namespace) -> int:
         adapters_file=args.adapters_file,
         max_adapters=args.max_adapters,
         max_lora_rank=args.max_lora_rank,
+        allowed_sources=list(allowed),
+        admin_key=bool(access.admin),
+        api_key=bool(access.api),
+        unauthenticated_admin=args.allow_unauthenticated_admin,
     )
     loader = threading.Thread(target=load, name="kubetune-load", daemon=True)
     loader.start()
