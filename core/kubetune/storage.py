@@ -8,7 +8,9 @@ imported here; each remote backend (httpx, huggingface_hub, boto3) is imported w
 * inputs: `resolve_input(uri)` returns a local file or directory. Remote content is downloaded once
   into `cache_dir`, into a temporary folder renamed into place only when complete, so a download killed
   halfway is never mistaken for a finished one.
-* outputs: `open_output(uri)` returns an `OutputLocation`. Folders are published whole or not at all,
+* outputs: `open_output(uri)` returns an `OutputLocation`; its `probe()` proves it writable before
+  any work is done, so a read-only or impossible output fails a job in seconds, not after training.
+  Folders are published whole or not at all,
   and a folder counts as published only when it holds a `_COMPLETE` marker, written last. The marker
   means the same on a PVC, a local disk and S3, so resuming from "the newest complete checkpoint" is
   one rule everywhere.
@@ -20,6 +22,7 @@ message names the URI and says what to do about it.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -49,6 +52,11 @@ def local_cache() -> Path:
 
 class StorageError(Exception):
     """A URI that cannot be read or written. The message names the URI and what to do."""
+
+
+class OutputNotWritable(StorageError):
+    """The output location refuses writes for a reason a retry cannot change: a read-only volume, a
+    path under a file, a bucket that does not exist or denies access (see `OutputLocation.probe`)."""
 
 
 # --- Inputs ------------------------------------------------------------------------------------
@@ -180,23 +188,57 @@ def _digest(*parts: str) -> str:
 # --- http(s) ------------------------------------------------------------------------------------
 
 
+MAX_REDIRECTS = 5
+MAX_DOWNLOAD_BYTES_ENV = "KUBETUNE_MAX_DOWNLOAD_BYTES"
+MAX_DOWNLOAD_BYTES = 64 * 2**30  # a dataset over https; the scratch volume is the real bound
+
+
 def _http_download(uri: str, dest: Path) -> None:
-    """Stream one file to `dest`; the whole body is never held in memory."""
+    """Stream one file to `dest`; the whole body is never held in memory, and never more than
+    KUBETUNE_MAX_DOWNLOAD_BYTES (default 64 GiB) of it. Redirects are followed by hand, at most
+    five, each target checked by the same URI rule as the spec (`uris.uri_problem`) before anything
+    connects to it: a public URL cannot bounce the pod to the node's metadata address or loopback."""
     import httpx
 
+    from .api.uris import uri_problem
+
+    limit = int(os.environ.get(MAX_DOWNLOAD_BYTES_ENV) or MAX_DOWNLOAD_BYTES)
+    url = uri
     try:
-        with httpx.stream("GET", uri, follow_redirects=True, timeout=httpx.Timeout(30.0, read=300.0)) as response:
-            if response.status_code >= 400:
-                raise StorageError(
-                    f"{uri}: the server answered HTTP {response.status_code}; check the URL is right and "
-                    "publicly readable (private data belongs in pvc:// or s3://)"
-                )
-            with open(dest, "wb") as out:
-                out.writelines(response.iter_bytes(_CHUNK))
+        with httpx.Client(follow_redirects=False, timeout=httpx.Timeout(30.0, read=300.0)) as client:
+            for _ in range(MAX_REDIRECTS + 1):
+                with client.stream("GET", url) as response:
+                    if response.is_redirect:
+                        target = str(response.url.join(response.headers.get("location", "")))
+                        problem = uri_problem(target, ("https", "http"))
+                        if problem:
+                            raise StorageError(f"{uri}: the server redirects to a refused address: {problem}")
+                        url = target
+                        continue
+                    if response.status_code >= 400:
+                        raise StorageError(
+                            f"{uri}: the server answered HTTP {response.status_code}; check the URL is right and "
+                            "publicly readable (private data belongs in pvc:// or s3://)"
+                        )
+                    _write_capped(response.iter_bytes(_CHUNK), dest, limit, uri)
+                    return
     except httpx.HTTPError as error:
         raise StorageError(
             f"{uri}: download failed ({error.__class__.__name__}: {error}); check the URL and the network"
         ) from error
+    raise StorageError(f"{uri}: more than {MAX_REDIRECTS} redirects")
+
+
+def _write_capped(chunks: Iterator[bytes], dest: Path, limit: int, uri: str) -> None:
+    written = 0
+    with open(dest, "wb") as out:
+        for chunk in chunks:
+            written += len(chunk)
+            if written > limit:
+                raise StorageError(
+                    f"{uri}: larger than {limit} bytes ({MAX_DOWNLOAD_BYTES_ENV}); put large data on pvc:// or s3://"
+                )
+            out.write(chunk)
 
 
 # --- Hugging Face Hub ------------------------------------------------------------------------------
@@ -333,6 +375,28 @@ def _s3_errors(uri: str) -> Iterator[None]:
         raise StorageError(f"{uri}: S3 request failed ({error})") from error
 
 
+_S3_REFUSALS = frozenset(
+    {
+        "NoSuchBucket",
+        "AccessDenied",
+        "AllAccessDisabled",
+        "403",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "InvalidBucketName",
+    }
+)
+
+
+def _s3_refusal(error: BaseException | None) -> bool:
+    """Whether botocore's `error` is a refusal a retry cannot change (credentials, bucket, policy)."""
+    from botocore.exceptions import ClientError, NoCredentialsError
+
+    if isinstance(error, NoCredentialsError):
+        return True
+    return isinstance(error, ClientError) and error.response.get("Error", {}).get("Code", "") in _S3_REFUSALS
+
+
 def _s3_keys(client: Any, bucket: str, prefix: str) -> Iterator[str]:
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for item in page.get("Contents", []):
@@ -444,8 +508,19 @@ class OutputLocation(ABC):
         """Remove the published folder `name`; it stops counting as complete before any file goes."""
         ...
 
+    @abstractmethod
+    def probe(self) -> None:
+        """Write and remove a small hidden object (`.kubetune-probe-*`) at the location: raises
+        OutputNotWritable when the location refuses writes for good, StorageError when it may be
+        passing (an endpoint that does not answer). Names only the user's URI, not a mount path."""
+        ...
+
     def _join(self, name: str) -> str:
         return f"{self.uri.rstrip('/')}/{name}"
+
+
+def _probe_name() -> str:
+    return f".kubetune-probe-{uuid.uuid4().hex[:12]}"
 
 
 def open_output(uri: str, *, cache_dir: Path, local: bool = False) -> OutputLocation:
@@ -501,6 +576,27 @@ class LocalOutput(OutputLocation):
     def local_dir(self) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
         return self.root
+
+    def probe(self) -> None:
+        """What every publish does, in small: create the folder, write a temporary file, rename it,
+        delete it. The error's text (strerror) is kept, its file name (the in-pod path) is not."""
+        probe = self.root / _probe_name()
+        staging = probe.with_name(probe.name + ".tmp")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with open(staging, "xb") as handle:
+                handle.write(b"kubetune output probe\n")
+                os.fsync(handle.fileno())
+            os.replace(staging, probe)
+            probe.unlink()
+        except OSError as error:
+            for leftover in (staging, probe):
+                with contextlib.suppress(OSError):
+                    leftover.unlink(missing_ok=True)
+            raise OutputNotWritable(
+                f"{self.uri}: the output location is not writable ({error.strerror or type(error).__name__}); "
+                "it must be a folder the job can create and write (a volume mounted read-write, not a file)"
+            ) from None
 
     def publish_dir(self, src: Path, name: str) -> str:
         """Copy into a hidden sibling, mark it complete, then rename it into place.
@@ -679,6 +775,20 @@ class S3Output(OutputLocation):
         folder = self.cache_dir / "outputs" / f"{_digest(self.uri)[:24]}-{_basename(self.uri)}"
         folder.mkdir(parents=True, exist_ok=True)
         return folder
+
+    def probe(self) -> None:
+        """A PUT and a DELETE of one small object under the prefix. Missing credentials, a missing
+        bucket or a denied write are the job's configuration (OutputNotWritable); an endpoint that
+        does not answer may be passing (StorageError, retried)."""
+        key = self.prefix + _probe_name()
+        try:
+            with _s3_errors(self.uri):
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=b"kubetune output probe\n")
+                self.client.delete_object(Bucket=self.bucket, Key=key)
+        except StorageError as error:
+            if _s3_refusal(error.__cause__):
+                raise OutputNotWritable(f"{error}; the output location is not writable") from None
+            raise
 
     def publish_dir(self, src: Path, name: str) -> str:
         """Unmark and empty, upload every file, then mark complete: the phased publish with one part.

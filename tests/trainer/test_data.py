@@ -51,7 +51,12 @@ def untagged(tok):
 
 
 def spec(fmt="chat", **kw):
-    return DatasetSpec(uri="file:///data/train.jsonl", format=fmt, **kw)
+    return DatasetSpec(**{"uri": "file:///data/train.jsonl", "format": fmt, **kw})
+
+
+def tolerant(fmt="chat", **kw):
+    """A spec for tests about counting bad rows: any fraction of them is skipped, none refuses the data."""
+    return spec(fmt, max_bad_row_fraction=1.0, **kw)
 
 
 def write(path, rows):
@@ -176,7 +181,7 @@ def test_preference_bad_pairs_and_truncation(tok, tmp_path):
         {"prompt": long, "chosen": " Good answer " + long, "rejected": " Bad answer " + long},
     ]
     path = write(tmp_path / "p.jsonl", rows)
-    train, _, report = build_datasets(spec("preference", max_seq_length=16), path, tok, seed=0)
+    train, _, report = build_datasets(tolerant("preference", max_seq_length=16), path, tok, seed=0)
     assert report.bad_rows == 2 and report.truncated == 1
     assert report.bad_examples == [
         "row 1: chosen and rejected are identical",
@@ -315,7 +320,7 @@ def test_truncation_is_counted_and_untrainable_rows_dropped(tok, tmp_path):
     long_answer = chat("hi", " ".join(["eight"] * 40))
     long_question = chat(" ".join(["when"] * 40), "At eight.")
     rows = [long_answer, long_question, chat("hi", "Hello.")]
-    train, _, report = build_datasets(spec(max_seq_length=24), write(tmp_path / "c.jsonl", rows), tok, seed=0)
+    train, _, report = build_datasets(tolerant(max_seq_length=24), write(tmp_path / "c.jsonl", rows), tok, seed=0)
     assert report.truncated == 1 and report.bad_rows == 1 and len(train) == 2
     assert report.bad_examples == ["row 2: no trainable tokens after truncation to maxSeqLength 24"]
     assert all(len(e.input_ids) <= 24 and len(e.labels) <= 24 for e in train)
@@ -335,7 +340,7 @@ def test_bad_rows_are_counted_with_row_numbers_and_the_run_goes_on(tok, tmp_path
     ]
     path = tmp_path / "c.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    train, _, report = build_datasets(spec(), path, tok, seed=0)
+    train, _, report = build_datasets(tolerant(), path, tok, seed=0)
     assert (report.rows, report.bad_rows, report.train_examples) == (8, 6, 2)
     assert report.bad_examples == [
         "row 2: no assistant message",
@@ -350,7 +355,7 @@ def test_bad_rows_are_counted_with_row_numbers_and_the_run_goes_on(tok, tmp_path
 def test_all_bad_rows_raise_with_the_reasons(tok, tmp_path):
     path = write(tmp_path / "t.jsonl", [{"txt": "typo"}, {"text": ""}])
     with pytest.raises(ValueError, match=r"row 1: missing 'text'; row 2: empty 'text'") as caught:
-        build_datasets(spec("text"), path, tok, seed=0)
+        build_datasets(spec("text", uri=path.as_uri()), path, tok, seed=0)
     assert "t.jsonl" in str(caught.value)
 
 
@@ -432,7 +437,7 @@ def test_training_order_is_shuffled_by_seed(tok, tmp_path):
 def test_validation_file(tok, tmp_path):
     train_path = write(tmp_path / "train.jsonl", texts(4))
     val_path = write(tmp_path / "val.csv", texts(3) + [{"text": ""}])
-    val_spec = spec("text", validation={"uri": "s3://bucket/val.csv"})
+    val_spec = tolerant("text", validation={"uri": "s3://bucket/val.csv"})
     train, evaluation, report = build_datasets(val_spec, train_path, tok, seed=0, validation_path=val_path)
     assert (len(train), len(evaluation)) == (4, 3)
     assert (report.rows, report.bad_rows, report.bad_examples) == (8, 1, ["validation row 4: empty 'text'"])

@@ -88,6 +88,7 @@ class FileServer(http.server.ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), FileHandler)
         self.files: dict[str, bytes] = {}
         self.truncate_first: set[str] = set()
+        self.redirects: dict[str, str] = {}
         self.hits: Counter[str] = Counter()
 
     def url(self, path: str) -> str:
@@ -98,6 +99,12 @@ class FileHandler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         server = self.server
         server.hits[self.path] += 1
+        if self.path in server.redirects:
+            self.send_response(302)
+            self.send_header("Location", server.redirects[self.path])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         body = server.files.get(self.path)
         if body is None:
             self.send_error(404)
@@ -153,6 +160,38 @@ def test_interrupted_download_is_never_taken_as_complete(http_server, tmp_path):
     assert resolve_input(uri, cache_dir=tmp_path).read_bytes() == body
     assert http_server.hits["/flaky.bin"] == 2
     assert len(list((tmp_path / "inputs").iterdir())) == 1, "partial download left behind"
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["http://169.254.169.254/latest/meta-data/", "http://[::1]:9/x", "file:///etc/passwd", "http://2852039166/"],
+)
+def test_a_redirect_to_a_refused_address_is_never_followed(http_server, tmp_path, monkeypatch, target):
+    """Finding 7's https side: the spec's URL passed admission, but its server could bounce the pod
+    anywhere; each redirect target is checked by the spec's own URI rule before anything connects."""
+    import socket
+
+    http_server.redirects["/bounce.jsonl"] = target
+    real_connect = socket.socket.connect
+
+    def loopback_only(sock, address):
+        assert address[0] in ("127.0.0.1", "::1") and address[1] == http_server.server_address[1], address
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", loopback_only)
+    uri = http_server.url("/bounce.jsonl")
+    with pytest.raises(StorageError, match=rf"{uri}: the server redirects to a refused address"):
+        resolve_input(uri, cache_dir=tmp_path)
+    assert not list((tmp_path / "inputs").iterdir())
+
+
+def test_a_download_over_the_size_cap_stops_and_leaves_nothing(http_server, tmp_path, monkeypatch):
+    http_server.files["/huge.jsonl"] = b"x" * 300_000
+    monkeypatch.setenv("KUBETUNE_MAX_DOWNLOAD_BYTES", "100000")
+    uri = http_server.url("/huge.jsonl")
+    with pytest.raises(StorageError, match=rf"{uri}: larger than 100000 bytes"):
+        resolve_input(uri, cache_dir=tmp_path)
+    assert not list((tmp_path / "inputs").iterdir()), "a refused download left something in the cache"
 
 
 # --- hf:// -------------------------------------------------------------------------------------

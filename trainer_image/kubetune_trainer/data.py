@@ -5,8 +5,13 @@
     collate, collate_preference   examples → right-padded tensors for one step
 
 Real datasets have broken rows. A broken row is counted and reported ("row N: reason"), never a
-crash, so one bad line in a million does not kill a multi-hour job; only a dataset with no usable
-row at all, or a configuration that cannot work (no chat template, no EOS token), raises.
+crash, so one bad line in a million does not kill a multi-hour job. A dataset whose broken rows are
+more than `dataset.maxBadRowFraction` of it (1% by default) is refused with a few of them quoted:
+that is a wrong file, not a few broken lines. So is a text file in UTF-16 or UTF-32 (said as much,
+rather than as a pile of undecodable rows), a dataset with no usable row at all, and a
+configuration that cannot work (no chat template, no EOS token). Refusals are ValueErrors that
+name the dataset's URI; untrusted content (a row nested 200,000 levels deep, a huge line) is a
+bad row or a refusal, never a RecursionError or MemoryError out of here.
 
 Everything here is deterministic for a given file, tokenizer and seed: the same inputs give the
 same examples in the same order, and `DataReport.fingerprint` identifies the data in report.json.
@@ -29,7 +34,11 @@ from jinja2 import TemplateError
 
 IGNORE = -100  # the label PyTorch's cross-entropy (and every HF causal LM) skips
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-MAX_BAD_EXAMPLES = 5
+MAX_BAD_EXAMPLES = 5  # bad rows kept in report.json
+MAX_QUOTED_ROWS = 3  # bad rows quoted in the error that refuses a dataset
+REASON_LIMIT = 100  # characters of one bad row's reason: reasons may quote the row's own content
+_SNIFF_BYTES = 4096
+_TEXT_SUFFIXES = (".jsonl", ".json", ".csv")
 
 # ChatML (Qwen, many fine-tunes). `{% generation %}` marks what the assistant says, so the loss
 # can be masked to it exactly; the newline after <|im_end|> is layout, not something to learn.
@@ -90,7 +99,7 @@ class DataReport:
     fingerprint: str  # sha256 over the raw bytes of the training file(s), then the validation file(s)
     rows: int  # rows read, training and validation files together
     bad_rows: int
-    bad_examples: list[str]  # the first MAX_BAD_EXAMPLES, each "row N: reason" ("validation row N: ...")
+    bad_examples: list[str]  # the first MAX_BAD_EXAMPLES, each "row N: reason" clipped to REASON_LIMIT
     train_examples: int  # examples, before packing
     eval_examples: int
     train_tokens: int  # tokens the loss sees in train (labels != -100, after packing's boundary masks)
@@ -149,10 +158,39 @@ def _read_file(path: Path, where: str = "") -> list[dict]:
             f"{path}: unsupported file type {path.suffix or '(no suffix)'!r}; "
             f"expected one of {', '.join(SUPPORTED_SUFFIXES)}"
         )
+    if path.suffix.lower() in _TEXT_SUFFIXES and (encoding := wide_encoding(path)):
+        raise ValueError(f"{path}: the file is {encoding}; convert it to UTF-8 (iconv -f {encoding} -t UTF-8)")
     try:
         return reader(path, where)
     except (ValueError, OSError, csv.Error) as e:  # pyarrow's errors are ValueError/OSError subclasses
-        raise ValueError(f"{path}: cannot read as {path.suffix[1:]}: {e}") from e
+        raise ValueError(f"{path}: cannot read as {path.suffix[1:]}: {_clip(str(e), 300)}") from e
+    except RecursionError:
+        raise ValueError(f"{path}: cannot read as {path.suffix[1:]}: nested too deeply") from None
+    except MemoryError:
+        raise ValueError(f"{path}: cannot read as {path.suffix[1:]}: too large to hold in memory") from None
+
+
+def wide_encoding(path: Path) -> str | None:
+    """ "UTF-16" or "UTF-32" when a text file is in one of them (its byte order mark, or, without one,
+    NUL bytes in a quarter or more of its start, which UTF-8 text does not have), else None. Read as
+    UTF-8 such a file is mostly undecodable rows; saying what it is tells the user what to do."""
+    try:
+        with open(path, "rb") as stream:
+            start = stream.read(_SNIFF_BYTES)
+    except OSError:
+        return None  # the reader meets the same error and reports it
+    if start.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
+        return "UTF-32"
+    if start.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "UTF-16"
+    nuls = start.count(0)
+    if len(start) < 2 or nuls * 4 < len(start):
+        return None
+    return "UTF-32" if nuls * 10 >= len(start) * 6 else "UTF-16"
+
+
+def _clip(text: str, limit: int = REASON_LIMIT) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _read_jsonl(path: Path, where: str) -> list[dict]:
@@ -165,6 +203,9 @@ def _read_jsonl(path: Path, where: str) -> list[dict]:
             value = json.loads(line)
         except ValueError as e:  # includes UnicodeDecodeError
             rows.append(BadRecord(f"{where}line {lineno}: invalid JSON ({getattr(e, 'msg', e)})"))
+            continue
+        except RecursionError:  # e.g. [[[[...]]]] 200,000 deep: the parser recurses once per level
+            rows.append(BadRecord(f"{where}line {lineno}: JSON nested too deeply"))
             continue
         rows.append(value if isinstance(value, dict) else BadRecord(f"{where}line {lineno}: not a JSON object"))
     return rows
@@ -328,7 +369,7 @@ def _maybe_json_list(value: Any) -> Any:
     if isinstance(value, str) and value.lstrip().startswith("["):
         try:
             return json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):  # left as text: then not a list of messages, a bad row
             return value
     return value
 
@@ -473,8 +514,10 @@ class _Tally:
     truncated: int = 0
 
 
-def _encode_rows(records: list[dict], encode: _Encoder, tally: _Tally, label: str, source: Path) -> list:
-    examples, reasons = [], []
+def _encode_rows(records: list[dict], encode: _Encoder, tally: _Tally, label: str, source: str, spec) -> list:
+    """Examples of the usable rows of one file (or folder); the others are counted in `tally`.
+    Refuses the file when no row is usable, or more than spec.max_bad_row_fraction of them are not."""
+    examples, reasons, bad = [], [], 0
     for n, record in enumerate(records, 1):
         tally.rows += 1
         try:
@@ -482,21 +525,37 @@ def _encode_rows(records: list[dict], encode: _Encoder, tally: _Tally, label: st
                 raise _BadRow(record.reason)
             example, truncated = encode(record)
         except (_BadRow, TemplateError) as e:  # a template may raise_exception() on e.g. non-alternating roles
-            reason = f"{label} {n}: {e}"
+            reason = _clip(f"{label} {n}: {e}")
+            bad += 1
             tally.bad_rows += 1
             if len(tally.bad_examples) < MAX_BAD_EXAMPLES:
                 tally.bad_examples.append(reason)
-            if len(reasons) < MAX_BAD_EXAMPLES:
+            if len(reasons) < MAX_QUOTED_ROWS:
                 reasons.append(reason)
             continue
         tally.truncated += truncated
         examples.append(example)
     if not records:
         raise ValueError(f"{source}: no rows")
+    quoted = "; ".join(reasons)
     if not examples:
-        first = "; ".join(reasons)
-        raise ValueError(f"{source}: none of the {len(records)} rows is usable as {encode.format} data: {first}")
+        raise ValueError(f"{source}: none of the {len(records)} rows is usable as {encode.format} data: {quoted}")
+    if bad > spec.max_bad_row_fraction * len(records):
+        raise ValueError(
+            f"{source}: {bad} of {len(records)} rows ({bad / len(records):.1%}) are not usable as {encode.format} "
+            f"data, more than dataset.maxBadRowFraction allows ({spec.max_bad_row_fraction:g}): {quoted}; "
+            "fix or remove those rows, or raise maxBadRowFraction"
+        )
     return examples
+
+
+def _records(path: Path, uri: str) -> list[dict]:
+    """read_records, with its refusals naming the URI the user wrote (pvc://CLAIM/PATH, hf://...)
+    rather than the local path it was mounted or downloaded at."""
+    try:
+        return read_records(path)
+    except ValueError as e:
+        raise ValueError(str(e).replace(str(path), uri.rstrip("/"))) from None
 
 
 def _eval_size(n: int, fraction: float) -> int:
@@ -569,12 +628,14 @@ def build_datasets(
         raise ValueError("dataset.validation.uri is set but no validation file was given")
     encode = _Encoder(spec, tokenizer)
     tally = _Tally()
-    train = _encode_rows(read_records(train_path), encode, tally, "row", train_path)
+    train = _encode_rows(_records(train_path, spec.uri), encode, tally, "row", spec.uri, spec)
     rng = random.Random(seed)
     rng.shuffle(train)
     evaluation = None
     if validation_path is not None:
-        evaluation = _encode_rows(read_records(validation_path), encode, tally, "validation row", validation_path)
+        source = (spec.validation and spec.validation.uri) or str(validation_path)
+        rows = _records(validation_path, source)
+        evaluation = _encode_rows(rows, encode, tally, "validation row", source, spec)
     elif spec.validation is not None and spec.validation.fraction:
         k = _eval_size(len(train), spec.validation.fraction)
         evaluation, train = train[:k], train[k:]

@@ -9,11 +9,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
 
 from kubetune.api import FineTuneJob, validate
-from kubetune.api.manifest import load_one, problems_from
+from kubetune.api.manifest import load_documents, load_one, problems_from
 from kubetune.contract import (
     DEFAULT_MASTER_PORT,
     ENV_MASTER_ADDR,
@@ -22,27 +21,33 @@ from kubetune.contract import (
     ENV_NODE_RANK,
     ENV_NPROC_PER_NODE,
     EXIT_INVALID_INPUT,
-    EXIT_PREEMPTED,
+    TERMINATION_LOG,
     RuntimeSettings,
     TrainerConfig,
+    TrainerResult,
 )
 from kubetune.storage import local_cache
 
+from .outcome import FAILURES_DIR, launcher_exit, read_failures
 from .preemption import PREEMPTED_MARKER
 
 LAUNCHED = "KUBETUNE_LAUNCHED"  # set by the torchrun re-launch so it does not recurse
 
 
 def load_config(path: Path, metrics_port: int = 0) -> TrainerConfig:
-    """A manifest with a FineTuneJob (a local run: file:// allowed, caches under ~/.cache/kubetune)
-    or a trainer config file with `spec` and `runtime` (what the operator mounts)."""
+    """A manifest with a FineTuneJob (a local run: file:// allowed, caches under ~/.cache/kubetune;
+    other objects beside it, such as the PersistentVolumeClaim it trains from, are skipped) or a
+    trainer config file with `spec` and `runtime` (what the operator mounts). Anything wrong with the
+    file is a ValueError naming it, in one line, never a traceback."""
     try:
-        document = yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path}: not valid YAML: {error}") from None
-    if not isinstance(document, dict):
-        raise ValueError(f"{path}: expected a FineTuneJob manifest or a trainer config (spec, runtime)")
-    if isinstance(document, dict) and document.get("kind") == "FineTuneJob":
+        return _load_config(Path(path), metrics_port)
+    except (RecursionError, MemoryError):
+        raise ValueError(f"{path}: nested too deeply or too large to be a manifest or a trainer config") from None
+
+
+def _load_config(path: Path, metrics_port: int) -> TrainerConfig:
+    documents = load_documents(path)  # within yamlsafe's size, depth and alias limits; one-line errors
+    if any(isinstance(document, dict) and document.get("kind") == "FineTuneJob" for document in documents):
         job: FineTuneJob = load_one(path, "FineTuneJob", local=True)
         name = job.metadata.name or "local"
         run_dir = local_cache() / "runs" / name
@@ -54,14 +59,16 @@ def load_config(path: Path, metrics_port: int = 0) -> TrainerConfig:
             termination_message_path=str(run_dir / "termination-log"),
         )
         return TrainerConfig(spec=job.spec, runtime=runtime)
+    if len(documents) != 1 or not isinstance(documents[0], dict):
+        raise ValueError(f"{path}: expected a FineTuneJob manifest or a trainer config (spec, runtime)")
     try:
-        config = TrainerConfig.model_validate(document)
+        config = TrainerConfig.model_validate(documents[0])
     except ValidationError as error:
-        problems = "\n".join(f"  {p}" for p in problems_from(error))
-        raise ValueError(f"{path}: neither a FineTuneJob manifest nor a valid trainer config:\n{problems}") from None
+        problems = "; ".join(str(p) for p in problems_from(error)[:10])
+        raise ValueError(f"{path}: neither a FineTuneJob manifest nor a valid trainer config: {problems}") from None
     problems = validate(FineTuneJob(spec=config.spec), local=config.runtime.local)
     if problems:
-        raise ValueError(f"{path}: invalid trainer config:\n" + "\n".join(f"  {p}" for p in problems))
+        raise ValueError(f"{path}: invalid trainer config: " + "; ".join(str(p) for p in problems[:10]))
     return config
 
 
@@ -89,12 +96,17 @@ def torchrun_arguments(nproc_flag: int | None) -> list[str] | None:
 
 
 def relaunch_with_torchrun(argv: list[str], torchrun_args: list[str]) -> int:
-    """One launcher path: several processes are torchrun's job, here and in a pod. A SIGTERM (a
-    preemption) goes straight to the workers (`stop_workers`); they checkpoint and exit 143, but
-    torchrun itself reports 1, so a stop we forwarded is reported as 143 again."""
+    """One launcher path: several processes are torchrun's job, here and in a pod. torchrun reports
+    1 whatever its workers exited with, so the workers leave word in a private folder: a SIGTERM (a
+    preemption) goes straight to the workers (`stop_workers`), which checkpoint, mark it and exit
+    143, reported as 143 again; a worker that failed records why (outcome.py), and the launcher
+    writes that as the pod's termination message and exits with the worker's code: 2 stays 2."""
     command = [sys.executable, "-m", "torch.distributed.run", *torchrun_args, "-m", "kubetune", *argv]
-    marker = Path(tempfile.mkdtemp(prefix="kubetune-launch-")) / "preempted"
-    child = subprocess.Popen(command, env={**os.environ, LAUNCHED: "1", PREEMPTED_MARKER: str(marker)})
+    scratch = Path(tempfile.mkdtemp(prefix="kubetune-launch-"))
+    marker, failures = scratch / "preempted", scratch / "failures"
+    failures.mkdir()
+    env = {**os.environ, LAUNCHED: "1", PREEMPTED_MARKER: str(marker), FAILURES_DIR: str(failures)}
+    child = subprocess.Popen(command, env=env)
     stopped = []
 
     def forward(signum, frame):
@@ -104,9 +116,16 @@ def relaunch_with_torchrun(argv: list[str], torchrun_args: list[str]) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, forward)
     code = child.wait()
-    preempted = bool(stopped) or marker.exists()
-    shutil.rmtree(marker.parent, ignore_errors=True)
-    return EXIT_PREEMPTED if preempted and code != 0 else code
+    try:
+        exit_code, failure = launcher_exit(code, bool(stopped) or marker.exists(), read_failures(failures))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if failure is not None:
+        failure.result.write(failure.termination_path)
+        print(
+            f"kubetune train: rank {failure.rank}: {failure.result.reason}: {failure.result.message}", file=sys.stderr
+        )
+    return exit_code
 
 
 def stop_workers(torchrun_pid: int, signum: int) -> None:
@@ -138,5 +157,13 @@ def train_main(path: Path, nproc: int | None, metrics_port: int, argv: list[str]
         config = load_config(path, metrics_port)
     except (OSError, ValueError) as error:
         print(f"kubetune train: {error}", file=sys.stderr)
+        _in_pod_termination_message(TrainerResult.failed("InvalidInput", str(error)))
         return EXIT_INVALID_INPUT
     return run_training(config)
+
+
+def _in_pod_termination_message(result: TrainerResult) -> None:
+    """A config that cannot be read does not say where the termination message goes; in a pod it is
+    Kubernetes' own file, which exists there (and is not created on a workstation)."""
+    if Path(TERMINATION_LOG).is_file():
+        result.write(TERMINATION_LOG)

@@ -12,6 +12,8 @@ from kubetune.api.finetunejob import (
     VirtualTokenSettings,
 )
 
+from .outcome import first_line
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -22,6 +24,34 @@ def base_dtype(spec: FineTuneJobSpec, on_gpu: bool) -> torch.dtype:
     if spec.method.type == "full" or not on_gpu:
         return torch.float32
     return DTYPES[spec.hyperparameters.precision]
+
+
+def model_folder(uri: str, path: Path) -> None:
+    """spec.model.uri must name a folder (config, weights, tokenizer), not one of its files."""
+    if not path.is_dir():
+        raise ValueError(
+            f"spec.model.uri {uri}: a file, not a model folder; point it at the folder that holds "
+            "config.json, the weights and the tokenizer"
+        )
+
+
+# What transformers, tokenizers and safetensors raise for a folder that is not a loadable model: a
+# garbage or missing config.json, weights or tokenizer file, a config nested deeper than the parser goes.
+_MODEL_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, EOFError)
+
+
+def loading_model(uri: str, folder: Path, load):
+    """`load()`, with a model folder's contents that cannot be loaded turned into one line naming
+    the user's URI, not the folder it is mounted at (a ValueError: retrying cannot help). Memory and
+    CUDA errors are not the folder's fault and pass through."""
+    try:
+        return load()
+    except Exception as error:
+        # safetensors' own error type is not importable by name from every version
+        if not isinstance(error, _MODEL_ERRORS) and type(error).__name__ != "SafetensorError":
+            raise
+        why = first_line(error).replace(str(folder), uri.rstrip("/"))
+        raise ValueError(f"spec.model.uri {uri}: not a model transformers can load ({why})") from None
 
 
 def load_tokenizer(model_dir: Path):

@@ -18,7 +18,8 @@ from . import methods
 def count_on_meta(model_dir: Path, config: TrainerConfig) -> tuple[object, int, int]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    model_config = AutoConfig.from_pretrained(model_dir)
+    uri = config.spec.model.uri
+    model_config = methods.loading_model(uri, model_dir, lambda: AutoConfig.from_pretrained(model_dir))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config)
     spec = config.spec
@@ -44,6 +45,7 @@ def plan_for_config(config: TrainerConfig, gpu_memory_gib: float | None = 80.0) 
         revision=spec.model.revision,
         local=config.runtime.local,
     )
+    methods.model_folder(spec.model.uri, model_dir)
     model_config, trainable, total = count_on_meta(model_dir, config)
     shape = ModelShape(total, model_config.hidden_size, model_config.num_hidden_layers, model_config.vocab_size)
     return plan_for_spec(spec, shape, trainable, gpu_memory_gib)

@@ -14,6 +14,7 @@ import shutil
 import signal
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from kubetune.planning import ModelShape, Plan, plan_for_spec
 from . import checkpoint, data, dpo, methods, strategies
 from .distributed import DistEnv
 from .metrics import MetricsExporter
+from .outcome import first_line, record_failure
 from .preemption import mark_preempted
 
 
@@ -79,6 +81,10 @@ def setup(config: TrainerConfig, env: DistEnv) -> Run:
     cache.mkdir(parents=True, exist_ok=True)
     device = env.device()
     torch.manual_seed(spec.hyperparameters.seed)
+    # Before anything slow (a download, the model): an output that cannot be written would
+    # otherwise fail the job only when the first checkpoint or the adapter is published.
+    output = storage.open_output(spec.output.uri, cache_dir=cache, local=runtime.local)
+    output.probe()
 
     model_dir = _on_main_first(
         env,
@@ -86,6 +92,7 @@ def setup(config: TrainerConfig, env: DistEnv) -> Run:
             spec.model.uri, cache_dir=cache, revision=spec.model.revision, local=runtime.local
         ),
     )
+    methods.model_folder(spec.model.uri, model_dir)
     data_path = _on_main_first(
         env, lambda: storage.resolve_input(spec.dataset.uri, cache_dir=cache, local=runtime.local)
     )
@@ -96,14 +103,17 @@ def setup(config: TrainerConfig, env: DistEnv) -> Run:
             env, lambda: storage.resolve_input(validation.uri, cache_dir=cache, local=runtime.local)
         )
 
-    tokenizer = methods.load_tokenizer(model_dir)
+    tokenizer = methods.loading_model(spec.model.uri, model_dir, lambda: methods.load_tokenizer(model_dir))
     train_set, eval_set, data_report = data.build_datasets(
         spec.dataset, data_path, tokenizer, seed=spec.hyperparameters.seed, validation_path=validation_path
     )
     steps_per_epoch = max(1, len(train_set) // spec.hyperparameters.global_batch_size)
     total_steps = spec.hyperparameters.max_steps or steps_per_epoch * spec.hyperparameters.epoch_count
 
-    base = methods.load_base_model(model_dir, spec, on_gpu=device.type == "cuda")
+    on_gpu = device.type == "cuda"
+    base = methods.loading_model(
+        spec.model.uri, model_dir, lambda: methods.load_base_model(model_dir, spec, on_gpu=on_gpu)
+    )
     model = methods.apply_method(base, spec, total_steps, model_dir)
     trainable, total = methods.count_parameters(model)
     plan = _plan(config, env, base.config, trainable, total)
@@ -111,7 +121,6 @@ def setup(config: TrainerConfig, env: DistEnv) -> Run:
     strategy = strategies.build(plan.strategy, spec, env, device)  # places, wraps or shards the model
     model, optimizer = strategy.prepare(model, lambda parameters: _optimizer(parameters, spec.hyperparameters))
     scheduler = _scheduler(optimizer, spec.hyperparameters, total_steps)
-    output = storage.open_output(spec.output.uri, cache_dir=cache, local=runtime.local)
     state = checkpoint.TrainerState(
         step=0, fingerprint=data_report.fingerprint, global_batch_size=spec.hyperparameters.global_batch_size
     )
@@ -536,17 +545,14 @@ def build_result(run: Run, artifact: dict) -> TrainerResult:
 
 
 def run_training(config: TrainerConfig) -> int:
-    """Train, checkpoint, resume, report. Returns the process exit code."""
+    """Train, checkpoint, resume, report. Returns the process exit code; whatever goes wrong ends
+    as a termination message (`failure`), never as an exception out of here."""
     env = DistEnv.from_env()
-    env.init()
     run = None
+    stage = "setup"
     try:
-        try:
-            run = setup(config, env)
-        except ValueError as error:  # bad data, a model that does not fit the method: retrying cannot help
-            return _fail(config, env, "InvalidInput", str(error), EXIT_INVALID_INPUT)
-        except storage.StorageError as error:  # may be transient (a bucket briefly unreachable): retried
-            return _fail(config, env, "InputUnavailable", str(error), 1)
+        env.init()
+        run = setup(config, env)
         _handle_sigterm(run)
         if env.is_main:
             run.metrics.set(
@@ -557,6 +563,7 @@ def run_training(config: TrainerConfig) -> int:
             run.metrics.serve(config.runtime.metrics_port)
             log("plan", summary=run.plan.summary(), total_steps=run.total_steps, data=vars(run.data_report))
         resume_if_possible(run)
+        stage = "training"
         fit(run)
         env.barrier()
         artifact = save_outputs(run)
@@ -568,20 +575,48 @@ def run_training(config: TrainerConfig) -> int:
         log("done", **result.to_wire())
         return 0
     except Preempted:
-        log("preempted", step=run.state.step)
+        log("preempted", step=run.state.step if run else 0)
         mark_preempted()
         return EXIT_PREEMPTED
+    except Exception as error:
+        reason, message, code = failure(error, stage)
+        if reason == "UnexpectedError":
+            traceback.print_exc()  # a bug or a broken machine: the log keeps the whole story
+        return _fail(config, env, reason, message, code)
     finally:
         if run is not None:
             run.metrics.stop()
         env.shutdown()
 
 
+def failure(error: Exception, stage: str) -> tuple[str, str, int]:
+    """(reason, message, exit code) for an exception that ended a run.
+
+    Before training starts (`stage` "setup": reading the config's URIs, the model, the data, a
+    checkpoint to resume) a ValueError, and a recursion, memory or decoding error out of a parser,
+    is the input's fault: InvalidInput, exit 2, never retried. So is an output location that refuses
+    writes. Other storage errors may pass (a bucket briefly unreachable): exit 1, retried. Anything
+    else is unexpected: exit 1, with its type and first line in the message."""
+    if isinstance(error, storage.OutputNotWritable):
+        return "InvalidInput", str(error), EXIT_INVALID_INPUT
+    if isinstance(error, storage.StorageError):
+        return ("InputUnavailable" if stage == "setup" else "OutputUnavailable"), str(error), 1
+    if stage == "setup" and isinstance(error, ValueError):
+        return "InvalidInput", str(error), EXIT_INVALID_INPUT
+    if stage == "setup" and isinstance(error, RecursionError | MemoryError):
+        message = f"an input is nested too deeply or too large to read ({first_line(error)})"
+        return "InvalidInput", message, EXIT_INVALID_INPUT
+    return "UnexpectedError", first_line(error), 1
+
+
 def _fail(config: TrainerConfig, env: DistEnv, reason: str, message: str, code: int) -> int:
-    """Say why in the log and in the termination message the operator turns into a condition."""
+    """Say why in the log and in the termination message the operator turns into a condition; every
+    rank also leaves it for torchrun's launcher, which reports the failure of whichever rank had it."""
+    result = TrainerResult.failed(reason, message)
     if env.is_main:
         log("failed", reason=reason, message=message)
-        TrainerResult.failed(reason, message).write(config.runtime.termination_message_path)
+        result.write(config.runtime.termination_message_path)
+    record_failure(env.rank, code, result, config.runtime.termination_message_path)
     return code
 
 
