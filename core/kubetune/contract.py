@@ -21,9 +21,9 @@ import json
 import math
 import os
 from pathlib import PurePosixPath
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from .api.common import MAX_NAME, ApiModel
 from .api.finetunejob import FineTuneJobSpec
@@ -117,6 +117,31 @@ class TrainerConfig(ApiModel):
 TERMINATION_LIMIT = 4096
 _MESSAGE_LIMIT = 2000  # characters of a failure message kept when the whole result does not fit
 
+# Limits on what the operator reads back (a pod's output is untrusted; report.json may be larger
+# than a termination message): every string is clipped, every count fits in a JSON-safe integer,
+# every reading is finite, and the JSON is at most MAX_DEPTH levels deep.
+MAX_RESULT_MESSAGE = _MESSAGE_LIMIT
+MAX_REASON = 128
+MAX_TEXT = TERMINATION_LIMIT  # strategy, fingerprint
+MAX_RESULT_URI = 2048
+MAX_COUNT = 2**53 - 1  # steps, parameters, bytes: exact in a float, within int64
+MAX_DEPTH = 32
+_PROBLEM_LIMIT = 300  # characters of the reason parse gives for an unusable message
+
+
+def _clipper(limit: int) -> BeforeValidator:
+    def clip(value: Any) -> Any:
+        return value[:limit] if isinstance(value, str) else value
+
+    return BeforeValidator(clip)
+
+
+Reason = Annotated[str, _clipper(MAX_REASON)]
+Message = Annotated[str, _clipper(MAX_RESULT_MESSAGE)]
+Text = Annotated[str, _clipper(MAX_TEXT)]
+ResultUri = Annotated[str, Field(max_length=MAX_RESULT_URI)]
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+
 
 class _Result(BaseModel):
     """Result parts: camelCase on the wire, unknown keys ignored (an older or newer trainer)."""
@@ -125,10 +150,10 @@ class _Result(BaseModel):
 
 
 class PublishedAdapter(_Result):
-    uri: str | None = None
-    size_bytes: int | None = Field(default=None, alias="sizeBytes", ge=0, strict=True)
+    uri: ResultUri | None = None
+    size_bytes: int | None = Field(default=None, alias="sizeBytes", ge=0, le=MAX_COUNT, strict=True)
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
-    merged_uri: str | None = Field(default=None, alias="mergedUri")
+    merged_uri: ResultUri | None = Field(default=None, alias="mergedUri")
 
 
 class ResultMetrics(_Result):
@@ -142,19 +167,54 @@ class ResultMetrics(_Result):
         """A diverged run's NaN, or a JSON true, is no reading: dropped, not a reason to distrust the rest."""
         if isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value)):
             return None
+        if isinstance(value, int) and abs(value) > MAX_COUNT:
+            return None
         return value
+
+    def to_status(self) -> dict[str, float]:
+        """The readings for status.metrics: finite floats only (the API server refuses anything else)."""
+        wire = self.model_dump(by_alias=True, exclude_none=True)
+        return {key: float(value) for key, value in wire.items() if math.isfinite(float(value))}
 
 
 class ResultPlan(_Result):
-    world_size: int = Field(alias="worldSize")
-    strategy: str
-    micro_batch: int = Field(alias="microBatch")
-    grad_accumulation: int = Field(alias="gradAccumulation")
+    world_size: Count = Field(alias="worldSize")
+    strategy: Text
+    micro_batch: Count = Field(alias="microBatch")
+    grad_accumulation: Count = Field(alias="gradAccumulation")
 
 
 class ResultData(_Result):
-    fingerprint: str = ""
-    bad_rows: int = Field(default=0, alias="badRows")
+    fingerprint: Text = ""
+    bad_rows: Count = Field(default=0, alias="badRows")
+
+
+def json_depth_problem(text: str, limit: int = MAX_DEPTH) -> str | None:
+    """Why `text` nests deeper than `limit` (arrays and objects, strings skipped), or None: checked
+    before json.loads, whose recursion a message of 2,000 brackets would exhaust."""
+    depth, in_string, escaped = 0, False, False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return f"nested deeper than {limit} levels"
+        elif char in "]}":
+            depth -= 1
+    return None
+
+
+def _one_line(text: str, limit: int = _PROBLEM_LIMIT) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
 class TrainerResult(_Result):
@@ -165,13 +225,13 @@ class TrainerResult(_Result):
     """
 
     phase: Literal["Succeeded", "Failed"]
-    reason: str | None = None
-    message: str | None = None
+    reason: Reason | None = None
+    message: Message | None = None
     adapter: PublishedAdapter | None = None
     metrics: ResultMetrics = Field(default_factory=ResultMetrics)
-    steps: int | None = Field(default=None, ge=0)
-    trainable_params: int | None = Field(default=None, alias="trainableParams")
-    total_params: int | None = Field(default=None, alias="totalParams")
+    steps: Count | None = None
+    trainable_params: Count | None = Field(default=None, alias="trainableParams")
+    total_params: Count | None = Field(default=None, alias="totalParams")
     plan: ResultPlan | None = None
     data: ResultData | None = None
 
@@ -198,25 +258,38 @@ class TrainerResult(_Result):
 
     @classmethod
     def parse(cls, message: str) -> tuple[TrainerResult | None, str]:
-        """A pod's termination message as (result, "") or (None, why it is unusable). Never raises:
-        the text is whatever the container left behind (a crash, a log tail, a truncated write)."""
-        text = (message or "").strip()
+        """A pod's termination message as (result, "") or (None, why it is unusable, in one line).
+        Never raises: the text is whatever the container left behind (a crash, a log tail, a
+        truncated write, or something written to hurt the operator)."""
+        try:
+            return cls._parse(message)
+        except Exception as error:  # noqa: BLE001 - the last guard: untrusted input must not raise
+            return None, _one_line(f"rank 0's termination message could not be read: {type(error).__name__}")
+
+    @classmethod
+    def _parse(cls, message: str) -> tuple[TrainerResult | None, str]:
+        text = (message if isinstance(message, str) else "").strip()
         if not text:
             return None, "rank 0 left no termination message"
-        if len(text.encode()) > TERMINATION_LIMIT:
+        if len(text.encode(errors="replace")) > TERMINATION_LIMIT:
             return None, f"rank 0's termination message is longer than {TERMINATION_LIMIT} bytes"
+        deep = json_depth_problem(text)
+        if deep:
+            return None, f"rank 0's termination message is not a trainer result: {deep}"
         try:
             document = json.loads(text)
-        except ValueError as error:
-            return None, f"rank 0's termination message is not JSON ({error}): {text[:200]!r}"
+        except (ValueError, RecursionError) as error:
+            return None, _one_line(f"rank 0's termination message is not JSON ({error}): {text[:200]!r}")
         if not isinstance(document, dict):
-            return None, f"rank 0's termination message is not a JSON object: {text[:200]!r}"
+            return None, _one_line(f"rank 0's termination message is not a JSON object: {text[:200]!r}")
         try:
             return cls.model_validate(document), ""
         except ValidationError as error:
             first = error.errors()[0]
             where = ".".join(str(part) for part in first["loc"]) or "(message)"
-            return None, f"rank 0's termination message does not match the trainer's result: {where}: {first['msg']}"
+            return None, _one_line(
+                f"rank 0's termination message does not match the trainer's result: {where}: {first['msg']}"
+            )
 
     def write(self, path: str) -> None:
         """Write the termination message; outside a pod (read-only or absent path) the log line carries it."""

@@ -37,8 +37,12 @@ def timestamp(moment: datetime) -> str:
 
 
 def find(conditions: Conditions | None, type_: str) -> dict[str, Any] | None:
-    for condition in conditions or []:
-        if condition.get("type") == type_:
+    """The condition of `type_`. The list is read back from a status anyone with access to the
+    status subresource may have edited: what is not a list of mappings counts as no condition."""
+    if not isinstance(conditions, list):
+        return None
+    for condition in conditions:
+        if isinstance(condition, dict) and condition.get("type") == type_:
             return condition
     return None
 
@@ -83,7 +87,7 @@ def set_condition(
     }
     if generation is not None:
         condition["observedGeneration"] = generation
-    out = [dict(c) for c in conditions or []]
+    out = [dict(c) for c in conditions if isinstance(c, dict)] if isinstance(conditions, list) else []
     for index, existing in enumerate(out):
         if existing.get("type") == type_:
             out[index] = condition
@@ -123,6 +127,8 @@ def transitions(before: Conditions | None, after: Conditions | None) -> list[Tra
     False (Running=False while pods start) is not news; a flip to False is."""
     out = []
     for condition in after or []:
+        if not isinstance(condition, dict) or "type" not in condition or "status" not in condition:
+            continue
         old = find(before, condition["type"])
         if old is not None and old.get("status") == condition["status"]:
             continue

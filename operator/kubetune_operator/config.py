@@ -4,9 +4,15 @@ Precedence, lowest first: the defaults below, a YAML file named by KUBETUNE_CONF
 as the Helm chart writes them, or snake_case), then one environment variable per field. Only the
 variables listed in ENV_VARS are read; other KUBETUNE_* variables (KUBETUNE_PVC_ROOT, KUBETUNE_CACHE,
 ...) belong to the trainer and are ignored here.
+
+Policy lives here too, because it is the cluster operator's, not a FineTuneJob author's: which images
+(`allowedImages`, prefixes; default: the repositories of the operator's own trainer and serving images)
+and which PriorityClasses (`allowedPriorityClasses`; default: any but the `system-` ones) a workload
+may use. The admin key (`KUBETUNE_OPERATOR_ADMIN_KEY`, from the chart's Secret) is kept out of reprs.
 """
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -38,8 +44,22 @@ class OperatorConfig(BaseModel):
     master_port: int = Field(default=29500, ge=1, le=65535, description="torchrun's rendezvous port on rank 0.")
     # Time the trainer gets between SIGTERM and SIGKILL to finish its step and write a checkpoint.
     checkpoint_grace_seconds: int = Field(default=120, ge=1)
+    allowed_images: tuple[str, ...] = Field(
+        default=(),
+        description="Image prefixes workloads may use ('*': any); empty: the repositories of the two images above.",
+    )
+    allowed_priority_classes: tuple[str, ...] = Field(
+        default=(), description="PriorityClasses workloads may use; empty: any whose name does not start with system-."
+    )
+    admin_key_secret: str = Field(
+        default="", repr=False, description="Serving runtimes' admin key; empty: a random one per operator process."
+    )
+    operator_namespace: str = Field(
+        default="", max_length=63, description="Where the operator runs (the chart's downward API); scrape policies."
+    )
+    network_policies: bool = Field(default=True, description="Render a NetworkPolicy for each workload.")
 
-    @field_validator("namespaces", "image_pull_secrets", mode="before")
+    @field_validator("namespaces", "image_pull_secrets", "allowed_images", "allowed_priority_classes", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         # An environment variable carries a list as "a,b"; a YAML file as a list.
@@ -57,6 +77,13 @@ class OperatorConfig(BaseModel):
     def watches_all_namespaces(self) -> bool:
         return not self.namespaces
 
+    @property
+    def image_allow_list(self) -> tuple[str, ...]:
+        """The image prefixes in force: `allowed_images`, or the operator's own images' repositories."""
+        if self.allowed_images:
+            return self.allowed_images
+        return tuple(dict.fromkeys(image_repository(image) for image in (self.trainer_image, self.serving_image)))
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "OperatorConfig":
         """Defaults, then the KUBETUNE_CONFIG file, then KUBETUNE_* variables. Raises ValueError naming
@@ -73,7 +100,21 @@ class OperatorConfig(BaseModel):
             raise ValueError(_explain(error, from_vars, environ.get(CONFIG_FILE_ENV))) from None
 
 
-ENV_VARS = {field: f"KUBETUNE_{field.upper()}" for field in OperatorConfig.model_fields}
+# Settings that are the operator's own (not shared with the trainer's KUBETUNE_* names) carry OPERATOR.
+_OPERATOR_ENV = {
+    "allowed_images": "KUBETUNE_OPERATOR_ALLOWED_IMAGES",
+    "allowed_priority_classes": "KUBETUNE_OPERATOR_ALLOWED_PRIORITY_CLASSES",
+    "admin_key_secret": "KUBETUNE_OPERATOR_ADMIN_KEY",
+    "operator_namespace": "KUBETUNE_OPERATOR_NAMESPACE",
+    "network_policies": "KUBETUNE_OPERATOR_NETWORK_POLICIES",
+}
+ENV_VARS = {field: _OPERATOR_ENV.get(field, f"KUBETUNE_{field.upper()}") for field in OperatorConfig.model_fields}
+
+
+def image_repository(image: str) -> str:
+    """`registry/path/name` of an image reference, without its tag or digest."""
+    name = image.split("@", 1)[0]
+    return re.sub(r":[^/:]*$", "", name)
 
 
 def _read_file(path: Path) -> dict[str, Any]:

@@ -23,6 +23,8 @@ from .registry import REGISTRY
 from .state import OperatorState
 
 KOPF_PREFIX = "kopf.kubetune.io"
+CONSISTENCY_TIMEOUT = 30.0  # seconds
+HANDLER_THREADS = 4
 RESYNCED = (finetunejob.RESYNC, adapterdeployment.RESYNC)
 
 log = logging.getLogger("kubetune.operator")
@@ -39,7 +41,13 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=KOPF_PREFIX)
     settings.posting.level = logging.WARNING
     settings.peering.standalone = True
-    settings.execution.max_workers = 16
+    # Threads for the sync handlers (admissions, spec changes). On a small control plane more of
+    # them only queue at the API server: each reconcile then takes longer, none finishes sooner.
+    settings.execution.max_workers = HANDLER_THREADS
+    # After kopf patches its own annotations it waits for the event that shows them before it
+    # runs the create/update handlers again. Under load (hundreds of objects at once) the watch
+    # stream lags more than kopf's 5 s default, and a stale event would run the creation twice.
+    settings.persistence.consistency_timeout = CONSISTENCY_TIMEOUT
 
 
 @kopf.on.login(registry=REGISTRY)
@@ -79,4 +87,5 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
             await task
         except asyncio.CancelledError:
             pass
+    await state.work.close()
     state.client.close()

@@ -29,6 +29,10 @@ APPLY_PATCH = "application/apply-patch+yaml"  # server-side apply (JSON is YAML)
 COMPONENT = "kubetune-operator"
 FIELD_MANAGER = COMPONENT  # owner of the fields the operator applies (metadata.managedFields)
 TIMEOUT = (5, 30)  # connect, read (seconds)
+# Connections kept open to the API server: one per thread that may call at once (kopf's handler
+# threads and the runner's). The client's default (5 x CPUs) makes a busy operator on 2 cores drop
+# connections and pay a TLS handshake for each new one.
+POOL_SIZE = 32
 
 
 class ApiError(RuntimeError):
@@ -57,7 +61,8 @@ def load_configuration() -> kubernetes.client.Configuration:
 # Plural resource names of the built-in kinds the operator reads or writes, and of kubetune's own.
 PLURALS = {
     "ConfigMap": "configmaps", "Service": "services", "Pod": "pods", "Event": "events", "Job": "jobs",
-    "Deployment": "deployments", **{info.kind: info.plural for info in BY_KIND.values()},
+    "Deployment": "deployments", "Secret": "secrets", "NetworkPolicy": "networkpolicies",
+    **{info.kind: info.plural for info in BY_KIND.values()},
 }  # fmt: skip
 
 
@@ -90,6 +95,7 @@ class Client:
     configuration: kubernetes.client.Configuration
 
     def __post_init__(self) -> None:
+        self.configuration.connection_pool_maxsize = max(self.configuration.connection_pool_maxsize or 0, POOL_SIZE)
         self.api = kubernetes.client.ApiClient(self.configuration)
 
     @classmethod

@@ -21,7 +21,20 @@ RECONCILE_SECONDS = Histogram(
     "kubetune_operator_reconcile_duration_seconds",
     "Time to reconcile one object (API reads, pure logic, writes).",
     ["kind"],
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.35, 0.5, 0.75, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
+RECONCILE_TRIGGERS = Counter(
+    "kubetune_operator_reconcile_triggers_total",
+    "Reconciles started, by kind and what started them (create, resume, update, event: a child's "
+    "Job or pod changed, resync: the periodic round).",
+    ["kind", "trigger"],
+    registry=REGISTRY,
+)
+RECONCILE_OVERRUNS = Counter(
+    "kubetune_operator_reconcile_overruns_total",
+    "Background reconciles that ran past their deadline (their concurrency slot went to others).",
+    ["kind"],
     registry=REGISTRY,
 )
 

@@ -1,5 +1,6 @@
 """What the renderers of both kinds share: errors, owner references (made and read back), labels,
-names, quantities and the restricted security contexts.
+names, quantities, the restricted security contexts, the operator's allow-lists for images and
+PriorityClasses, and the pieces of NetworkPolicies.
 
 Renderers are pure: a parsed object and the operator's configuration in, plain dicts out, the same
 dicts for the same input. The reconcilers apply what comes out (`writes.apply_child`).
@@ -25,6 +26,10 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 APP = "kubetune"
 DEFAULT_CONTAINER_ANNOTATION = "kubectl.kubernetes.io/default-container"
 RUN_AS_USER = 1000
+SYSTEM_PRIORITY_PREFIX = "system-"  # system-node-critical, system-cluster-critical: the cluster's own
+# The operator's pods, as the chart labels them (the release's instance label aside: any release).
+OPERATOR_POD_LABELS = {LABEL_NAME: APP, LABEL_COMPONENT: "operator"}
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"  # set by the API server on every namespace
 
 
 class RenderError(ValueError):
@@ -166,3 +171,63 @@ def container_security_context() -> dict[str, Any]:
         "capabilities": {"drop": ["ALL"]},
         "seccompProfile": {"type": "RuntimeDefault"},
     }
+
+
+# --- the operator's allow-lists ------------------------------------------------------------------
+
+IMAGES_SETTING = "helm value config.allowedImages (KUBETUNE_OPERATOR_ALLOWED_IMAGES)"
+PRIORITY_SETTING = "helm value config.allowedPriorityClasses (KUBETUNE_OPERATOR_ALLOWED_PRIORITY_CLASSES)"
+
+
+def image_allowed(image: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether `image` starts with one of `prefixes` at a boundary: prefix `reg/x/trainer` allows
+    `reg/x/trainer:1`, `reg/x/trainer@sha256:...` and `reg/x/trainer/y`, never `reg/x/trainer-evil`."""
+    for prefix in prefixes:
+        if prefix == "*" or image == prefix:
+            return True
+        if prefix and image.startswith(prefix) and (prefix[-1] in "/:@" or image[len(prefix)] in "/:@"):
+            return True
+    return False
+
+
+def image_problem(image: str | None, config: OperatorConfig) -> str | None:
+    """Why a workload may not use `image` (one line, naming the setting that governs it), or None.
+    No image means the operator's own, which is always allowed."""
+    if not image or image in (config.trainer_image, config.serving_image):
+        return None
+    allowed = config.image_allow_list
+    if image_allowed(image, allowed):
+        return None
+    shown = repr(image[:200])
+    return f"image {shown} is not allowed by the operator: it must start with one of {list(allowed)} ({IMAGES_SETTING})"
+
+
+def priority_class_problem(name: str | None, config: OperatorConfig) -> str | None:
+    """Why a workload may not use PriorityClass `name`, or None. With no list set, any class but
+    the `system-` ones (which may preempt the cluster's own components) is allowed."""
+    if not name:
+        return None
+    allowed = config.allowed_priority_classes
+    if allowed:
+        if name in allowed:
+            return None
+        listed = list(allowed)
+        return f"priorityClassName {name!r} is not allowed by the operator: use one of {listed} ({PRIORITY_SETTING})"
+    if name.startswith(SYSTEM_PRIORITY_PREFIX):
+        return (
+            f"priorityClassName {name!r} is not allowed by the operator: {SYSTEM_PRIORITY_PREFIX}* classes are "
+            f"reserved for the cluster's own components unless listed in {PRIORITY_SETTING}"
+        )
+    return None
+
+
+# --- NetworkPolicy pieces ------------------------------------------------------------------------
+
+
+def operator_peer(config: OperatorConfig) -> dict[str, Any]:
+    """The operator's pods as a NetworkPolicy peer: by their labels, in the operator's namespace
+    (`KUBETUNE_OPERATOR_NAMESPACE`, set by the chart), or in any namespace when that is unknown."""
+    namespaces: dict[str, Any] = {}
+    if config.operator_namespace:
+        namespaces = {"matchLabels": {NAMESPACE_NAME_LABEL: config.operator_namespace}}
+    return {"namespaceSelector": namespaces, "podSelector": {"matchLabels": dict(OPERATOR_POD_LABELS)}}

@@ -1,10 +1,13 @@
 """The AdapterDeployment handlers in-process (KopfRunner) against the real control plane: the
-adapters ConfigMap, Deployment and Service created and owned, and adapters hot-loaded onto the
-replica at its pod IP (kwok's address, added to the loopback interface, where a small http.server
-plays the runtime: tests/cluster/pod_address.py)."""
+admin-key Secret, NetworkPolicy, adapters ConfigMap, Deployment and Service created, owned and
+accepted by the API server, and adapters hot-loaded onto the replica at its pod IP (kwok's address,
+added to the loopback interface, where a small http.server plays the runtime:
+tests/cluster/pod_address.py) with the derived admin key; an adapter URI in a FineTuneJob's status
+that is not under its output never reaches the replica or the Deployment."""
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 from contextlib import ExitStack
@@ -14,7 +17,9 @@ import pytest
 from kopf.testing import KopfRunner
 
 from kubetune.api.adaptersfile import parse_adapters_file
+from kubetune_operator import keys
 from kubetune_operator.adapterdeployment.adapters import REPLICA_URLS_ANNOTATION
+from kubetune_operator.config import OperatorConfig
 from kubetune_operator.handlers import REGISTRY
 from kubetune_operator.state import ALLOW_METRICS_URL_ENV
 from tests.cluster.pod_address import address_on_loopback
@@ -32,6 +37,7 @@ class FakeReplica:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, bad: str = "bad"):
         self.adapters: dict[str, str] = {}
         self.calls: list[tuple[str, str]] = []
+        self.auth: set[str | None] = set()
         self.lock = threading.Lock()
         fake = self
 
@@ -47,6 +53,7 @@ class FakeReplica:
                 if self.path == "/health":
                     return self.reply(200, {"status": "ready"})
                 with fake.lock:
+                    fake.auth.add(self.headers.get("Authorization"))
                     cards = [{"id": "base", "parent": None, "root": "hf://org/base"}] + [
                         {"id": n, "parent": "base", "root": u} for n, u in fake.adapters.items()
                     ]
@@ -56,6 +63,7 @@ class FakeReplica:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 name = body["lora_name"]
                 with fake.lock:
+                    fake.auth.add(self.headers.get("Authorization"))
                     if self.path == "/v1/load_lora_adapter":
                         fake.calls.append(("load", name))
                         if name == bad:
@@ -171,6 +179,19 @@ def test_adapterdeployment_serves_and_hot_swaps_adapters(cluster, namespace, ope
     assert command[:4] == ["kubetune", "serve", "--model", "hf://org/base"] and "--adapter" not in command
     assert svc["spec"]["ports"][0]["port"] == 8000
 
+    # The admin key: in an owned Secret (the operator wrote it and derives it again), mounted as a file.
+    admin_key = keys.admin_key(OperatorConfig.from_env(), ns, "support", uid)
+    secret = cluster.wait_for(lambda: get(cluster, f"/api/v1/namespaces/{ns}/secrets/support-admin-key"), "Secret")
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == uid
+    assert base64.b64decode(secret["data"]["admin-key"]).decode() == admin_key
+    assert command[command.index("--admin-key-file") + 1] == "/etc/kubetune/admin-key/admin-key"
+    # The NetworkPolicy, as the API server stored it: the serving pods, their port, this namespace.
+    policy = get(cluster, f"/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies/support-serving")
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == uid
+    assert policy["spec"]["podSelector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+    [rule] = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 8000}] and {"podSelector": {}} in rule["from"]
+
     def status_where(pred, what):
         def check():
             obj = get(cluster, ad_path)
@@ -214,6 +235,7 @@ def test_adapterdeployment_serves_and_hot_swaps_adapters(cluster, namespace, ope
     assert conds["Available"] == "True" and conds["Degraded"] == "True" and conds["AdaptersReady"] == "False"
     assert ("load", "legal") in replica.calls and ("load", "v1") not in replica.calls
     assert replica.calls.count(("load", "bad")) == 1  # not retried for the same URI
+    assert replica.auth == {f"Bearer {admin_key}"}
 
     template_before = get(cluster, dep_path)
     # Add an adapter and remove one: loaded and unloaded, without touching the pod template.
@@ -243,30 +265,26 @@ def test_adapterdeployment_serves_and_hot_swaps_adapters(cluster, namespace, ope
     assert after["metadata"]["generation"] == template_before["metadata"]["generation"]
     assert after["spec"]["template"] == template_before["spec"]["template"]
 
-    # The FineTuneJob succeeds with an adapter: v1 loads from its URI.
+    # The FineTuneJob "succeeds" with an adapter URI that is not its own (anyone who may edit its
+    # status can write one): refused, it reaches neither the replica nor the Deployment.
     now = "2026-01-01T00:00:00Z"
-    patch(
-        cluster,
-        f"{API}/namespaces/{ns}/finetunejobs/trained/status",
-        {
-            "status": {
-                "conditions": [
-                    {
-                        "type": "Succeeded",
-                        "status": "True",
-                        "reason": "Completed",
-                        "message": "done",
-                        "lastTransitionTime": now,
-                    }
-                ],
-                "adapter": {"uri": "s3://outputs/trained", "sha256": "ab" * 32},
-            }
-        },
-    )
+    succeeded = {"type": "Succeeded", "status": "True", "reason": "Completed", "message": "done",
+                 "lastTransitionTime": now}  # fmt: skip
+    job_status = f"{API}/namespaces/{ns}/finetunejobs/trained/status"
+    patch(cluster, job_status, {"status": {"conditions": [succeeded], "adapter": {"uri": "pvc://payroll-db-data/"}}})
+    st = status_where(lambda s: (adapter(s, "v1") or {}).get("state") == "Failed", "v1 Failed, untrusted")["status"]
+    assert "not under its output s3://outputs/trained/adapter" in adapter(st, "v1")["message"]
+    assert next(c for c in st["conditions"] if c["type"] == "AdaptersReady")["reason"] == "UntrustedAdapterSource"
+    assert ("load", "v1") not in replica.calls
+    assert "payroll-db-data" not in json.dumps(get(cluster, dep_path)["spec"])
+
+    # Its own adapter, under its output: v1 loads from it.
+    adapter_uri = "s3://outputs/trained/adapter"
+    patch(cluster, job_status, {"status": {"adapter": {"uri": adapter_uri, "sha256": "ab" * 32}}})
     st = status_where(lambda s: (adapter(s, "v1") or {}).get("state") == "Loaded", "v1 loaded")["status"]
-    assert adapter(st, "v1")["uri"] == "s3://outputs/trained" and adapter(st, "v1")["loadedReplicas"] == 1
-    assert replica.adapters["v1"] == "s3://outputs/trained"
-    assert parse_adapters_file(get(cluster, cm_path)["data"]["adapters.json"])["v1"] == "s3://outputs/trained"
+    assert adapter(st, "v1")["uri"] == adapter_uri and adapter(st, "v1")["loadedReplicas"] == 1
+    assert replica.adapters["v1"] == adapter_uri
+    assert parse_adapters_file(get(cluster, cm_path)["data"]["adapters.json"])["v1"] == adapter_uri
     assert get(cluster, dep_path)["spec"]["template"] == template_before["spec"]["template"]
     replica_sets = get(cluster, f"/apis/apps/v1/namespaces/{ns}/replicasets")["items"]
     assert len(replica_sets) == 1  # no rollout for any adapter change

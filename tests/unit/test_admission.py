@@ -136,3 +136,24 @@ def test_adapter_methods_train_a_small_fraction(method):
     job = minimal(model="hf://meta-llama/Llama-3.1-8B", method=method)
     arch = a.known_architecture(job.spec.model.uri)
     assert 0 < a.trainable_params(job, arch) < arch.shape.total_params / 20
+
+
+# --- hostile annotations -------------------------------------------------------------------------
+
+HOSTILE_COUNTS = ["1e999", "1e400", "nan", "NaN", "inf", "-1", "0", "abc", "9" * 400, "1" + "0" * 5000, "1e15T",
+                  "7B" * 100, "", " ", "\x00"]  # fmt: skip
+
+
+@pytest.mark.parametrize("text", HOSTILE_COUNTS, ids=range(len(HOSTILE_COUNTS)))
+def test_a_hostile_model_params_annotation_is_a_clear_problem_never_an_exception(text):
+    assert a.parse_param_count(text) is None
+    result = a.admit(minimal(model="pvc://models/big", annotations={a.MODEL_PARAMS_ANNOTATION: text}))
+    assert result.admitted and "not a parameter count" in result.message  # admitted without the memory check
+    assert "\n" not in result.message and len(result.message) < 1000
+
+
+@pytest.mark.parametrize("text", ["inf", "1e999", "nan", "-5", "0", "1e300", "abc"])
+def test_a_hostile_gpu_memory_annotation_is_ignored(text):
+    budget, source = a.gpu_memory_gib(minimal(annotations={a.GPU_MEMORY_ANNOTATION: text}))
+    assert budget == a.DEFAULT_GPU_MEMORY_GIB and "annotation" not in source
+    a.admit(minimal(annotations={a.GPU_MEMORY_ANNOTATION: text}))  # never raises

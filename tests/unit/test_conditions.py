@@ -104,3 +104,12 @@ def test_failed_and_refused_admission_are_warnings():
     [failed] = c.transitions([], refused)
     assert failed.type == "Failed" and failed.warning
     assert not c.Transition("Running", "True", "PodsRunning", "").warning
+
+
+@pytest.mark.parametrize("stored", ["broken", 7, None, ["junk", 5, {"type": "Admitted"}], {"type": "Failed"}])
+def test_conditions_edited_into_other_shapes_read_as_absent(stored):
+    assert c.find(stored, c.FAILED) is None and not c.is_true(stored, c.ADMITTED) and not c.is_finished(stored)
+    assert c.phase_of(stored) == c.PENDING
+    updated = c.set_condition(stored, c.ADMITTED, c.TRUE, "Admitted", "ok", 1, T0)
+    assert [x["type"] for x in updated if x.get("type") == c.ADMITTED] == [c.ADMITTED]
+    assert c.transitions(stored, updated)[-1].type == c.ADMITTED

@@ -126,3 +126,87 @@ def test_the_operator_image_can_read_the_contract_without_torch_or_boto3():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# --- hostile termination messages: never an exception, always a reason ---------------------------
+
+HOSTILE_MESSAGES = [
+    "[" * 2000 + "]" * 2000,
+    '{"a":' * 2000 + "1" + "}" * 2000,
+    '{"phase": "Succeeded", "x": ' + "[" * 1500 + "]" * 1500 + "}",
+    '{"phase": "Succeeded", "steps": 1' + "0" * 5000 + "}",
+    '{"phase": "Succeeded", "steps": 1e999}',
+    '{"phase": "Succeeded", "steps": 100000000000000000000000}',
+    '{"phase": "Succeeded", "adapter": {"uri": "pvc://out/run/adapter", "sizeBytes": 1000000000000000000000}}',
+    '{"phase": "Succeeded", "metrics": {"evalLoss": NaN}, "totalParams": -Infinity}',
+    '{"phase": ["Succeeded"]}',
+    '{"phase": "Failed", "reason": {"x": 1}}',
+    "\x00\xff\ud800",
+    "null",
+    "1e999",
+]
+
+
+@pytest.mark.parametrize("message", HOSTILE_MESSAGES, ids=range(len(HOSTILE_MESSAGES)))
+def test_hostile_termination_messages_give_a_one_line_reason_and_never_raise(message):
+    parsed, error = TrainerResult.parse(message)
+    if parsed is None:
+        assert error and "\n" not in error and len(error) <= 1000
+    else:  # what was kept is within the limits of the status it goes into
+        assert json.dumps(parsed.to_wire(), allow_nan=False)
+
+
+def test_every_number_that_is_kept_is_finite_and_fits_in_an_int64():
+    parsed, error = TrainerResult.parse(
+        '{"phase": "Succeeded", "metrics": {"evalLoss": Infinity, "trainLoss": -Infinity, "tokensPerSecond": 3}}'
+    )
+    assert parsed is not None and parsed.metrics.to_status() == {"tokensPerSecond": 3.0}
+    assert TrainerResult.parse('{"phase": "Succeeded", "steps": 9223372036854775808}')[0] is None
+
+
+def test_strings_from_the_pod_are_clipped():
+    parsed, _ = TrainerResult.parse(json.dumps({"phase": "Failed", "reason": "R" * 1000, "message": "m" * 2500}))
+    assert parsed is not None and len(parsed.reason or "") <= contract.MAX_REASON
+    assert len(parsed.message or "") <= contract.MAX_RESULT_MESSAGE
+
+
+def test_random_bytes_and_random_json_never_raise():
+    """A deterministic fuzz over truncations, byte flips and nesting of real results."""
+    import random
+
+    rng = random.Random(14)
+    seeds = [succeeded().termination_message(), TrainerResult.failed("InvalidInput", "x").termination_message()]
+    alphabet = '[]{}":,0123456789.eE+-nultrfaNIy\\ \n\x00'
+    for _ in range(2000):
+        text = rng.choice(seeds)
+        for _ in range(rng.randint(1, 4)):
+            where = rng.randrange(len(text) + 1)
+            text = text[:where] + "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 5))) + text[where:]
+        if rng.random() < 0.1:
+            depth = rng.randint(100, 5000)
+            text = "[" * depth + text + "]" * depth
+        parsed, error = TrainerResult.parse(text)
+        assert (parsed is None) == bool(error)
+
+
+def test_property_based_parse_never_raises():
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import strategies as st
+
+    json_values = st.recursive(
+        st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=50),
+        lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
+        max_leaves=30,
+    )
+    documents = st.fixed_dictionaries(
+        {"phase": st.sampled_from(["Succeeded", "Failed", "x"])},
+        optional={"adapter": json_values, "metrics": json_values, "steps": json_values, "reason": json_values},
+    )
+
+    @hypothesis.settings(max_examples=200, deadline=None, derandomize=True)
+    @hypothesis.given(st.one_of(st.text(max_size=300), documents.map(json.dumps)))
+    def check(text):
+        parsed, error = TrainerResult.parse(text)
+        assert (parsed is None) == bool(error)
+
+    check()

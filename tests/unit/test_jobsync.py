@@ -74,3 +74,22 @@ def test_replacement_only_for_a_suspended_job_with_another_trainer_config():
 def test_ownership():
     job = existing(ftj())
     assert owned_by(job, UID) and not owned_by(job, "other") and not owned_by(job, None)
+
+
+def test_a_config_map_edited_into_hostile_yaml_reads_as_another_config_without_raising():
+    """Whoever may edit ConfigMaps in the namespace may write anything into the trainer config."""
+    import time
+
+    rendered = objects(ftj(suspend=True)).config_map
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
+        for i in range(9)
+    )
+    hostile = ["[" * 100_000 + "]" * 100_000, bomb, "spec: !!python/object:os.system x", "\x00", "- a\n- b"]
+    started = time.monotonic()
+    for text in hostile:
+        edited = copy.deepcopy(rendered)
+        edited["data"]["trainer.yaml"] = text
+        assert j.trainer_settings(edited) is None
+        assert j.needs_replacement({"spec": {"suspend": True}, "status": {}}, edited, rendered)
+    assert time.monotonic() - started < 5

@@ -112,6 +112,10 @@ def test_object_paths():
     assert k8s.kubetune_path("AdapterDeployment", "ml") == "/apis/kubetune.io/v1alpha1/namespaces/ml/adapterdeployments"
     deployment = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"namespace": "ml", "name": "d"}}
     assert k8s.object_path(deployment, "d") == "/apis/apps/v1/namespaces/ml/deployments/d"
+    policy = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"namespace": "ml"}}
+    assert k8s.object_path(policy, "p") == "/apis/networking.k8s.io/v1/namespaces/ml/networkpolicies/p"
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"namespace": "ml"}}
+    assert k8s.object_path(secret, "s") == "/api/v1/namespaces/ml/secrets/s"
 
 
 def test_a_child_is_applied_only_over_nothing_or_its_owners_object(api):
@@ -136,3 +140,11 @@ def test_a_child_is_applied_only_over_nothing_or_its_owners_object(api):
         with pytest.raises(kopf.TemporaryError, match="not this FineTuneJob's"):
             writes.ensure_child(client, cm, "u-1", "FineTuneJob")
         assert [r[0] for r in api.requests[before:]] == ["GET"]
+
+
+def test_the_client_keeps_a_connection_for_every_thread_that_may_call(api):
+    """One kept-alive connection per handler or runner thread: with the library's default (5 per
+    CPU, 10 on two cores) a busy operator dropped connections and paid a TLS handshake for each
+    new one ("Connection pool is full, discarding connection")."""
+    client = api.client()
+    assert client.api.rest_client.pool_manager.connection_pool_kw["maxsize"] >= k8s.POOL_SIZE >= 24

@@ -82,7 +82,7 @@ ALL = ["full-fsdp-2x8.yaml", "cpu-one-pod.yaml", "qlora-1gpu.yaml", "kueue-queue
 def test_every_object_is_owned_by_the_finetunejob_and_in_its_namespace(example):
     job = load(example)
     objects = render(job)
-    assert [o["kind"] for o in objects.all()] == ["ConfigMap", "Service", "Job"]
+    assert [o["kind"] for o in objects.all()] == ["ConfigMap", "Service", "NetworkPolicy", "Job"]
     for obj in objects.all():
         assert obj["metadata"]["namespace"] == job.metadata.namespace
         assert obj["metadata"]["ownerReferences"] == [
@@ -348,7 +348,10 @@ def test_one_claim_for_input_and_output_is_mounted_once_and_writable():
 def test_image_from_the_spec_or_the_operator_default():
     assert container(render("cpu-one-pod.yaml"))["image"] == CONFIG.trainer_image
     custom = OperatorConfig(
-        trainer_image="registry.local/trainer:dev", image_pull_policy="Never", image_pull_secrets=("regcred",)
+        trainer_image="registry.local/trainer:dev",
+        image_pull_policy="Never",
+        image_pull_secrets=("regcred",),
+        allowed_images=("example.com/",),
     )
     objects = render(load("cpu-one-pod.yaml"), custom)
     assert container(objects)["image"] == "registry.local/trainer:dev"
@@ -490,13 +493,12 @@ def test_a_name_too_long_for_the_service_and_hostnames_fails_clearly():
     name = "a" * (r.MAX_JOB_NAME + 1)
     with pytest.raises(RenderError) as error:
         render(load("full-fsdp-2x8.yaml", name=name))
-    assert f"is {len(name)} characters; at most 55 are allowed" in str(error.value)
-    assert "must fit in 63 characters" in str(error.value)
+    assert "metadata.name must be at most 55 characters: it names the trainer Service" in str(error.value)
 
 
 @pytest.mark.parametrize("name", ["llama.8b", "8b-run"])
 def test_a_name_that_cannot_name_a_service_fails_clearly(name):
-    with pytest.raises(RenderError, match="starting with a letter and without dots"):
+    with pytest.raises(RenderError, match="start with a letter and end with a letter or digit"):
         render(load("cpu-one-pod.yaml", name=name))
 
 
@@ -523,7 +525,7 @@ def test_a_spec_that_fails_validation_is_not_rendered():
 def test_every_problem_is_reported_at_once():
     job = edited("cpu-one-pod.yaml", lambda doc: doc["spec"]["model"].update(uri="file:///m"), name="x.y", uid=None)
     message = str(pytest.raises(RenderError, render, job).value)
-    assert "without dots" in message and "metadata.uid" in message and "spec.model.uri" in message
+    assert "(no dots)" in message and "metadata.uid" in message and "spec.model.uri" in message
 
 
 # --- against the Kubernetes schema -------------------------------------------------------------
@@ -539,7 +541,7 @@ def test_every_field_is_one_the_kubernetes_api_knows(example):
     import json
 
     api = client.ApiClient()
-    for obj, kind in zip(render(example).all(), ["V1ConfigMap", "V1Service", "V1Job"], strict=True):
+    for obj, kind in zip(render(example).all(), ["V1ConfigMap", "V1Service", "V1NetworkPolicy", "V1Job"], strict=True):
         response = type("Response", (), {"data": json.dumps(obj)})()
         assert api.sanitize_for_serialization(api.deserialize(response, kind)) == obj, kind
 
@@ -661,3 +663,42 @@ def test_a_bad_file_is_named(tmp_path):
 def test_every_field_has_a_variable():
     assert set(ENV_VARS) == set(OperatorConfig.model_fields)
     assert all(var.startswith("KUBETUNE_") and var.isupper() for var in ENV_VARS.values())
+
+
+# --- the training pods' NetworkPolicy ----------------------------------------------------------
+
+
+def test_training_pods_accept_only_their_own_job_and_the_operators_scrape():
+    config = OperatorConfig(operator_namespace="kubetune-system")
+    job = load("full-fsdp-2x8.yaml")
+    objects = render(job, config)
+    policy = objects.network_policy
+    name = job.metadata.name
+    assert policy["kind"] == "NetworkPolicy" and policy["metadata"]["name"] == f"{name}-trainer"
+    spec = policy["spec"]
+    assert spec["podSelector"] == {"matchLabels": r.selector(name)}
+    template_labels = objects.job["spec"]["template"]["metadata"]["labels"]
+    assert r.selector(name).items() <= template_labels.items()  # it selects exactly this job's pods
+    assert spec["policyTypes"] == ["Ingress"]  # egress stays open: datasets and models come from https/hf/s3
+    peers, scrape = spec["ingress"]
+    assert peers == {"from": [{"podSelector": {"matchLabels": r.selector(name)}}]}  # every port: rendezvous, NCCL
+    assert scrape["ports"] == [{"port": config.trainer_metrics_port, "protocol": "TCP"}]
+    [source] = scrape["from"]
+    assert source["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "kubetune-system"}}
+    assert source["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "kubetune",
+                                                     "app.kubernetes.io/component": "operator"}}  # fmt: skip
+
+
+def test_without_metrics_the_policy_admits_only_the_jobs_own_pods():
+    policy = render("cpu-one-pod.yaml", OperatorConfig(trainer_metrics_port=0)).network_policy
+    assert len(policy["spec"]["ingress"]) == 1
+
+
+def test_an_operator_of_unknown_namespace_is_matched_by_its_labels_in_any_namespace():
+    [_, scrape] = render("cpu-one-pod.yaml", OperatorConfig()).network_policy["spec"]["ingress"]
+    assert scrape["from"][0]["namespaceSelector"] == {}
+
+
+def test_network_policies_can_be_turned_off():
+    objects = render("cpu-one-pod.yaml", OperatorConfig(network_policies=False))
+    assert objects.network_policy is None and [o["kind"] for o in objects.all()] == ["ConfigMap", "Service", "Job"]

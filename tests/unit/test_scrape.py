@@ -1,7 +1,13 @@
 """Rank 0's Prometheus text → status.progress and status.metrics; unreadable answers are errors
 the operator counts, never crashes on."""
 
+import math
+import threading
+import time
+import tracemalloc
+from contextlib import contextmanager
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -77,3 +83,140 @@ def test_metrics_url():
 def test_fetch_reports_connection_errors_as_scrape_errors():
     with pytest.raises(scrape.ScrapeError, match="ConnectError"):
         scrape.fetch("http://127.0.0.1:9/metrics", timeout=1)
+
+
+# --- hostile endpoints: a total deadline, a size cap, bounded parsing -----------------------------
+
+
+@contextmanager
+def endpoint(respond):
+    """An HTTP server on 127.0.0.1 whose every GET is answered by `respond(handler, stop)`."""
+    stop = threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            try:
+                respond(self, stop)
+            except OSError:  # the client gave up: what the test wants
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/metrics"
+    finally:
+        stop.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def drip(handler, stop):
+    """8 bytes every 0.1 s, for up to 30 s: each read succeeds well inside any per-read timeout."""
+    handler.send_response(200)
+    handler.send_header("Content-Length", str(10**6))
+    handler.end_headers()
+    for _ in range(300):
+        if stop.wait(0.1):
+            return
+        handler.wfile.write(b"# xxxxx\n")
+        handler.wfile.flush()
+
+
+def huge(handler, stop, size=48 * 2**20, length=True):
+    handler.send_response(200)
+    if length:
+        handler.send_header("Content-Length", str(size))
+    handler.end_headers()
+    chunk = b"kubetune_train_step 1\n" * 3000
+    sent = 0
+    while sent < size and not stop.is_set():
+        handler.wfile.write(chunk)
+        sent += len(chunk)
+
+
+def test_fetch_has_a_total_deadline_against_a_dripping_server():
+    with endpoint(drip) as url:
+        started = time.monotonic()
+        with pytest.raises(scrape.ScrapeError, match="within 1s"):
+            scrape.fetch(url, timeout=1)
+        assert time.monotonic() - started < 2.5
+
+
+@pytest.mark.parametrize("length", [True, False], ids=["content-length", "no-length"])
+def test_fetch_caps_the_body_and_stays_small_in_memory(length):
+    with endpoint(lambda h, stop: huge(h, stop, length=length)) as url:
+        tracemalloc.start()
+        try:
+            with pytest.raises(scrape.ScrapeError, match="cap"):
+                scrape.fetch(url, timeout=5)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert peak < 8 * 2**20  # the body is 48 MiB; what is held stays near the 1 MiB cap
+
+
+def test_fetch_reads_a_normal_answer_and_refuses_a_redirect():
+    def ok(handler, stop):
+        body = MID_RUN.encode()
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    def redirect(handler, stop):
+        handler.send_response(302)
+        handler.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    with endpoint(ok) as url:
+        assert scrape.reading_from(scrape.fetch(url, timeout=5), NOW).progress["step"] == 420
+    with endpoint(redirect) as url, pytest.raises(scrape.ScrapeError, match="302"):
+        scrape.fetch(url, timeout=5)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"step": 1e300, "total_steps": 1e300},
+        {"step": 5, "total_steps": 10, "eta_seconds": 1e300},
+        {"step": 5, "eta_seconds": 1e18},
+        {"step": -7, "total_steps": -1, "epoch": -3, "resumes": 1e300},
+        {"step": 3, "loss": 1e308, "gpu_memory_bytes": 1.7e308, "learning_rate": 1e-320},
+    ],
+)
+def test_readings_out_of_range_never_raise_and_stay_patchable(values):
+    try:
+        reading = scrape.reading_from(exposition(**values), NOW)
+    except scrape.ScrapeError:
+        return
+    for part in (reading.progress, reading.metrics):
+        for value in part.values():
+            assert isinstance(value, str) or (math.isfinite(value) and abs(value) < 2**53)
+    assert 0 <= reading.resumes < 2**31
+    assert reading.progress["step"] >= 0
+
+
+def test_parsing_is_bounded_in_lines_and_samples():
+    many = "".join(f'kubetune_train_other{{i="{i}"}} 1\n' for i in range(200_000)) + "kubetune_train_step 3\n"
+    started = time.monotonic()
+    try:
+        values = scrape.parse_metrics(many)
+        assert values.get("step") in (None, 3)
+    except scrape.ScrapeError:
+        pass
+    assert time.monotonic() - started < 2
+    with pytest.raises(scrape.ScrapeError):
+        scrape.parse_metrics("kubetune_train_step " + "9" * 100_000 + "\n")
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "http://user:pw@127.0.0.1/metrics", "http://127.0.0.1/\n", "x"])
+def test_an_override_that_is_no_plain_http_url_is_not_scraped(url):
+    annotations = {scrape.METRICS_URL_ANNOTATION: url}
+    assert scrape.metrics_url({"status": {"podIP": "10.1.2.3"}}, 9090, annotations, True) is None

@@ -2,6 +2,7 @@
 times, and the result read from rank 0's termination message (malformed ones included)."""
 
 import json
+import math
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -176,7 +177,12 @@ def test_disruptions_are_subtracted_when_the_job_counts_them():
 
 RESULT = {
     "phase": "Succeeded",
-    "adapter": {"uri": OUTPUT + "/adapter", "sizeBytes": 19302911, "sha256": "ab" * 32, "mergedUri": "x"},
+    "adapter": {
+        "uri": OUTPUT + "/adapter",
+        "sizeBytes": 19302911,
+        "sha256": "ab" * 32,
+        "mergedUri": OUTPUT + "/merged",
+    },
     "metrics": {"trainLoss": 1.21, "evalLoss": 1.34, "tokensPerSecond": 5310.0},
     "steps": 100,
 }
@@ -288,3 +294,102 @@ def test_merge_patch_sends_only_changes_and_nulls_removals():
     expected = {"progress": {"step": 2, "eta": None}, "conditions": [{"type": "A"}, {"type": "B"}]}
     assert merge_patch(before, after) == expected
     assert merge_patch(after, after) is None
+
+
+# --- untrusted results and status ----------------------------------------------------------------
+
+
+def assert_patchable(value, where="status"):
+    """What the API server takes: finite numbers, integers within int64, nothing but JSON types."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            assert isinstance(key, str), where
+            assert_patchable(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            assert_patchable(item, f"{where}[{index}]")
+    elif isinstance(value, bool) or value is None or isinstance(value, str):
+        pass
+    elif isinstance(value, int):
+        assert -(2**63) <= value < 2**63, where
+    else:
+        assert isinstance(value, float) and math.isfinite(value), where
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "http://169.254.169.254/latest/meta-data/",
+        "pvc://payroll-db-data/",
+        "s3://adapters/someone-else/adapter",
+        "s3://adapters/support-bot/../other/adapter",
+        "s3://adapters/support-bot-2/adapter",
+        "file:///etc/passwd",
+        "s3://adapters/support-bot/adapter\nX-Injected: 1",
+    ],
+)
+def test_an_adapter_uri_outside_the_jobs_output_fails_the_job_as_untrusted(uri):
+    st = complete(json.dumps({**RESULT, "adapter": {**RESULT["adapter"], "uri": uri}}))
+    failed = cond(st, c.FAILED)
+    assert st["phase"] == "Failed" and failed["reason"] == "UntrustedResult", st
+    assert "\n" not in failed["message"] and OUTPUT in failed["message"]
+    assert "adapter" not in st and cond(st, c.SUCCEEDED) is None
+
+
+def test_a_merged_uri_outside_the_output_is_untrusted_too():
+    adapter = {**RESULT["adapter"], "mergedUri": "pvc://payroll-db-data/merged"}
+    st = complete(json.dumps({**RESULT, "adapter": adapter}))
+    assert st["phase"] == "Failed" and cond(st, c.FAILED)["reason"] == "UntrustedResult"
+
+
+def test_an_adapter_under_the_output_is_trusted():
+    adapter = {**RESULT["adapter"], "uri": OUTPUT + "/adapter", "mergedUri": OUTPUT + "/merged"}
+    st = complete(json.dumps({**RESULT, "adapter": adapter}))
+    assert st["phase"] == "Succeeded" and st["adapter"]["uri"] == OUTPUT + "/adapter"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"steps": 10**23},
+        {"metrics": {"evalLoss": float("inf"), "trainLoss": 1e308 * 10}},
+        {"adapter": {**RESULT["adapter"], "sizeBytes": 10**22}},
+    ],
+)
+def test_numbers_from_the_pod_reach_the_status_only_when_the_api_server_takes_them(extra):
+    st = complete(json.dumps({**RESULT, **extra}))
+    assert_patchable(st)
+    assert st["phase"] in ("Succeeded", "Failed")
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        {"restarts": "many", "metrics": [1, 2], "progress": "x"},
+        {"restarts": -3, "metrics": {"evalLoss": "NaN", "trainLoss": True}, "progress": {"step": "7", "eta": 5}},
+        {"restarts": 2**70, "metrics": {"evalLoss": 1.5, "x" * 100: 1}, "progress": {"step": 10**30}},
+        {"metrics": {"evalLoss": 10**400, "trainLoss": 2}, "progress": {"epoch": 10**400}},
+        {"conditions": "broken"},
+        {"conditions": [{"type": "Admitted", "status": "True"}, "junk", {"type": 5}]},
+    ],
+)
+def test_a_status_edited_by_someone_else_is_read_with_the_same_limits(stored):
+    current = {**admitted(), **stored}
+    if stored.get("conditions") == "broken":
+        st = derive(current, wl=workload(active=1), pods=[pod()])
+        assert st.get("phase") != "Running"  # not admitted as far as the operator can tell
+        return
+    st = derive(current, wl=workload(active=1), pods=[pod()])
+    assert_patchable(st)
+    assert isinstance(st.get("restarts", 0), int) and 0 <= st.get("restarts", 0) < 2**31
+    assert all(isinstance(v, float) and math.isfinite(v) for v in (st.get("metrics") or {}).values())
+
+
+def test_terminated_state_and_pod_fields_of_odd_types_do_not_raise():
+    terminated = {"exitCode": "x", "message": 7}
+    statuses = [{"name": "trainer", "state": {"terminated": terminated}}]
+    meta = {"name": 5, "annotations": {s.COMPLETION_INDEX: "0"}}
+    odd = {"metadata": meta, "status": {"phase": "Failed", "containerStatuses": statuses}}
+    because = job_cond("Failed", "BackoffLimitExceeded", "too many")
+    st = derive(admitted(), wl=workload(conditions=[because], failed=1), pods=[odd])
+    assert st["phase"] == "Failed"

@@ -6,19 +6,28 @@ adapter has a URI once its FineTuneJob has Succeeded), asks each ready replica (
 `/v1/models` through `replicas.ReplicaClient`, executes the actions `plan_actions` returns, records
 the outcome in the `Replica` views, and derives the status from them (`status.derive_status`).
 
+URIs read from a FineTuneJob are not trusted: anyone who may edit its status (or the trainer's
+output) can write `status.adapter.uri`. `resolve` takes one only when it passes the URI rules and
+lies under where that job publishes (`contract.adapter_uri(spec.output.uri)`); otherwise the
+adapter is Failed with reason UNTRUSTED and nothing of it reaches a replica, a mount or the
+allow-list. A spec URI failing the rules (admission should have refused it) is treated alike.
+
 Testing hook: with the operator's --allow-metrics-url-annotation switch
 (KUBETUNE_OPERATOR_ALLOW_METRICS_URL_ANNOTATION=1), the annotation `kubetune.io/replica-urls`
 (comma-separated base URLs) replaces the pod IPs of the ready replicas, in pod-name order.
 """
 
 import dataclasses
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubetune.contract import adapter_uri
+
 from .. import conditions as c
 from ..render_common import is_terminating
-from .render import readable_path
+from .render import adapter_uri_problem, readable_path, under
 
 REPLICA_URLS_ANNOTATION = "kubetune.io/replica-urls"
 
@@ -27,11 +36,15 @@ PENDING, LOADING, LOADED, FAILED, UNLOADING = "Pending", "Loading", "Loaded", "F
 
 # Why a `fromJob` adapter has no URI yet (the AdaptersReady reason while it is so).
 WAITING_FOR_JOB, JOB_FAILED = "WaitingForJob", "JobFailed"
+# Why an adapter is Failed without asking any replica: its URI breaks the rules or lies outside its job's output.
+UNTRUSTED = "UntrustedAdapterSource"
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
 class Wanted:
-    """An adapter of the spec: its URI once known, else why not (`reason`, `pending` in words)."""
+    """An adapter of the spec: its URI once known, else why not (`reason`, `pending` in words).
+    `problem`: why it will not be loaded at all (reason UNTRUSTED); its `uri` is then None."""
 
     name: str
     uri: str | None = None
@@ -39,10 +52,22 @@ class Wanted:
     pending: str = ""
     reason: str = ""
     path: str | None = None  # what the runtime is given and reports as `root` (vLLM: a local path); None: the URI
+    problem: str = ""
 
     @property
     def root(self) -> str | None:
         return self.path or self.uri
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Answers to loading one adapter from one URI on one replica that may yet change: how many in
+    a row, since when (seconds, monotonic) and the last message."""
+
+    uri: str
+    count: int
+    since: float
+    message: str
 
 
 @dataclass
@@ -50,7 +75,9 @@ class Replica:
     """One ready replica as seen by the operator. `loaded`: adapter name → the `root` the runtime
     reports (the path it was given; None when it does not say), None when the replica could not be asked. `failed`:
     adapter name → (URI, the runtime's message) for loads it refused; never retried on this replica
-    for the same URI. `error`: why it could not be asked."""
+    for the same URI (the reconciler forgets them when the spec's generation changes).
+    `retries`: adapter name → `Retry`, answers that may yet change (a 5xx, a 404 from a replica
+    started before the source was allowed). `error`: why it could not be asked."""
 
     name: str
     url: str
@@ -59,6 +86,7 @@ class Replica:
     failed: dict[str, tuple[str, str]] = field(default_factory=dict)
     unload_failed: dict[str, str] = field(default_factory=dict)
     error: str = ""
+    retries: dict[str, "Retry"] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -83,13 +111,62 @@ def digests_from_models(models: Mapping[str, Any]) -> dict[str, str]:
     }
 
 
+def valid_sha256(value: Any) -> str | None:
+    """A status.adapter.sha256 that is 64 lowercase hex digits, else None (not shown, not compared)."""
+    return value if isinstance(value, str) and SHA256.match(value) else None
+
+
+def job_source(job: Mapping[str, Any]) -> str | None:
+    """Where a FineTuneJob publishes its adapter, from its spec (contract.adapter_uri of
+    spec.output.uri), None when its output URI breaks the rules."""
+    output = ((job.get("spec") or {}).get("output") or {}).get("uri")
+    if not isinstance(output, str) or adapter_uri_problem(output) is not None:
+        return None
+    source = adapter_uri(output)
+    return source if adapter_uri_problem(source) is None else None
+
+
+def job_sources(
+    spec_adapters: Iterable[Mapping[str, Any]], jobs: Mapping[str, Mapping[str, Any] | None]
+) -> dict[str, str]:
+    """Adapter name → its FineTuneJob's `job_source`, for each `fromJob` adapter whose job exists
+    and has an acceptable output: the builtin runtime's allow-list entry for that adapter."""
+    out: dict[str, str] = {}
+    for adapter in spec_adapters:
+        job = jobs.get(adapter.get("fromJob") or "") if adapter.get("fromJob") else None
+        source = job_source(job) if job is not None else None
+        if source:
+            out[adapter["name"]] = source
+    return out
+
+
+def untrusted_result(job_name: str, job: Mapping[str, Any], uri: Any) -> str:
+    """Why a FineTuneJob's status.adapter.uri is not loaded ("" when it may be)."""
+    if not isinstance(uri, str):
+        return f"FineTuneJob {job_name}: status.adapter.uri is not a string; not loaded"
+    problem = adapter_uri_problem(uri)
+    if problem:
+        return f"FineTuneJob {job_name}: status.adapter.uri {problem}; not loaded"
+    source = job_source(job)
+    if source is None:
+        return f"FineTuneJob {job_name}: spec.output.uri is not an acceptable adapter location; not loaded"
+    if not under(uri, source):
+        shown = repr(uri[:80])
+        return f"FineTuneJob {job_name}: status.adapter.uri {shown} is not under its output {source}; not loaded"
+    return ""
+
+
 def resolve(spec_adapters: Iterable[Mapping[str, Any]], jobs: Mapping[str, Mapping[str, Any] | None]) -> list[Wanted]:
     """spec.adapters (wire form) → Wanted; `jobs`: FineTuneJob name → the object (None: absent)."""
     out = []
     for adapter in spec_adapters:
         name = adapter["name"]
         if adapter.get("uri"):
-            out.append(Wanted(name, adapter["uri"]))
+            problem = adapter_uri_problem(adapter["uri"])
+            if problem:
+                out.append(Wanted(name, reason=UNTRUSTED, problem=f"spec uri {problem}; not loaded"))
+            else:
+                out.append(Wanted(name, adapter["uri"]))
             continue
         job_name = adapter.get("fromJob") or ""
         job = jobs.get(job_name)
@@ -100,8 +177,15 @@ def resolve(spec_adapters: Iterable[Mapping[str, Any]], jobs: Mapping[str, Mappi
             continue
         status = job.get("status") or {}
         result = status.get("adapter") or {}
+        if not isinstance(result, Mapping):
+            result = {}
         if c.is_true(status.get("conditions"), c.SUCCEEDED) and result.get("uri"):
-            out.append(Wanted(name, result["uri"], result.get("sha256")))
+            problem = untrusted_result(job_name, job, result["uri"])
+            digest = result.get("sha256")
+            if problem:
+                out.append(Wanted(name, reason=UNTRUSTED, problem=problem))
+            else:
+                out.append(Wanted(name, result["uri"], valid_sha256(digest)))
         elif c.is_true(status.get("conditions"), c.FAILED):
             failed = c.find(status.get("conditions"), c.FAILED) or {}
             out.append(

@@ -1,5 +1,7 @@
-"""AdapterDeployment → a Deployment `<name>` of serving replicas, a Service `<name>` in front, and
-the ConfigMap `<name>-adapters` that holds the adapters every replica must have.
+"""AdapterDeployment → a Deployment `<name>` of serving replicas, a Service `<name>` in front, the
+ConfigMap `<name>-adapters` that holds the adapters every replica must have, the Secret
+`<name>-admin-key` that opens the replicas' load and unload endpoints, and the NetworkPolicy
+`<name>-serving` that admits traffic to the replicas' port only from this namespace and the operator.
 
 Adapters are deliberately NOT part of the pod template, so that changing spec.adapters never
 restarts a replica. Instead:
@@ -13,31 +15,62 @@ restarts a replica. Instead:
 
 The one thing adapters can change in the template is the set of mounted claims: a pvc:// adapter on
 a claim that no replica mounts yet needs a volume, which Kubernetes can only add with new pods.
-Adapters on claims already mounted load without a restart.
+Adapters on claims already mounted load without a restart. (The claim a `fromJob` adapter's job
+publishes to is mounted as soon as the job exists, so its adapter loads without one too.)
+
+The builtin runtime loads over HTTP only from the sources the AdapterDeployment declares: an
+adapter's `uri`, or for a `fromJob` adapter the place that job publishes to
+(`contract.adapter_uri(job.spec.output.uri)`, from the job's spec, before it has run). The list
+(`allowed_sources`) is the ConfigMap's key ALLOWED_SOURCES_KEY, given to the runtime as
+KUBETUNE_SERVE_ALLOWED_SOURCES by reference, so the template does not change with it. A replica
+reads it when it starts: one started before a new source was declared answers the operator's load
+404 for it, and gets that adapter from the adapters file instead (the runtime follows the file, and
+what the file lists is the deployment's own configuration, not subject to the list); the operator
+counts such a 404 as a refusal only once it has lasted longer than the kubelet takes to refresh
+the file (see runtime.py).
+
+Access: every replica gets the AdapterDeployment's admin key (`keys.py`) from the Secret, mounted as
+a file (`--admin-key-file`); the runtime takes loads and unloads only with it, and re-reads the
+file when the kubelet refreshes it. With `spec.apiKeySecretRef` the user's key (a key of their own
+Secret, which the operator never reads) is mounted the same way (`--api-key-file`) and then guards
+inference and /v1/models too. vLLM has one key for every /v1 endpoint (VLLM_API_KEY) and no
+allow-list: without a user key it gets the admin key, so its clients need that key as well (from
+the Secret `<name>-admin-key`); with a user key it gets the user's, and then the operator's key
+opens nothing there: adapters come only from the adapters file when a replica starts, and the
+status says the replicas refuse the operator. vLLM leaves endpoints outside /v1 (e.g.
+/invocations, /tokenize) unauthenticated: the NetworkPolicy is what limits who reaches them.
+
+Every URI is checked again here (`uris.uri_problem`) before it reaches the adapters file, a mount or
+the allow-list, though the spec's were checked at admission: a URI that fails is left out.
 
 Pure: the same input gives equal dicts.
 """
 
-from collections.abc import Iterable, Mapping
+import base64
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
 from kubetune.api import adaptersfile
 from kubetune.api.adapterdeployment import AdapterDeployment, AdapterDeploymentSpec
+from kubetune.api.kinds import ADAPTERDEPLOYMENT
+from kubetune.api.names import name_problems
+from kubetune.api.uris import uri_problem
 from kubetune.contract import PVC_ROOT, PVC_ROOT_ENV, SCRATCH, TMP_DIR
 
+from .. import keys
 from ..config import OperatorConfig
 from ..render_common import (
     DEFAULT_CONTAINER_ANNOTATION,
-    DNS_1035_LABEL,
     LABEL_COMPONENT,
-    MAX_DNS_LABEL,
+    LABEL_NAME,
     RenderError,
     container_resources,
     container_security_context,
     dns_label,
     identity,
+    image_problem,
     object_meta,
     owner_reference,
     pod_security_context,
@@ -53,6 +86,14 @@ SPEC_HASH_ANNOTATION = "kubetune.io/spec-hash"
 PORT_NAME = "http"
 GRACE_SECONDS = 35  # the builtin server drains for 30 s
 ADAPTERS_VOLUME = "adapters"
+ALLOWED_SOURCES_KEY = "allowed-sources"  # in the adapters ConfigMap: the runtime's allow-list, one per line
+ALLOWED_SOURCES_ENV = "KUBETUNE_SERVE_ALLOWED_SOURCES"
+ADAPTER_SCHEMES = ("pvc", "s3", "hf")  # where an adapter may come from
+ADMIN_KEY_VOLUME, ADMIN_KEY_DIR, ADMIN_KEY_ITEM = "admin-key", "/etc/kubetune/admin-key", "admin-key"
+API_KEY_VOLUME, API_KEY_DIR, API_KEY_ITEM = "api-key", "/etc/kubetune/api-key", "api-key"
+# The operator's pods, as the chart labels them (helm/kubetune/templates/_helpers.tpl: selector).
+OPERATOR_POD_LABELS = {LABEL_NAME: "kubetune", LABEL_COMPONENT: "operator"}
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 
 # vLLM reads no adapters file: this start-up wrapper (run by the image's python3) turns the mounted
 # file into `--lora-modules NAME=PATH ...` and then becomes `vllm serve` (exec: signals reach vLLM).
@@ -75,6 +116,14 @@ def service_name(name: str) -> str:
     return name
 
 
+def admin_key_secret_name(name: str) -> str:
+    return f"{name}-admin-key"
+
+
+def network_policy_name(name: str) -> str:
+    return f"{name}-serving"
+
+
 def endpoint(name: str, namespace: str, port: int) -> str:
     return f"http://{service_name(name)}.{namespace}.svc:{port}/v1"
 
@@ -92,6 +141,34 @@ def label_selector(name: str) -> str:
 
 
 # --- URIs ----------------------------------------------------------------------------------------
+
+
+def adapter_uri_problem(uri: str) -> str | None:
+    """What is wrong with an adapter URI (one line), or None: the one rule for the spec's and those
+    read from a FineTuneJob's status."""
+    return uri_problem(uri, ADAPTER_SCHEMES)
+
+
+def acceptable(uris: Iterable[str | None]) -> list[str]:
+    """The URIs that pass `adapter_uri_problem`, in order; the others are dropped (the reconciler
+    reports them, see adapters.resolve)."""
+    return [u for u in uris if u and adapter_uri_problem(u) is None]
+
+
+def under(uri: str, prefix: str) -> bool:
+    """Whether `uri` is `prefix` or below it, at a '/' boundary (pvc://a/out/adapter2 is not under
+    pvc://a/out/adapter)."""
+    base = prefix.rstrip("/")
+    return uri == base or uri.rstrip("/") == base or uri.startswith(base + "/")
+
+
+def allowed_sources(spec: AdapterDeploymentSpec, job_sources: Mapping[str, str]) -> list[str]:
+    """The prefixes the builtin runtime may load from, sorted: each adapter's `uri`, and for a
+    `fromJob` adapter the place its FineTuneJob publishes to (`job_sources`, adapter name →
+    contract.adapter_uri(job.spec.output.uri)); none that fails the URI rules, and none with a
+    comma (the runtime splits the list on commas)."""
+    uris = [a.uri if a.uri else job_sources.get(a.name) for a in spec.adapters]
+    return sorted({u for u in acceptable(uris) if "," not in u})
 
 
 def claim_of(uri: str | None) -> str | None:
@@ -127,12 +204,21 @@ def readable_path(runtime: str, uri: str) -> str | None:
 
 def claims(spec: AdapterDeploymentSpec, adapter_uris: Iterable[str] = ()) -> list[str]:
     """The claims to mount (read-only): the base model's and those of adapters given by URI or
-    resolved from a FineTuneJob (`adapter_uris`)."""
-    uris = [spec.base_model.uri, *(a.uri for a in spec.adapters if a.uri), *adapter_uris]
+    resolved from a FineTuneJob (`adapter_uris`, e.g. the jobs' `allowed_sources`). A URI that
+    fails the rules mounts nothing."""
+    uris = [spec.base_model.uri, *acceptable([*(a.uri for a in spec.adapters if a.uri), *adapter_uris])]
     return sorted({c for c in (claim_of(u) for u in uris) if c})
 
 
 # --- the pod -------------------------------------------------------------------------------------
+
+
+def api_key_ref(ad: AdapterDeployment) -> tuple[str, str] | None:
+    """(Secret name, key) of the user's API key, `spec.apiKeySecretRef`, when set (read by
+    attribute: older API models have no such field)."""
+    ref = getattr(ad.spec, "api_key_secret_ref", None)
+    name, key = getattr(ref, "name", None), getattr(ref, "key", None)
+    return (str(name), str(key or API_KEY_ITEM)) if name else None
 
 
 def server_command(ad: AdapterDeployment) -> list[str]:
@@ -148,11 +234,13 @@ def server_command(ad: AdapterDeployment) -> list[str]:
         return command
     return ["kubetune", "serve", "--model", spec.base_model.uri, "--host", "0.0.0.0", "--port", port,
             "--max-adapters", str(spec.max_adapters), "--max-lora-rank", str(spec.max_lora_rank),
-            "--adapters-file", adaptersfile.PATH_IN_POD]  # fmt: skip
+            "--adapters-file", adaptersfile.PATH_IN_POD,
+            "--admin-key-file", f"{ADMIN_KEY_DIR}/{ADMIN_KEY_ITEM}",
+            *(["--api-key-file", f"{API_KEY_DIR}/{API_KEY_ITEM}"] if api_key_ref(ad) else [])]  # fmt: skip
 
 
 def server_env(ad: AdapterDeployment) -> list[dict[str, Any]]:
-    env = [
+    env: list[dict[str, Any]] = [
         {"name": "HOME", "value": SCRATCH},
         {"name": "TMPDIR", "value": TMP_DIR},
         {"name": "HF_HOME", "value": f"{SCRATCH}/huggingface"},
@@ -160,8 +248,19 @@ def server_env(ad: AdapterDeployment) -> list[dict[str, Any]]:
         {"name": PVC_ROOT_ENV, "value": PVC_ROOT},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
+    if ad.spec.runtime == "builtin":
+        # By reference: the list changes with the adapters, the template must not.
+        ref = {
+            "name": adaptersfile.configmap_name(identity(ad.metadata)[0]),
+            "key": ALLOWED_SOURCES_KEY,
+            "optional": True,
+        }
+        env.append({"name": ALLOWED_SOURCES_ENV, "valueFrom": {"configMapKeyRef": ref}})
     if ad.spec.runtime == "vllm":
         env.append({"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"})
+        user = api_key_ref(ad)
+        secret, key = user or (admin_key_secret_name(identity(ad.metadata)[0]), ADMIN_KEY_ITEM)
+        env.append({"name": "VLLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
     return env
 
 
@@ -191,6 +290,15 @@ def volumes(ad: AdapterDeployment, adapter_uris: Iterable[str]) -> tuple[list[di
         # the whole folder, not a subPath: only then does the kubelet update it
         {"name": ADAPTERS_VOLUME, "mountPath": adaptersfile.MOUNT_DIR, "readOnly": True},
     ]
+    if ad.spec.runtime == "builtin":  # vLLM reads its key from the environment
+        vols.append({"name": ADMIN_KEY_VOLUME, "secret": {"secretName": admin_key_secret_name(identity(ad.metadata)[0]),
+                     "items": [{"key": ADMIN_KEY_ITEM, "path": ADMIN_KEY_ITEM}], "defaultMode": 0o440}})  # fmt: skip
+        mounts.append({"name": ADMIN_KEY_VOLUME, "mountPath": ADMIN_KEY_DIR, "readOnly": True})
+        user = api_key_ref(ad)
+        if user:
+            vols.append({"name": API_KEY_VOLUME, "secret": {"secretName": user[0],
+                         "items": [{"key": user[1], "path": API_KEY_ITEM}], "defaultMode": 0o440}})  # fmt: skip
+            mounts.append({"name": API_KEY_VOLUME, "mountPath": API_KEY_DIR, "readOnly": True})
     for claim in claims(ad.spec, adapter_uris):
         volume = dns_label("pvc", claim)
         vols.append({"name": volume, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
@@ -295,11 +403,20 @@ def render_service(ad: AdapterDeployment) -> dict[str, Any]:
     }
 
 
-def resolved_adapters(spec: AdapterDeploymentSpec, from_jobs: Mapping[str, str]) -> list[tuple[str, str]]:
-    """(name, URI), spec order, of the adapters whose URI is known: given, or (`from_jobs`, name →
-    URI) the adapter of a Succeeded FineTuneJob. Adapters still waiting for their job are left out."""
+def resolved_adapters(
+    spec: AdapterDeploymentSpec, from_jobs: Mapping[str, str], job_sources: Mapping[str, str] | None = None
+) -> list[tuple[str, str]]:
+    """(name, URI), spec order, of the adapters whose URI is known and acceptable: given, or
+    (`from_jobs`, name → URI) the adapter of a Succeeded FineTuneJob, under its job's source when
+    `job_sources` names one. Adapters still waiting for their job, and URIs that fail the rules, are
+    left out."""
     pairs = [(a.name, a.uri or from_jobs.get(a.name)) for a in spec.adapters]
-    return [(name, uri) for name, uri in pairs if uri]
+    sources = job_sources or {}
+    return [
+        (name, uri)
+        for name, uri in pairs
+        if uri and adapter_uri_problem(uri) is None and (name not in sources or under(uri, sources[name]))
+    ]
 
 
 def adapters_file_entries(ad: AdapterDeployment, adapters: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -309,17 +426,79 @@ def adapters_file_entries(ad: AdapterDeployment, adapters: Iterable[tuple[str, s
     return [(name, path) for name, path in paths if path is not None]
 
 
-def render_adapters_configmap(ad: AdapterDeployment, adapters: Iterable[tuple[str, str]]) -> dict[str, Any]:
-    """The adapters file: `adapters` is (name, URI) of every adapter whose URI is known, spec order."""
+def render_adapters_configmap(
+    ad: AdapterDeployment, adapters: Iterable[tuple[str, str]], sources: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The adapters file: `adapters` is (name, URI) of every adapter whose URI is known, spec order;
+    and (builtin runtime) the allow-list `sources`, one per line."""
     name, namespace = identity(ad.metadata)
     text = adaptersfile.render_adapters_file(adapters_file_entries(ad, adapters))
+    data = {adaptersfile.CONFIGMAP_KEY: text}
+    if ad.spec.runtime == "builtin":
+        data[ALLOWED_SOURCES_KEY] = "".join(f"{source}\n" for source in sources)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": object_meta(
             adaptersfile.configmap_name(name), namespace, pod_labels(name), owner_reference(ad.metadata, KIND)
         ),
-        "data": {adaptersfile.CONFIGMAP_KEY: text},
+        "data": data,
+    }
+
+
+def render_admin_key_secret(ad: AdapterDeployment, config: OperatorConfig) -> dict[str, Any]:
+    """The Secret holding the replicas' admin key (`keys.admin_key`). The operator only ever writes
+    it (server-side apply), never reads it: it derives the key again whenever it calls a replica."""
+    (name, namespace), uid = identity(ad.metadata), str(ad.metadata.uid or "")
+    key = keys.admin_key(config, namespace, name, uid)
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": object_meta(
+            admin_key_secret_name(name), namespace, pod_labels(name), owner_reference(ad.metadata, KIND)
+        ),
+        "type": "Opaque",
+        "data": {ADMIN_KEY_ITEM: base64.b64encode(key.encode()).decode()},
+    }
+
+
+def configured_namespace(config: OperatorConfig) -> str:
+    """The operator's namespace where its configuration says (`operator_namespace`), else ""."""
+    return str(getattr(config, "operator_namespace", "") or "")
+
+
+def render_network_policy(ad: AdapterDeployment, operator_ns: str) -> dict[str, Any]:
+    """Ingress to the replicas, on the serving port only, from:
+    - any pod of the same namespace: the Service's clients. NetworkPolicy selects pods, not the
+      path a packet took, so "only through the Service" cannot be said: a pod of this namespace
+      may also call a replica's IP directly (it is let through either way);
+    - the operator's pods (`operator_ns` by its `kubernetes.io/metadata.name` label, and the
+      operator's pod labels), which load and unload adapters; left out when `operator_ns` is "";
+    - anywhere, when the Service is a NodePort or LoadBalancer: the user asked for it to be
+      reachable from outside the cluster (the API key is then what guards it).
+    Other ports (none today) and other namespaces are refused. Kubelet probes come from the node,
+    which most network plugins always let through. Egress is not restricted: replicas download
+    base models and adapters from hf:// and s3:// endpoints that no IP list can name, and a
+    NetworkPolicy cannot select by host name."""
+    (name, namespace), spec = identity(ad.metadata), ad.spec
+    peers: list[dict[str, Any]] = [{"podSelector": {}}]
+    if operator_ns:
+        peers.append(
+            {
+                "namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: operator_ns}},
+                "podSelector": {"matchLabels": dict(OPERATOR_POD_LABELS)},
+            }
+        )
+    rule: dict[str, Any] = {"ports": [{"protocol": "TCP", "port": spec.service.port}]}
+    if spec.service.type == "ClusterIP":
+        rule["from"] = peers
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": object_meta(
+            network_policy_name(name), namespace, pod_labels(name), owner_reference(ad.metadata, KIND)
+        ),
+        "spec": {"podSelector": {"matchLabels": selector(name)}, "policyTypes": ["Ingress"], "ingress": [rule]},
     }
 
 
@@ -328,23 +507,25 @@ class AdapterDeploymentObjects:
     adapters: dict[str, Any]
     deployment: dict[str, Any]
     service: dict[str, Any]
+    admin_key: dict[str, Any]
+    network_policy: dict[str, Any] | None  # None when the operator is configured to render none
 
     def all(self) -> list[dict[str, Any]]:
-        return [self.adapters, self.service, self.deployment]
+        policy = [self.network_policy] if self.network_policy is not None else []
+        return [self.admin_key, *policy, self.adapters, self.service, self.deployment]
 
 
 def check_renderable(ad: AdapterDeployment) -> None:
     meta, problems = ad.metadata, []
-    if not meta.name or not DNS_1035_LABEL.match(meta.name) or len(meta.name) > MAX_DNS_LABEL:
-        problems.append(
-            f"metadata.name {meta.name!r} cannot name the Service: use at most {MAX_DNS_LABEL} lowercase "
-            "letters, digits and '-', starting with a letter"
-        )
+    problems.extend(name_problems(ADAPTERDEPLOYMENT.kind, meta.name))
     if not meta.namespace:
         problems.append("metadata.namespace is required")
     if not meta.uid:
         problems.append("metadata.uid is required (children are owned by it)")
-    if ad.spec.runtime == "vllm":
+    base_problem = uri_problem(ad.spec.base_model.uri)
+    if base_problem:
+        problems.append(f"spec.baseModel.uri: {base_problem}")
+    elif ad.spec.runtime == "vllm":
         try:
             local_path(ad.spec.base_model.uri)
         except RenderError as error:
@@ -356,13 +537,33 @@ def check_renderable(ad: AdapterDeployment) -> None:
 
 
 def render_adapterdeployment(
-    ad: AdapterDeployment, config: OperatorConfig, from_jobs: Mapping[str, str] | None = None
+    ad: AdapterDeployment,
+    config: OperatorConfig,
+    from_jobs: Mapping[str, str] | None = None,
+    job_sources: Mapping[str, str] | None = None,
+    operator_ns: str | None = None,
 ) -> AdapterDeploymentObjects:
-    """The adapters ConfigMap, Deployment and Service of `ad`, owned by it. `from_jobs`: adapter
-    name → URI for the `fromJob` adapters whose FineTuneJob has Succeeded."""
+    """The children of `ad`, owned by it. `from_jobs`: adapter name → URI for the `fromJob`
+    adapters whose FineTuneJob has Succeeded; `job_sources`: adapter name → where its FineTuneJob
+    publishes (contract.adapter_uri of the job's spec.output.uri), for every `fromJob` adapter whose
+    job exists. A resolved URI outside its job's source, or failing the URI rules, is left out.
+    `operator_ns`: the operator's namespace, for the NetworkPolicy (default: the configuration's
+    `operator_namespace`, where it has one)."""
     check_renderable(ad)
-    resolved = resolved_adapters(ad.spec, from_jobs or {})
-    uris = [uri for _, uri in resolved]
+    refused = image_problem(ad.spec.image, config)
+    if refused:
+        raise RenderError(f"AdapterDeployment {ad.metadata.name!r} cannot be rendered: spec.image: {refused}")
+    resolved = resolved_adapters(ad.spec, from_jobs or {}, job_sources)
+    sources = allowed_sources(ad.spec, job_sources or {})
+    # Mounted: the claims of what is allowed (a job's output claim is mounted before it finishes,
+    # so its adapter loads without a restart) and of what is resolved.
+    uris = [*sources, *(uri for _, uri in resolved)]
     return AdapterDeploymentObjects(
-        render_adapters_configmap(ad, resolved), render_deployment(ad, config, uris), render_service(ad)
+        render_adapters_configmap(ad, resolved, sources),
+        render_deployment(ad, config, uris),
+        render_service(ad),
+        render_admin_key_secret(ad, config),
+        render_network_policy(ad, configured_namespace(config) if operator_ns is None else operator_ns)
+        if config.network_policies
+        else None,
     )

@@ -20,6 +20,7 @@ from .adapters import (
     LOADING,
     PENDING,
     UNLOADING,
+    UNTRUSTED,
     WAITING_FOR_JOB,
     Replica,
     Wanted,
@@ -46,6 +47,10 @@ def adapter_statuses(wanted: list[Wanted], replicas: list[Replica]) -> list[dict
     out: list[dict[str, Any]] = []
     for want in wanted:
         entry: dict[str, Any] = {"name": want.name}
+        if want.problem:  # never sent to a replica: its URI breaks the rules or its job's bounds
+            entry.update(state=FAILED, loadedReplicas=0, message=want.problem)
+            out.append(entry)
+            continue
         if want.uri is None:
             entry.update(state=PENDING, loadedReplicas=0, message=want.pending)
             out.append(entry)
@@ -88,8 +93,10 @@ def adapter_statuses(wanted: list[Wanted], replicas: list[Replica]) -> list[dict
 
 
 def adapters_ready_reason(states: list[str], waiting_reasons: list[str]) -> str:
-    """Why AdaptersReady is False, the most actionable first: a refused load, a failed job, a job
-    still running, no replica to load on, loads under way."""
+    """Why AdaptersReady is False, the most actionable first: an untrusted source, a refused load,
+    a failed job, a job still running, no replica to load on, loads under way."""
+    if UNTRUSTED in waiting_reasons:
+        return UNTRUSTED
     if FAILED in states:
         return "AdapterFailed"
     for reason in (JOB_FAILED, WAITING_FOR_JOB):
@@ -167,7 +174,8 @@ def derive_status(current: Mapping[str, Any] | None, obs: Observed) -> dict[str,
     failed = [f"{a['name']}: {a.get('message', '')}" for a in adapters if a["state"] == FAILED]
     unreachable = [f"{r.name}: {r.error}" for r in obs.replica_views if r.loaded is None]
     if failed or unreachable:
-        reason = "AdapterFailed" if failed else "ReplicaUnreachable"
+        untrusted = any(w.problem for w in obs.wanted)
+        reason = (UNTRUSTED if untrusted else "AdapterFailed") if failed else "ReplicaUnreachable"
         put(DEGRADED, True, reason, "; ".join(failed + unreachable))
     else:
         put(DEGRADED, False, "Healthy", "no adapter failed and every ready replica answers")
@@ -184,3 +192,19 @@ def derive_status(current: Mapping[str, Any] | None, obs: Observed) -> dict[str,
         status["observedGeneration"] = gen
     # Keep fields we do not own (none today) as they are.
     return {**{k: v for k, v in current.items() if k not in status}, **status}
+
+
+def refused_status(
+    current: Mapping[str, Any] | None, generation: int | None, error: str, now: datetime
+) -> dict[str, Any]:
+    """The status of an AdapterDeployment the operator refuses to render: Degraded=True with the
+    reason (NotAllowed: an image outside the operator's allow-list; InvalidSpec: anything else) and
+    the renderer's words, Available=False; other fields kept."""
+    reason = "NotAllowed" if "not allowed by the operator" in error else "InvalidSpec"
+    status = dict(current or {})
+    conditions = status.get("conditions")
+    conditions = c.set_condition(conditions, AVAILABLE, c.FALSE, reason, error, generation, now)
+    conditions = c.set_condition(conditions, DEGRADED, c.TRUE, reason, error, generation, now)
+    status["conditions"] = conditions
+    status["observedGeneration"] = generation
+    return status

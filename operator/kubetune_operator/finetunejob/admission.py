@@ -6,6 +6,11 @@ hf:// URIs), or the parameter count a user states in the annotation `kubetune.io
 (e.g. "7B", "494M", "8030261248"). A model of unknown size is admitted without the memory check,
 and the Admitted condition says so. The GPU's memory comes from the `nvidia.com/gpu.product`
 node selector, the annotation `kubetune.io/gpu-memory-gib`, or an 80 GiB default.
+
+Annotations are anyone's text: a count that is not finite, not positive or beyond any model
+(`1e999`, `nan`, `-1`, 400 digits) is "not a parameter count" and the job is admitted without the
+memory check; a GPU memory that is not a finite, plausible number is ignored. The operator's
+allow-lists (images, PriorityClasses; `OperatorConfig`) refuse a job with reason NotAllowed.
 """
 
 import math
@@ -17,17 +22,22 @@ from kubetune.api.finetunejob import FineTuneJob, TrainingPlan
 from kubetune.api.validation import validate
 from kubetune.planning import ModelShape, Plan, plan_for_spec
 
-from .render import name_problems
+from ..config import OperatorConfig
+from .render import name_problems, policy_problems
 
 MODEL_PARAMS_ANNOTATION = "kubetune.io/model-params"
 GPU_MEMORY_ANNOTATION = "kubetune.io/gpu-memory-gib"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 DEFAULT_GPU_MEMORY_GIB = 80.0
+MAX_PARAMS = 10**14  # 100T parameters: beyond any model, and small enough for the planner's arithmetic
+MAX_GPU_MEMORY_GIB = 4096.0
+MAX_ANNOTATION_TEXT = 64  # characters of an annotation parsed as a number
 
 # Reasons of the Admitted (and, when refused, Failed) condition.
 ADMITTED = "Admitted"
 INVALID_SPEC = "InvalidSpec"
 INSUFFICIENT_GPU_MEMORY = "InsufficientGpuMemory"
+NOT_ALLOWED = "NotAllowed"
 
 
 @dataclass(frozen=True)
@@ -84,13 +94,18 @@ class Admission:
 
 
 def parse_param_count(text: str) -> int | None:
-    """ "7B", "1.5b", "494M", "7e9", "8030261248" → a parameter count; None if unreadable."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMbBtT]?)\s*", text or "")
+    """ "7B", "1.5b", "494M", "7e9", "8030261248" → a parameter count; None if unreadable, not
+    finite, not positive or beyond MAX_PARAMS ("1e999", "nan", "-1", 400 digits)."""
+    if not isinstance(text, str) or len(text) > MAX_ANNOTATION_TEXT:
+        return None
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMbBtT]?)\s*", text)
     if not match:
         return None
     scale = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[match.group(2).lower()]
-    count = int(float(match.group(1)) * scale)
-    return count if count > 0 else None
+    value = float(match.group(1)) * scale
+    if not math.isfinite(value) or not 1 <= value <= MAX_PARAMS:
+        return None
+    return int(value)
 
 
 def architecture_from_params(total: int) -> Architecture:
@@ -117,7 +132,8 @@ def model_architecture(job: FineTuneJob) -> tuple[Architecture | None, str]:
     if stated is not None:
         count = parse_param_count(stated)
         if count is None:
-            return None, f"annotation {MODEL_PARAMS_ANNOTATION}={stated!r} is not a parameter count (e.g. 7B, 494M)"
+            shown = repr(stated[:40]) + ("..." if len(stated) > 40 else "")
+            return None, f"annotation {MODEL_PARAMS_ANNOTATION}={shown} is not a parameter count (e.g. 7B, 494M)"
         return architecture_from_params(count), f"{count:,} parameters from annotation {MODEL_PARAMS_ANNOTATION}"
     arch = known_architecture(job.spec.model.uri)
     if arch is None:
@@ -182,10 +198,10 @@ def gpu_memory_gib(job: FineTuneJob) -> tuple[float, str]:
     stated = job.metadata.annotations.get(GPU_MEMORY_ANNOTATION)
     if stated is not None:
         try:
-            value = float(stated)
+            value = float(stated[:MAX_ANNOTATION_TEXT])
         except ValueError:
             value = 0.0
-        if value > 0:
+        if math.isfinite(value) and 0 < value <= MAX_GPU_MEMORY_GIB:
             return value, f"annotation {GPU_MEMORY_ANNOTATION}"
     product = job.spec.resources.node_selector.get(GPU_PRODUCT_LABEL, "")
     if product:
@@ -245,11 +261,19 @@ def refuse_invalid(problems: list[str]) -> Admission:
     return Admission(False, INVALID_SPEC, "the spec cannot run in a cluster:\n" + "\n".join(f"  {p}" for p in problems))
 
 
-def admit(job: FineTuneJob) -> Admission:
-    """Admit the job (with its plan), or refuse it with the reason and what to change."""
+def refuse_not_allowed(problems: list[str]) -> Admission:
+    return Admission(False, NOT_ALLOWED, "; ".join(problems))
+
+
+def admit(job: FineTuneJob, config: OperatorConfig | None = None) -> Admission:
+    """Admit the job (with its plan), or refuse it with the reason and what to change. `config`:
+    the operator's, whose allow-lists apply (without it, only the spec is checked)."""
     problems = spec_problems(job)
     if problems:
         return refuse_invalid(problems)
+    refused = policy_problems(job, config) if config is not None else []
+    if refused:
+        return refuse_not_allowed(refused)
     arch, model_note = model_architecture(job)
     if arch is None:
         return Admission(True, ADMITTED, f"admitted without a GPU memory check: {model_note}", sizeless_plan(job))

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from kubetune.api.finetunejob import FineTuneJob
+from kubetune.api.yamlsafe import ManifestError, load_all
 from kubetune.contract import CONFIG_KEY
 
 from .status import job_outcome, job_suspended
@@ -43,18 +44,23 @@ def job_patch(ftj: FineTuneJob, existing: dict[str, Any], rendered: dict[str, An
     return {"spec": spec} if spec else None
 
 
-def trainer_settings(config_map: dict[str, Any] | None) -> Any:
-    """The trainer config a ConfigMap carries (a mapping, unless someone wrote other YAML there),
-    without spec.runPolicy (suspend, deadlines and TTL change the Job in place, never its pods);
-    None when there is none."""
+def trainer_settings(config_map: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The trainer config a ConfigMap carries, without spec.runPolicy (suspend, deadlines and TTL
+    change the Job in place, never its pods); None when there is none, or when what is there is not
+    one mapping. Anyone who may edit ConfigMaps in the namespace may have written that text, so it
+    is read with the manifest loader's limits (size, depth, aliases): hostile YAML is "another
+    config", never an exception."""
     text = ((config_map or {}).get("data") or {}).get(CONFIG_KEY)
-    if text is None:
+    if not isinstance(text, str):
         return None
     try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError:
+        documents = load_all(text)
+    except (ManifestError, yaml.YAMLError, RecursionError):  # the loader's own refusals, and what escapes them
         return None
-    if isinstance(document, dict) and isinstance(document.get("spec"), dict):
+    if len(documents) != 1 or not isinstance(documents[0], dict):
+        return None
+    document: dict[str, Any] = documents[0]
+    if isinstance(document.get("spec"), dict):
         document["spec"].pop("runPolicy", None)
     return document
 

@@ -2,8 +2,9 @@
 
 * `reconcile_finetunejob`: admission (validation + memory plan), then the ConfigMap, Service and
   Job (server-side apply; an existing Job's mutable fields are merge-patched and a suspended Job
-  made for another config is replaced: its pod template cannot change), then the status.
-  Idempotent: a re-run after an operator crash changes nothing that is already as it should be.
+  made for another config is replaced: its pod template cannot change), then the status, unless
+  this pass created the Job (its own events and its pods' bring that refresh). Idempotent: a
+  re-run after an operator crash changes nothing that is already as it should be.
 * `reconcile_status`: the status from the Job and its pods (and, when asked, rank 0's metrics),
   written only when it changed, with a Kubernetes Event for each condition that flipped.
 
@@ -73,6 +74,7 @@ def measured(fn: Callable[..., T]) -> Callable[..., T]:
 
 
 def retry_conflicts(step: Callable[[], T]) -> T:
+    """`step` again (it reads the object afresh) when its write lost a race: 409 Conflict."""
     for attempt in range(CONFLICT_RETRIES):
         try:
             return step()
@@ -148,30 +150,48 @@ def write(state: OperatorState, body: dict[str, Any], desired: dict[str, Any]) -
 
 
 @measured
-def reconcile_finetunejob(state: OperatorState, namespace: str, name: str) -> None:
-    """Admit the job, create what runs it, bring its Job in step, and refresh its status."""
-    whole_reconcile(state, (namespace, name))
+def reconcile_finetunejob(state: OperatorState, namespace: str, name: str, seen: dict[str, Any] | None = None) -> None:
+    """Admit the job, create what runs it, bring its Job in step, and refresh its status. `seen`:
+    the object as the caller's event showed it (see `first_read`)."""
+    whole_reconcile(state, (namespace, name), seen)
 
 
-def whole_reconcile(state: OperatorState, key: Key) -> None:
+def whole_reconcile(state: OperatorState, key: Key, seen: dict[str, Any] | None = None) -> None:
+    """A Job created by this pass has no pods to report yet: its own events (Job created, pods
+    created) ask for the status refresh (`handlers.refresh_later`), so none is done here."""
+    reads = iter([first_read(seen)])
     with state.locks.hold(KIND, key):
-        if retry_conflicts(lambda: admit_and_create(state, key)):
+        outcome = retry_conflicts(lambda: admit_and_create(state, key, next(reads, None)))
+        if outcome == ADMITTED_EXISTING:
             status_reconcile(state, key, scrape_metrics=False, recreate=False)
 
 
-def admit_and_create(state: OperatorState, key: Key) -> bool:
-    """True when the job is admitted and its objects exist; raises Refused when admission says no."""
-    body = read_finetunejob(state, key)
+def first_read(seen: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The event's body stands for the first read of a job the operator never admitted (its
+    creation: the status patch that admits it names that body's resourceVersion, so a stale body
+    fails with 409 and is read again); any other job is read afresh."""
+    if seen is None or is_admitted(seen.get("status") or {}) or is_terminating(seen):
+        return None
+    return seen
+
+
+NOT_ADMITTED, ADMITTED_CREATED, ADMITTED_EXISTING = "not admitted", "Job created", "Job existed"
+
+
+def admit_and_create(state: OperatorState, key: Key, seen: dict[str, Any] | None = None) -> str:
+    """Whether the job is admitted and its objects exist, and whether this pass created its Job;
+    raises Refused when admission says no. `seen`: the body to use instead of a first read."""
+    body = seen if seen is not None else read_finetunejob(state, key)
     if body is None:
-        return False
+        return NOT_ADMITTED
     current = body.get("status") or {}
     if is_done(current):
-        return False  # never revive a finished job (its Job may be gone with its TTL)
+        return NOT_ADMITTED  # never revive a finished job (its Job may be gone with its TTL)
     job, parse_error = parse(body)
     generation = (body.get("metadata") or {}).get("generation")
     if job is None:
         refuse(state, body, "InvalidSpec", f"the spec cannot run in a cluster:\n{parse_error}", None, generation)
-    admission = admit(job)
+    admission = admit(job, state.config)
     if not admission.admitted:
         admission = recorded_admission(state, job, current) or admission
     plan = admission.plan.to_wire() if admission.plan else None
@@ -180,10 +200,10 @@ def admit_and_create(state: OperatorState, key: Key) -> bool:
     desired = apply_admission(current, True, admission.reason, admission.message, plan, generation, utcnow())
     write(state, body, desired)
     try:
-        ensure_children(state, job, admission.plan)
+        created = ensure_children(state, job, admission.plan)
     except RenderError as error:  # admission checks the same things; kept as a last line of defence
         refuse(state, read_finetunejob(state, key) or body, "InvalidSpec", str(error), plan, generation)
-    return True
+    return ADMITTED_CREATED if created else ADMITTED_EXISTING
 
 
 def recorded_admission(state: OperatorState, job: FineTuneJob, current: dict[str, Any]) -> Admission | None:
@@ -200,7 +220,10 @@ def recorded_admission(state: OperatorState, job: FineTuneJob, current: dict[str
         job.metadata.namespace,
         job.metadata.name,
     )
-    plan = TrainingPlan.model_validate(current["plan"]) if current.get("plan") else None
+    try:  # status is writable by others: a plan edited into nonsense is no plan
+        plan = TrainingPlan.model_validate(current["plan"]) if current.get("plan") else None
+    except ValidationError:
+        plan = None
     return Admission(True, admitted.get("reason", "Admitted"), admitted.get("message", ""), plan)
 
 
@@ -213,11 +236,13 @@ def refuse(
     raise Refused(reason)
 
 
-def ensure_children(state: OperatorState, job: FineTuneJob, plan: TrainingPlan | None) -> None:
-    """ConfigMap, Service and Job, in that order (the pods mount the one and resolve through the
-    other), applied server-side. A Job that exists keeps its ConfigMap as it was made (its pods'
+def ensure_children(state: OperatorState, job: FineTuneJob, plan: TrainingPlan | None) -> bool:
+    """ConfigMap, Service, NetworkPolicy and Job, in that order (the pods mount the one, resolve
+    through the other and are born fenced by the third), applied server-side. The NetworkPolicy is
+    applied with every Job the operator creates (one call, no read: server-side apply creates or
+    restores it). A Job that exists keeps its ConfigMap as it was made (its pods'
     retries read the same trainer config) and gets only its mutable fields patched; a suspended Job
-    made for another config is replaced."""
+    made for another config is replaced. True when the Job was created."""
     objects = render_finetunejob(job, state.config, plan)
     uid = job.metadata.uid
     workload = existing_child(state.client, objects.job, uid, KIND)
@@ -229,12 +254,15 @@ def ensure_children(state: OperatorState, job: FineTuneJob, plan: TrainingPlan |
         apply_child(state.client, objects.config_map, config_map)
     apply_child(state.client, objects.service, service)
     if workload is None:
+        if objects.network_policy is not None:
+            apply_child(state.client, objects.network_policy, None)
         apply_child(state.client, objects.job, None)
-        return
+        return True
     patch = job_patch(job, workload, objects.job)
     if patch:
         state.client.merge_patch(k8s.object_path(objects.job, objects.job["metadata"]["name"]), patch)
         log.info("Job %s/%s patched: %s", job.metadata.namespace, job.metadata.name, patch["spec"])
+    return False
 
 
 def replace_job(

@@ -1,4 +1,4 @@
-"""FineTuneJob → the three objects that run it: a ConfigMap, a headless Service and an Indexed Job.
+"""FineTuneJob → the objects that run it: a ConfigMap, a headless Service, a NetworkPolicy and an Indexed Job.
 
 - ConfigMap `<name>-trainer-config`: `trainer.yaml`, the TrainerConfig (the user's spec plus runtime
   settings) written with the API models' own `to_wire()`, so the trainer parses exactly the spec
@@ -10,6 +10,13 @@
 - Job `<name>`: Indexed, one pod per node; the completion index is torchrun's node rank. Pod
   disruptions (preemption, drain) and preempted-after-checkpoint exits do not use up backoffLimit;
   exit codes that mean "bad input" fail the Job at once instead of retrying.
+- NetworkPolicy `<name>-trainer`: the training pods accept connections only from the same job's
+  pods (any port: torchrun's rendezvous, NCCL) and from the operator's pods on the metrics port
+  (its scrape); egress stays open (models and datasets come from https, hf and s3). Off with the
+  operator setting `networkPolicies: false`.
+
+The operator's allow-lists (images, PriorityClasses) are checked here too, as a last line of
+defence behind admission, so a workload the operator would refuse is never rendered.
 
 Everything here is pure: no API calls, no clock, no randomness. The same input gives equal dicts.
 """
@@ -22,6 +29,9 @@ import yaml
 from pydantic import ValidationError
 
 from kubetune.api.finetunejob import FineTuneJob, FineTuneJobSpec, ResourcesSpec, TrainingPlan
+from kubetune.api.kinds import FINETUNEJOB
+from kubetune.api.names import FINETUNEJOB_SERVICE_SUFFIX, NAME_RULES
+from kubetune.api.names import name_problems as api_name_problems
 from kubetune.api.validation import validate
 from kubetune.contract import (
     CACHE_DIR,
@@ -51,7 +61,6 @@ from kubetune.planning import Plan
 from ..config import OperatorConfig
 from ..render_common import (
     DEFAULT_CONTAINER_ANNOTATION,
-    DNS_1035_LABEL,
     LABEL_COMPONENT,
     MAX_DNS_LABEL,
     RenderError,
@@ -59,9 +68,12 @@ from ..render_common import (
     container_security_context,
     dns_label,
     identity,
+    image_problem,
     object_meta,
+    operator_peer,
     owner_reference,
     pod_security_context,
+    priority_class_problem,
     quantity,
     short_hash,
     standard_labels,
@@ -75,11 +87,12 @@ COMPONENT = "trainer"
 CONTAINER = TRAINER_CONTAINER
 
 # Names derived from the FineTuneJob's name.
-SERVICE_SUFFIX = "-workers"
+SERVICE_SUFFIX = FINETUNEJOB_SERVICE_SUFFIX  # the name rule of kubetune.api.names counts it
 CONFIG_MAP_SUFFIX = "-trainer-config"
+NETWORK_POLICY_SUFFIX = "-trainer"
 # Longest FineTuneJob name whose Service name still fits a DNS label (pod hostnames
 # `<name>-<index>` are shorter for any possible node count, so this is the binding limit).
-MAX_JOB_NAME = MAX_DNS_LABEL - len(SERVICE_SUFFIX)
+MAX_JOB_NAME = NAME_RULES[FINETUNEJOB.kind].max_length
 
 # Labels and annotations.
 JOB_LABEL = "kubetune.io/job"
@@ -102,6 +115,10 @@ def config_map_name(name: str) -> str:
     return f"{name}{CONFIG_MAP_SUFFIX}"
 
 
+def network_policy_name(name: str) -> str:
+    return f"{name}{NETWORK_POLICY_SUFFIX}"
+
+
 def pod_hostname(name: str, index: int) -> str:
     """The hostname the Job controller gives the pod of completion index `index`."""
     return f"{name}-{index}"
@@ -113,22 +130,15 @@ def master_addr(name: str) -> str:
 
 
 def name_problems(name: str | None, nodes: int = 1) -> list[str]:
-    """What makes `name` unusable for a FineTuneJob's workload, in words for the user. Exposed so
-    admission can reject such a job up front; the renderer raises the same messages."""
-    if not name:
-        return ["metadata.name is required"]
-    problems = []
-    if not DNS_1035_LABEL.match(name):
+    """What makes `name` unusable for a FineTuneJob's workload, in words for the user: the rule of
+    `kubetune.api.names` (the one `kubetune validate` and the API server apply), plus the pod
+    hostnames of this many nodes. Exposed so admission can reject such a job up front; the
+    renderer raises the same messages."""
+    problems = api_name_problems(FINETUNEJOB.kind, name)
+    if not problems and name and len(pod_hostname(name, nodes - 1)) > MAX_DNS_LABEL:
         problems.append(
-            f"metadata.name {name!r} cannot name the trainer Service and pod hostnames: use lowercase "
-            "letters, digits and '-', starting with a letter and without dots"
-        )
-    longest = max(len(service_name(name)), len(pod_hostname(name, nodes - 1)))
-    if longest > MAX_DNS_LABEL:
-        problems.append(
-            f"metadata.name {name!r} is {len(name)} characters; at most {MAX_JOB_NAME} are allowed, because the "
-            f"trainer Service {service_name(name)!r} and the pod hostnames {pod_hostname(name, 0)!r}... must fit "
-            f"in {MAX_DNS_LABEL} characters"
+            f"metadata.name {name!r} is {len(name)} characters: the pod hostname {pod_hostname(name, nodes - 1)!r} "
+            f"must fit in {MAX_DNS_LABEL} characters"
         )
     return problems
 
@@ -193,7 +203,7 @@ def trainer_config_text(trainer: TrainerConfig) -> str:
     return yaml.safe_dump(trainer.to_wire(), sort_keys=True, default_flow_style=False)
 
 
-# --- the three objects ---------------------------------------------------------------------------
+# --- the objects ---------------------------------------------------------------------------------
 
 
 def render_config_map(job: FineTuneJob, config: OperatorConfig, plan: AnyPlan = None) -> dict[str, Any]:
@@ -225,6 +235,25 @@ def render_service(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:
             "publishNotReadyAddresses": True,
             "ports": ports,
         },
+    }
+
+
+def render_network_policy(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:
+    """Ingress to the job's pods from the job's own pods (every port), and from the operator's pods
+    to the metrics port (none when metrics are off). Egress is not restricted: only Ingress is named
+    in policyTypes."""
+    name, namespace = identity(job.metadata)
+    own = {"matchLabels": selector(name)}
+    ingress: list[dict[str, Any]] = [{"from": [{"podSelector": own}]}]
+    if config.trainer_metrics_port:
+        ports = [{"port": config.trainer_metrics_port, "protocol": "TCP"}]
+        ingress.append({"from": [operator_peer(config)], "ports": ports})
+    owner = owner_reference(job.metadata, KIND)
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": object_meta(network_policy_name(name), namespace, pod_labels(name), owner),
+        "spec": {"podSelector": own, "policyTypes": ["Ingress"], "ingress": ingress},
     }
 
 
@@ -478,19 +507,32 @@ def dedupe_volumes(volumes: list[dict[str, Any]]) -> list[dict[str, Any]]:
 @dataclass(frozen=True)
 class FineTuneJobObjects:
     """The rendered objects, in the order they should be created (the Job's pods mount the
-    ConfigMap and resolve each other through the Service)."""
+    ConfigMap, resolve each other through the Service, and start behind their NetworkPolicy).
+    `network_policy` is None when the operator renders none."""
 
     config_map: dict[str, Any]
     service: dict[str, Any]
     job: dict[str, Any]
+    network_policy: dict[str, Any] | None = None
 
     def all(self) -> list[dict[str, Any]]:
-        return [self.config_map, self.service, self.job]
+        policy = [self.network_policy] if self.network_policy is not None else []
+        return [self.config_map, self.service, *policy, self.job]
 
 
-def check_renderable(job: FineTuneJob, plan: AnyPlan = None) -> None:
+def policy_problems(job: FineTuneJob, config: OperatorConfig) -> list[str]:
+    """What the operator's allow-lists refuse in `job` (its image, its PriorityClass)."""
+    problems = [
+        image_problem(job.spec.image, config),
+        priority_class_problem(job.spec.resources.priority_class_name, config),
+    ]
+    return [problem for problem in problems if problem]
+
+
+def check_renderable(job: FineTuneJob, plan: AnyPlan = None, config: OperatorConfig | None = None) -> None:
     """Raise RenderError, listing every problem, for a job the cluster would reject or run wrongly:
-    unusable names, missing namespace/uid, a spec that fails validation, a plan for another world size."""
+    unusable names, missing namespace/uid, a spec that fails validation, a plan for another world size,
+    an image or PriorityClass the operator's allow-lists refuse (when `config` is given)."""
     meta = job.metadata
     problems = name_problems(meta.name, job.spec.resources.nodes)
     if not meta.namespace:
@@ -501,13 +543,16 @@ def check_renderable(job: FineTuneJob, plan: AnyPlan = None) -> None:
     if plan is not None and plan.world_size is not None and plan.world_size != job.spec.resources.world_size:
         world = job.spec.resources.world_size
         problems.append(f"the plan is for world size {plan.world_size} but resources give {world}; plan again")
+    if config is not None:
+        problems += policy_problems(job, config)
     if problems:
         raise RenderError(f"FineTuneJob {meta.name!r} cannot be rendered:\n" + "\n".join(f"  {p}" for p in problems))
 
 
 def render_finetunejob(job: FineTuneJob, config: OperatorConfig, plan: AnyPlan = None) -> FineTuneJobObjects:
     """All objects for `job`, owned by it. `plan` (from admission) pins strategy `auto`."""
-    check_renderable(job, plan)
+    check_renderable(job, plan, config)
     config_map = render_config_map(job, config, plan)
     config_hash = short_hash(config_map["data"][CONFIG_KEY], 16)
-    return FineTuneJobObjects(config_map, render_service(job, config), render_job(job, config, config_hash))
+    policy = render_network_policy(job, config) if config.network_policies else None
+    return FineTuneJobObjects(config_map, render_service(job, config), render_job(job, config, config_hash), policy)

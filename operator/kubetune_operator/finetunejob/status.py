@@ -12,21 +12,33 @@ Where the facts come from, the Kubernetes way:
   the same model (and its limits) the trainer wrote it with.
 * restarts: the Job's failed count, without pod disruptions (preemption, drain, eviction), or the
   trainer's resumes from a checkpoint as rank 0 reports them, whichever is higher; never lowered.
+
+Nothing read here is trusted blindly. The termination message is rank 0's output: its adapter URI
+must pass the same URI rule as a spec (`uri_problem`) and lie under the job's own `spec.output.uri`,
+or the job fails with reason UntrustedResult instead of sending that URI on to an AdapterDeployment.
+The stored status is read back with the limits the operator writes it with (`readable_status`):
+whoever may edit the status subresource could have put anything the CRD's types allow there.
 """
 
 import copy
+import math
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from kubetune.api.finetunejob import FineTuneJob
-from kubetune.contract import TRAINER_CONTAINER, TrainerResult, adapter_uri
+from kubetune.api.uris import uri_problem
+from kubetune.contract import MAX_COUNT, TRAINER_CONTAINER, TrainerResult, adapter_uri
 
 from .. import conditions as c
 from .render import COMPLETION_INDEX_ANNOTATION as COMPLETION_INDEX
 
 DISRUPTION_TARGET = "DisruptionTarget"
 FAILURE_DETAIL_LIMIT = 2000  # characters of a pod's termination message quoted in the Failed condition
+UNTRUSTED_RESULT = "UntrustedResult"
+RESULT_SCHEMES = ("pvc", "s3", "file")  # and then only under spec.output.uri, which is never file:// in a cluster
+MAX_RESTARTS = 2**31 - 1
+METRIC_KEYS = ("trainLoss", "evalLoss", "learningRate", "tokensPerSecond", "gpuMemoryGiB")
 
 Status = dict[str, Any]
 
@@ -106,7 +118,7 @@ def completion_index(pod: dict[str, Any]) -> str | None:
 
 
 def newest_first(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return sorted(pods, key=lambda p: (p.get("metadata") or {}).get("creationTimestamp", ""), reverse=True)
+    return sorted(pods, key=lambda p: str((p.get("metadata") or {}).get("creationTimestamp", "")), reverse=True)
 
 
 def rank0_pods(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -134,7 +146,8 @@ def terminated_state(pod: dict[str, Any], container: str = TRAINER_CONTAINER) ->
 
 
 def termination_message(pod: dict[str, Any]) -> str:
-    return ((terminated_state(pod) or {}).get("message") or "").strip()
+    message = (terminated_state(pod) or {}).get("message")
+    return message.strip() if isinstance(message, str) else ""
 
 
 def restarts(job: dict[str, Any], pods: list[dict[str, Any]]) -> int:
@@ -166,7 +179,7 @@ class ReportedResult:
 
     @property
     def metrics(self) -> dict[str, float]:
-        return self.result.metrics.model_dump(by_alias=True, exclude_none=True) if self.result else {}
+        return self.result.metrics.to_status() if self.result else {}
 
     @property
     def steps(self) -> int | None:
@@ -178,6 +191,31 @@ def parse_result(message: str) -> ReportedResult:
     non-JSON message, or one that does not match `TrainerResult`, gives no result and `error`."""
     result, error = TrainerResult.parse(message)
     return ReportedResult(result, error)
+
+
+def untrusted_uri(uri: str, output_uri: str) -> str | None:
+    """Why a URI rank 0 reported cannot go into status (one line), or None: it must pass the URI
+    rule every spec passes and lie under the job's own output, where the trainer always writes."""
+    problem = uri_problem(uri, RESULT_SCHEMES)
+    if problem:
+        return problem
+    base = output_uri.rstrip("/")
+    if uri.rstrip("/") != base and not uri.startswith(base + "/"):
+        shown = repr(uri[:120]) + ("..." if len(uri) > 120 else "")
+        return f"{shown} is not under the job's spec.output.uri {output_uri!r}"
+    return None
+
+
+def result_problem(result: ReportedResult, output_uri: str) -> str | None:
+    """Why rank 0's result is not to be trusted, or None (no result at all is not distrust)."""
+    artifact = result.result.adapter if result.result else None
+    if artifact is None:
+        return None
+    for field, uri in (("adapter.uri", artifact.uri), ("adapter.mergedUri", artifact.merged_uri)):
+        problem = untrusted_uri(uri, output_uri) if uri is not None else None
+        if problem:
+            return f"rank 0 reported {field} {problem}"
+    return None
 
 
 def adapter_artifact(result: ReportedResult, output_uri: str) -> dict[str, Any]:
@@ -278,7 +316,7 @@ def failure_detail(pods: list[dict[str, Any]]) -> str:
         return ""
     state = terminated_state(last) or {}
     text = f"last pod {pod_name(last)} exited {state.get('exitCode')} ({state.get('reason') or 'Error'})"
-    message = trainer_error((state.get("message") or "").strip())
+    message = trainer_error(termination_message(last))
     if message:
         text += ": " + c.clip(message, FAILURE_DETAIL_LIMIT)
     return text
@@ -298,7 +336,7 @@ def trainer_reason(pods: list[dict[str, Any]]) -> str | None:
     last = last_failed_pod(pods)
     if last is None:
         return None
-    result, _ = TrainerResult.parse(((terminated_state(last) or {}).get("message") or "").strip())
+    result, _ = TrainerResult.parse(termination_message(last))
     return result.reason if result is not None and result.phase == "Failed" else None
 
 
@@ -320,9 +358,22 @@ def succeeded_result(ctx: Context) -> ReportedResult:
     return ReportedResult(None, "rank 0's pod is gone, so its termination message could not be read")
 
 
+def apply_untrusted(status: Status, ctx: Context, problem: str) -> Status:
+    """Failed=True reason UntrustedResult: the run finished, but what it reported is not passed on."""
+    message = f"{problem}; the result is not used (the trainer publishes to {adapter_uri(ctx.job.spec.output.uri)})"
+    status["conditions"] = c.set_condition(
+        status.get("conditions"), c.FAILED, c.TRUE, UNTRUSTED_RESULT, " ".join(message.split()), ctx.generation, ctx.now
+    )
+    return status
+
+
 def apply_success(status: Status, ctx: Context) -> Status:
-    """Succeeded=True, status.adapter and the final metrics and progress from rank 0's result."""
+    """Succeeded=True, status.adapter and the final metrics and progress from rank 0's result;
+    Failed=True (UntrustedResult) when the result names a location outside the job's output."""
     result = succeeded_result(ctx)
+    problem = result_problem(result, ctx.job.spec.output.uri)
+    if problem:
+        return apply_untrusted(status, ctx, problem)
     adapter = adapter_artifact(result, ctx.job.spec.output.uri)
     message = f"adapter written to {adapter['uri']}"
     if result.error:
@@ -361,7 +412,7 @@ def derive_status(current: Status | None, ctx: Context) -> Status:
 
     A job that admission has not accepted, or that already finished, keeps its stored status; so
     does one whose Job is absent (the handlers create it, or its TTL removed it after the end)."""
-    status = copy.deepcopy(current or {})
+    status = readable_status(current)
     conds = status.get("conditions") or []
     if not c.is_true(conds, c.ADMITTED) or ctx.workload is None or c.is_finished(conds):
         return status
@@ -383,9 +434,66 @@ def derive_status(current: Status | None, ctx: Context) -> Status:
     return status
 
 
+# --- the stored status, read back ----------------------------------------------------------------
+
+
+def _is_int(value: Any, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= high
+
+
+def _is_reading(value: Any) -> bool:
+    """A finite number (an int too large for a float is none: math.isfinite would raise on it)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return abs(value) <= MAX_COUNT
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def readable_conditions(value: Any) -> list[dict[str, Any]]:
+    """The conditions that are conditions (a mapping with a string type and status); others dropped."""
+    if not isinstance(value, list):
+        return []
+    return [dict(x) for x in value if isinstance(x, dict) and isinstance(x.get("type"), str)
+            and isinstance(x.get("status"), str)]  # fmt: skip
+
+
+def readable_progress(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for key in ("step", "totalSteps"):
+        if _is_int(value.get(key), MAX_COUNT):
+            out[key] = value[key]
+    if _is_int(value.get("percent"), 100):
+        out["percent"] = value["percent"]
+    if _is_reading(value.get("epoch")):
+        out["epoch"] = value["epoch"]
+    if isinstance(value.get("eta"), str):
+        out["eta"] = value["eta"][:64]
+    return out
+
+
+def readable_status(current: Status | None) -> Status:
+    """A copy of the stored status with what the operator reads back held to the limits it writes
+    with: conditions that are conditions, restarts a count, metrics finite, progress in range. What
+    falls outside is dropped (and rewritten by the next derivation), never a reason to raise."""
+    status = copy.deepcopy(current) if isinstance(current, dict) else {}
+    if "conditions" in status:
+        status["conditions"] = readable_conditions(status["conditions"])
+    if "restarts" in status and not _is_int(status["restarts"], MAX_RESTARTS):
+        del status["restarts"]
+    if "metrics" in status:
+        metrics = status["metrics"] if isinstance(status["metrics"], dict) else {}
+        status["metrics"] = {k: float(metrics[k]) for k in METRIC_KEYS if _is_reading(metrics.get(k))}
+    if "progress" in status:
+        status["progress"] = readable_progress(status["progress"])
+    return status
+
+
 # --- admission -----------------------------------------------------------------------------------
 
-ADMISSION_REASONS = ("InvalidSpec", "InsufficientGpuMemory")
+ADMISSION_REASONS = ("InvalidSpec", "InsufficientGpuMemory", "NotAllowed")
 
 
 def apply_admission(
@@ -400,7 +508,7 @@ def apply_admission(
     """The status after admission: Admitted True (with the plan), or Admitted False plus Failed
     True with the same reason (no retries: the same spec fails the same way). A job refused
     earlier and admitted now (resources changed while suspended) gets Failed False back."""
-    status = copy.deepcopy(current or {})
+    status = readable_status(current)
     conds = status.get("conditions") or []
     if admitted:
         conds = c.set_condition(conds, c.ADMITTED, c.TRUE, reason, message, generation, now)
