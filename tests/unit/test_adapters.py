@@ -409,7 +409,7 @@ def test_a_status_uri_that_is_not_the_jobs_own_reaches_no_replica_no_mount_and_n
     assert claims == ["adapters", "models", "outputs"]  # the job's own output claim, nothing else
     data = api.applied["ConfigMap"]["data"]
     assert uri not in data["adapters.json"] and "tuned" not in data["adapters.json"]
-    assert data["allowed-sources"].splitlines() == ["pvc://adapters/legal", "pvc://outputs/job/adapter"]
+    assert data["allowed-sources"].splitlines() == ["pvc://adapters/", "pvc://outputs/job/adapter"]
     tuned = adapter_status(api, "tuned")
     assert tuned["state"] == "Failed" and "not loaded" in tuned["message"] and "\n" not in tuned["message"]
     ready = cond(api.ad["status"], "AdaptersReady")

@@ -237,7 +237,7 @@ def test_vllm_takes_the_admin_key_or_the_users_as_its_one_key():
     assert env(c)["VLLM_API_KEY"] == {"secretKeyRef": {"name": "user-key", "key": "token"}}
 
 
-def test_the_allow_list_is_exactly_the_declared_sources():
+def test_the_allow_list_is_the_declared_claims_and_buckets_and_each_jobs_own_output():
     ad = make(
         adapters=[
             {"name": "legal", "uri": "pvc://adapters/legal"},
@@ -250,9 +250,9 @@ def test_the_allow_list_is_exactly_the_declared_sources():
     objects = render_adapterdeployment(ad, CONFIG, {}, {"tuned": "pvc://outputs/job/adapter"})
     assert objects.adapters["data"]["allowed-sources"].splitlines() == [
         "hf://org/adapter",
-        "pvc://adapters/legal",
+        "pvc://adapters/",
         "pvc://outputs/job/adapter",
-        "s3://bucket/remote",
+        "s3://bucket/",
     ]
     assert env(container(objects))["KUBETUNE_SERVE_ALLOWED_SOURCES"] == {
         "configMapKeyRef": {"name": "support-adapters", "key": "allowed-sources", "optional": True}

@@ -163,12 +163,23 @@ def under(uri: str, prefix: str) -> bool:
 
 
 def allowed_sources(spec: AdapterDeploymentSpec, job_sources: Mapping[str, str]) -> list[str]:
-    """The prefixes the builtin runtime may load from, sorted: each adapter's `uri`, and for a
-    `fromJob` adapter the place its FineTuneJob publishes to (`job_sources`, adapter name →
-    contract.adapter_uri(job.spec.output.uri)); none that fails the URI rules, and none with a
-    comma (the runtime splits the list on commas)."""
-    uris = [a.uri if a.uri else job_sources.get(a.name) for a in spec.adapters]
-    return sorted({u for u in acceptable(uris) if "," not in u})
+    """The prefixes the builtin runtime may load from, sorted: the claims and buckets the adapters
+    given by `uri` declare (`pvc://CLAIM/`, `s3://BUCKET/`: a new adapter in a declared place loads
+    at once, without waiting for the kubelet to refresh this list in the replicas; hf:// ids exactly),
+    and for a `fromJob` adapter exactly the place its FineTuneJob publishes to (`job_sources`,
+    adapter name → contract.adapter_uri(job.spec.output.uri)); none that fails the URI rules, and
+    none with a comma (the runtime splits the list on commas)."""
+    declared = [source_prefix(a.uri) for a in spec.adapters if a.uri]
+    from_jobs = [job_sources.get(a.name) for a in spec.adapters if not a.uri]
+    return sorted({u for u in acceptable([*declared, *from_jobs]) if "," not in u})
+
+
+def source_prefix(uri: str) -> str:
+    """The place a declared adapter URI names: its claim or bucket, or the URI itself (hf://, file://)."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("pvc", "s3") and parsed.netloc:
+        return f"{parsed.scheme}://{parsed.netloc}/"
+    return uri
 
 
 def claim_of(uri: str | None) -> str | None:
