@@ -6,17 +6,12 @@ import os
 import sys
 from dataclasses import dataclass
 
-# kopf imports the optional client libraries it finds (pykube, kubernetes, kubernetes_asyncio) only to
-# recognise their model objects; the operator hands kopf plain dicts. kubernetes_asyncio's generated
-# models alone cost ~40 MiB of the operator's memory where it happens to be installed: kept out.
-sys.modules.setdefault("kubernetes_asyncio", None)  # type: ignore[arg-type]
+import kopf
 
-import kopf  # noqa: E402 - after the line above
-
-from . import metrics  # noqa: E402
-from .config import OperatorConfig  # noqa: E402
-from .handlers import REGISTRY, configure  # noqa: E402
-from .state import ALLOW_METRICS_URL_ENV  # noqa: E402
+from . import metrics
+from .config import OperatorConfig
+from .handlers import REGISTRY, configure
+from .state import ALLOW_METRICS_URL_ENV
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,6 @@ always be deletable, operator running or not), kopf keeps its state in our own a
 
 import ast
 import inspect
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import kopf
@@ -244,13 +241,3 @@ def test_an_admitted_job_is_read_afresh_and_its_status_refreshed():
     reconcile_finetunejob(state, "ml", "new", seen=new_job(**admitted))
     assert client.calls[0] == ("GET", ftj_path)
     assert ("LIST", k8s.pods_path("ml")) in client.calls
-
-
-def test_the_operator_process_leaves_kubernetes_asyncio_out():
-    """kopf imports every client library it finds only to recognise their model objects; where
-    kubernetes_asyncio is installed its generated models cost the operator ~40 MiB."""
-    code = "import sys, kubetune_operator.main; print(sorted(m for m in sys.modules if 'kubernetes_asyncio' in m))"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(REPO / part) for part in ("core", "operator"))}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=True)
-    assert out.stdout.strip() in ("[]", "['kubernetes_asyncio']"), out.stdout
-    assert "kubernetes_asyncio." not in out.stdout  # none of its submodules, models included
