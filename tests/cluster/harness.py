@@ -782,6 +782,28 @@ class LocalCluster:
         self._annotate(namespace, name, {ANN_RESULT: "Succeeded"})
         return self.wait_pod_phase(namespace, name, "Succeeded", timeout=timeout) if wait else None
 
+    def succeed_pod_with_message(self, namespace: str, pod: dict, message: str) -> None:
+        """Play the kubelet for a trainer that exited 0 leaving `message` as its termination message
+        (kwok's success stage sets no message): the pod's status patched to Succeeded with it."""
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        container = pod["spec"]["containers"][0]
+        terminated = {"exitCode": 0, "reason": "Completed", "message": message, "startedAt": now, "finishedAt": now}
+        status = {
+            "phase": "Succeeded",
+            "conditions": [
+                {"type": t, "status": "False", "reason": "PodCompleted", "lastTransitionTime": now}
+                for t in ("Ready", "ContainersReady")
+            ],
+            "containerStatuses": [
+                {"name": container["name"], "image": container["image"], "imageID": "", "ready": False,
+                 "started": False, "restartCount": 0, "state": {"terminated": terminated}}
+            ],
+        }  # fmt: skip
+        path = f"/api/v1/namespaces/{namespace}/pods/{pod['metadata']['name']}/status"
+        code, body = self.api("PATCH", path, {"status": status}, content_type="application/merge-patch+json")
+        if code != 200:
+            raise ClusterError(f"patching the status of pod {namespace}/{pod['metadata']['name']}: {code} {body}")
+
     def fail_pod(
         self,
         namespace: str,

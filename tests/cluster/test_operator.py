@@ -171,32 +171,6 @@ def running_rank0(cluster, ns: str, name: str, timeout: float = WAIT) -> dict:
     return cluster.wait_for(check, f"rank 0 of {ns}/{name} Running", timeout=timeout)
 
 
-def succeed_with_message(cluster, ns: str, pod: dict, message: str) -> None:
-    """What the kubelet reports when the trainer exits 0 after writing its termination message (the
-    harness's kwok stage for success sets no message, so the test plays the kubelet here)."""
-    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    container = pod["spec"]["containers"][0]
-    status = {
-        "phase": "Succeeded",
-        "conditions": [{"type": t, "status": "False", "reason": "PodCompleted", "lastTransitionTime": now}
-                       for t in ("Ready", "ContainersReady")],
-        "containerStatuses": [{
-            "name": container["name"], "image": container["image"], "imageID": "", "ready": False,
-            "started": False, "restartCount": 0,
-            "state": {"terminated": {"exitCode": 0, "reason": "Completed", "message": message,
-                                     "startedAt": now, "finishedAt": now}},
-        }],
-    }  # fmt: skip
-    name = pod["metadata"]["name"]
-    code, body = cluster.api(
-        "PATCH",
-        f"/api/v1/namespaces/{ns}/pods/{name}/status",
-        {"status": status},
-        content_type="application/merge-patch+json",
-    )
-    assert code == 200, body
-
-
 def bound_claims(cluster, ns: str, *claims: str) -> list[str]:
     """PersistentVolumeClaims bound to hostPath PersistentVolumes made for them (kwok never mounts
     anything; the scheduler only needs the claims bound). Returns the PV names, to delete after.
@@ -352,7 +326,7 @@ def test_cpu_job_is_admitted_runs_reports_progress_and_succeeds(cluster, namespa
         result = {"phase": "Succeeded", "steps": 60,
                   "adapter": {"uri": "pvc://adapters/tiny-support/adapter", "sizeBytes": 1234, "sha256": "ab" * 32},
                   "metrics": {"trainLoss": 0.91, "evalLoss": 1.02, "tokensPerSecond": 900.0}}  # fmt: skip
-        succeed_with_message(cluster, namespace, pod, json.dumps(result))
+        cluster.succeed_pod_with_message(namespace, pod, json.dumps(result))
         done = wait_status(
             cluster, namespace, "tiny-support", lambda o: o["status"].get("phase") == "Succeeded", "Succeeded"
         )

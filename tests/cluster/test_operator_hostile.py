@@ -16,11 +16,7 @@ Rank 0's metrics come from a server on 127.0.0.1 named in the annotation kubetun
 
 from __future__ import annotations
 
-import threading
 import time
-from contextlib import contextmanager
-from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from kopf.testing import KopfRunner
@@ -31,6 +27,7 @@ from kubetune_operator.finetunejob.render import render_network_policy
 from kubetune_operator.handlers import REGISTRY
 from kubetune_operator.scrape import METRICS_URL_ANNOTATION
 from kubetune_operator.state import ALLOW_METRICS_URL_ENV
+from tests.hostile_http import drip, endpoint
 
 pytestmark = pytest.mark.cluster
 
@@ -86,61 +83,6 @@ def running_rank0(cluster, ns: str, name: str) -> dict:
     return cluster.wait_for(check, f"rank 0 of {ns}/{name} Running", timeout=WAIT)
 
 
-def succeed_with_message(cluster, ns: str, pod: dict, message: str) -> None:
-    """Play the kubelet: the trainer exited 0 leaving `message` as its termination message."""
-    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    container = pod["spec"]["containers"][0]
-    status = {
-        "phase": "Succeeded",
-        "conditions": [{"type": t, "status": "False", "reason": "PodCompleted", "lastTransitionTime": now}
-                       for t in ("Ready", "ContainersReady")],
-        "containerStatuses": [{
-            "name": container["name"], "image": container["image"], "imageID": "", "ready": False,
-            "started": False, "restartCount": 0,
-            "state": {"terminated": {"exitCode": 0, "reason": "Completed", "message": message,
-                                     "startedAt": now, "finishedAt": now}},
-        }],
-    }  # fmt: skip
-    path = f"/api/v1/namespaces/{ns}/pods/{pod['metadata']['name']}/status"
-    code, body = cluster.api("PATCH", path, {"status": status}, content_type="application/merge-patch+json")
-    assert code == 200, body
-
-
-@contextmanager
-def dripping_endpoint():
-    """A metrics endpoint that answers 200 and then 8 bytes every 0.1 s (for at most 60 s)."""
-    stop = threading.Event()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - the stdlib's name
-            try:
-                self.send_response(200)
-                self.send_header("Content-Length", str(10**6))
-                self.end_headers()
-                for _ in range(600):
-                    if stop.wait(0.1):
-                        return
-                    self.wfile.write(b"# xxxxx\n")
-                    self.wfile.flush()
-            except OSError:
-                pass
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/metrics"
-    finally:
-        stop.set()
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-
 @pytest.fixture
 def operator(cluster, crds, namespace, monkeypatch):
     monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
@@ -156,7 +98,7 @@ def operator(cluster, crds, namespace, monkeypatch):
 
 def test_a_termination_message_nested_2000_deep_does_not_wedge_the_job(cluster, namespace, operator):
     create(cluster, namespace, cpu_job("deep"))
-    succeed_with_message(cluster, namespace, running_rank0(cluster, namespace, "deep"), "[" * 2000 + "]" * 2000)
+    cluster.succeed_pod_with_message(namespace, running_rank0(cluster, namespace, "deep"), "[" * 2000 + "]" * 2000)
     done = wait_condition(cluster, namespace, "deep", "Succeeded")
     assert done["status"]["phase"] == "Succeeded"
     assert "nested deeper than" in cond(done, "Succeeded")["message"]
@@ -165,7 +107,7 @@ def test_a_termination_message_nested_2000_deep_does_not_wedge_the_job(cluster, 
 def test_an_adapter_reported_outside_the_output_fails_the_job_as_untrusted(cluster, namespace, operator):
     create(cluster, namespace, cpu_job("liar"))
     message = '{"phase":"Succeeded","adapter":{"uri":"pvc://payroll-db-data/"},"metrics":{"evalLoss":1e999}}'
-    succeed_with_message(cluster, namespace, running_rank0(cluster, namespace, "liar"), message)
+    cluster.succeed_pod_with_message(namespace, running_rank0(cluster, namespace, "liar"), message)
     failed = wait_condition(cluster, namespace, "liar", "Failed")
     assert cond(failed, "Failed")["reason"] == "UntrustedResult"
     assert "payroll-db-data" in cond(failed, "Failed")["message"] and "adapter" not in failed["status"]
@@ -191,7 +133,7 @@ def test_an_image_outside_the_allow_list_is_not_admitted(cluster, namespace, ope
 
 
 def test_a_dripping_metrics_endpoint_is_cut_off_at_the_deadline(cluster, namespace, operator):
-    with dripping_endpoint() as url:
+    with endpoint(lambda handler, stop: drip(handler, stop, seconds=60)) as url:
         create(cluster, namespace, cpu_job("drip", {METRICS_URL_ANNOTATION: url}))
         running_rank0(cluster, namespace, "drip")
         started = time.monotonic()

@@ -9,12 +9,14 @@ import uuid
 import pytest
 
 from tests.trainer.support import (
+    API_KEY,
     MAX_TOKENS,
     PROMPT,
     free_port,
     make_config,
     other_base_adapter,
     serve_command,
+    stop,
     subprocess_env,
     wait_until_ready,
 )
@@ -126,7 +128,8 @@ def offline(files):
 
 @pytest.fixture(scope="module")
 def server(files, tmp_path_factory):
-    """`kubetune serve` in a subprocess on a free port, with adapter alpha from the command line."""
+    """`kubetune serve` in a subprocess on a free port, with adapter alpha from the command line, an
+    api key (sent by this client on every request) and runtime loads allowed from the adapters' folder."""
     import httpx
 
     tiny, adapters = files
@@ -145,18 +148,19 @@ def server(files, tmp_path_factory):
         "64",
         "--cache-dir",
         str(log.parent / "cache"),
+        "--api-key",
+        API_KEY,
+        "--allow-source",
+        f"file://{tiny.parent}/",
     )
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=subprocess_env())
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    client = httpx.Client(
+        base_url=f"http://127.0.0.1:{port}", timeout=60, headers={"Authorization": f"Bearer {API_KEY}"}
+    )
     try:
         wait_until_ready(client, process, log)
         yield client
     finally:
         client.close()
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)

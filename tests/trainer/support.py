@@ -5,6 +5,7 @@ at module level, so the tier's own skip (no [trainer] extra) still reports NOT R
 import json
 import os
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -139,19 +140,34 @@ def subprocess_env():
     return dict(os.environ)
 
 
-def wait_until_ready(client, process, log):
+API_KEY = "kubetune-test-api-key"  # the shared `server` fixture's api key
+STARTUP_TIMEOUT_S = 300  # torch's import and the model's load, on a machine other test runs share
+
+
+def wait_until_ready(client, process, log, timeout=STARTUP_TIMEOUT_S):
+    """Until /ready answers 200; the server's log in the failure when it exits or never gets there."""
     import httpx
 
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + timeout
     while True:
         assert process.poll() is None, f"the server exited:\n{log.read_text()[-3000:]}"
         assert time.monotonic() < deadline, f"never ready:\n{log.read_text()[-3000:]}"
         try:
-            if client.get("/ready").status_code == 200:
+            if client.get("/ready", timeout=10).status_code == 200:
                 return
         except httpx.TransportError:
             pass  # not listening yet
         time.sleep(0.2)
+
+
+def stop(process):
+    """SIGTERM, then SIGKILL if the server has not gone within 20 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def chat(client, model, content=PROMPT, **extra):

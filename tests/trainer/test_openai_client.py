@@ -9,14 +9,13 @@ pytestmark = pytest.mark.trainer
 openai = pytest.importorskip("openai", reason="NOT RUN: the OpenAI client tests need the openai package ([dev] extra)")
 
 # the fixtures of test_serving.py: the tiny model and its adapters, the offline answers, the server
-from tests.trainer.support import MAX_TOKENS, PROMPT  # noqa: E402
-from tests.trainer.test_serving import API_KEY, server  # noqa: E402, F401 - the server with its api key
+from tests.trainer.support import API_KEY, MAX_TOKENS, PROMPT  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": PROMPT}]
 
 
 @pytest.fixture(scope="module")
-def client(server):  # noqa: F811 - the fixture imported above
+def client(server):
     with openai.OpenAI(
         base_url=f"http://127.0.0.1:{server.base_url.port}/v1", api_key=API_KEY, max_retries=0, timeout=60
     ) as client:
@@ -113,7 +112,7 @@ def test_errors_raise_the_clients_exceptions_with_the_servers_message(client):
     assert "maximum context length is 2048" in too_long.value.body["message"]
 
 
-def test_a_client_with_a_wrong_key_gets_the_clients_authentication_error(server):  # noqa: F811
+def test_a_client_with_a_wrong_key_gets_the_clients_authentication_error(server):
     """The server requires its api key (finding 1 of the hardening issue); the client maps the 401."""
     with openai.OpenAI(
         base_url=f"http://127.0.0.1:{server.base_url.port}/v1", api_key="not-the-key", max_retries=0, timeout=60

@@ -6,7 +6,6 @@ the folder holding the test's adapters (file:// there) and nowhere else."""
 
 import json
 import subprocess
-import time
 
 import pytest
 
@@ -32,66 +31,7 @@ from tests.trainer.support import (  # noqa: E402
     unload,
 )
 
-API_KEY = "kubetune-test-api-key"
 GENERIC_REFUSAL = "adapter source not found or not allowed"
-STARTUP_TIMEOUT_S = 300  # torch's import and the model's load, on a machine other test runs share
-
-
-def wait_ready(client, process, log, timeout=STARTUP_TIMEOUT_S):
-    """Until /ready answers 200 (support.wait_until_ready, with room for a busy machine)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        assert process.poll() is None, f"the server exited:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"never ready:\n{log.read_text()[-3000:]}"
-        try:
-            if client.get("/ready", timeout=10).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass  # not listening yet
-        time.sleep(0.2)
-
-
-@pytest.fixture(scope="module")
-def server(files, tmp_path_factory):
-    """`kubetune serve` in a subprocess on a free port, with adapter alpha from the command line, an
-    api key (sent by this client on every request) and runtime loads allowed from the adapters' folder."""
-    tiny, adapters = files
-    port = free_port()
-    log = tmp_path_factory.mktemp("server-log") / "serve.log"
-    command = serve_command(
-        tiny,
-        port,
-        "--served-model-name",
-        "tiny",
-        "--adapter",
-        f"alpha=file://{adapters['alpha']}",
-        "--max-adapters",
-        "2",
-        "--max-lora-rank",
-        "64",
-        "--cache-dir",
-        str(log.parent / "cache"),
-        "--api-key",
-        API_KEY,
-        "--allow-source",
-        f"file://{tiny.parent}/",
-    )
-    with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=subprocess_env())
-    client = httpx.Client(
-        base_url=f"http://127.0.0.1:{port}", timeout=60, headers={"Authorization": f"Bearer {API_KEY}"}
-    )
-    try:
-        wait_ready(client, process, log)
-        yield client
-    finally:
-        client.close()
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def uri(path):

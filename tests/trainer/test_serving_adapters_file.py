@@ -23,9 +23,10 @@ from tests.trainer.support import (  # noqa: E402
     load,
     model_ids,
     serve_command,
+    stop,
     subprocess_env,
+    wait_until_ready,
 )
-from tests.trainer.test_serving import wait_ready  # noqa: E402
 
 
 def write(path, adapters):
@@ -130,7 +131,7 @@ def test_a_replica_is_ready_only_with_the_files_adapters_and_follows_the_file(fi
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=subprocess_env())
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
     try:
-        wait_ready(client, process, log)
+        wait_until_ready(client, process, log)
         health = client.get("/health")
         assert health.status_code == 200
         assert health.json()["adapters"] == ["alpha"]  # loaded before the replica said it was ready
@@ -151,5 +152,4 @@ def test_a_replica_is_ready_only_with_the_files_adapters_and_follows_the_file(fi
         assert "kubetune_serve_loaded_adapters 3.0" in metrics
     finally:
         client.close()
-        process.terminate()
-        process.wait(timeout=20)
+        stop(process)

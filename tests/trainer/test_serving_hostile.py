@@ -32,8 +32,7 @@ from kubetune_serve.app import Limits, Startup, create_app  # noqa: E402
 from kubetune_serve.engine import EngineError  # noqa: E402
 from kubetune_serve.metrics import ServingMetrics  # noqa: E402
 from kubetune_serve.sources import SourceRefused, check_source, under_prefix  # noqa: E402
-from tests.trainer.support import PROMPT, free_port, serve_command, subprocess_env  # noqa: E402
-from tests.trainer.test_serving import wait_ready  # noqa: E402
+from tests.trainer.support import PROMPT, free_port, serve_command, stop, subprocess_env, wait_until_ready  # noqa: E402
 
 ADMIN_KEY = "admin-key-0123456789"
 API_KEY = "api-key-9876543210"
@@ -161,19 +160,14 @@ def hostile(files, tmp_path_factory):
 
     clients = SimpleNamespace(anon=client(), wrong=client("not-the-key"), admin=client(ADMIN_KEY), api=client(API_KEY))
     try:
-        wait_ready(clients.anon, process, log)
+        wait_until_ready(clients.anon, process, log)
         yield SimpleNamespace(
             **vars(clients), client=client, root=root, allowed=allowed, keys=keys, log=log, stall=stall, port=port
         )
     finally:
         for each in vars(clients).values():
             each.close()
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
         if not stall.released.is_set():
             stall.release()
 

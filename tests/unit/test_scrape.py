@@ -2,16 +2,14 @@
 the operator counts, never crashes on."""
 
 import math
-import threading
 import time
 import tracemalloc
-from contextlib import contextmanager
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from kubetune_operator import scrape
+from tests.hostile_http import drip, endpoint, huge
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -86,58 +84,6 @@ def test_fetch_reports_connection_errors_as_scrape_errors():
 
 
 # --- hostile endpoints: a total deadline, a size cap, bounded parsing -----------------------------
-
-
-@contextmanager
-def endpoint(respond):
-    """An HTTP server on 127.0.0.1 whose every GET is answered by `respond(handler, stop)`."""
-    stop = threading.Event()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - the stdlib's name
-            try:
-                respond(self, stop)
-            except OSError:  # the client gave up: what the test wants
-                pass
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/metrics"
-    finally:
-        stop.set()
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-
-def drip(handler, stop):
-    """8 bytes every 0.1 s, for up to 30 s: each read succeeds well inside any per-read timeout."""
-    handler.send_response(200)
-    handler.send_header("Content-Length", str(10**6))
-    handler.end_headers()
-    for _ in range(300):
-        if stop.wait(0.1):
-            return
-        handler.wfile.write(b"# xxxxx\n")
-        handler.wfile.flush()
-
-
-def huge(handler, stop, size=48 * 2**20, length=True):
-    handler.send_response(200)
-    if length:
-        handler.send_header("Content-Length", str(size))
-    handler.end_headers()
-    chunk = b"kubetune_train_step 1\n" * 3000
-    sent = 0
-    while sent < size and not stop.is_set():
-        handler.wfile.write(chunk)
-        sent += len(chunk)
 
 
 def test_fetch_has_a_total_deadline_against_a_dripping_server():
