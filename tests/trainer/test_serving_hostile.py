@@ -603,3 +603,43 @@ def test_s3_sources_are_fetched_within_the_size_cap(files, s3, tmp_path):
     assert adapter.sha256 and engine.has_model("alpha") and not prepared.path.exists()
     with pytest.raises(SourceRefused):
         engine.prepare_adapter("beta", f"s3://{bucket}/elsewhere/alpha", allowed=allowed)
+
+
+def test_every_hostile_request_at_once_is_refused_while_a_normal_one_keeps_its_latency(hostile):
+    """The issue's acceptance check, findings 1 and 3 together: the hostile requests sent at once to
+    the server with its keys each get a 4xx (the status each kind calls for), and a normal request
+    sent meanwhile answers within its usual latency. (Loads past the pool's two workers may get 429
+    instead of their refusal: still refused, before any read; the stalling endpoint has its own
+    test above.)"""
+    allowed = hostile.allowed
+    baseline = baseline_latency(hostile.api)
+    connections = len(hostile.stall.connections)
+    big = json.dumps({"model": "tiny", "prompt": "x" * (2 * 1024 * 1024), "max_tokens": 1}).encode()
+    refused_load = {404, 429}
+    attacks = [
+        ("no key", lambda: load(hostile.anon, "x", f"file://{allowed}/alpha"), {401}),
+        ("wrong key", lambda: load(hostile.wrong, "x", f"file://{allowed}/alpha"), {401}),
+        ("admin key for inference", lambda: complete(hostile.admin), {401}),
+        ("no key for inference", lambda: complete(hostile.anon), {401}),
+        ("load in place over a served adapter", lambda: load(hostile.admin, "alpha", f"file://{allowed}/beta",
+                                                                 load_inplace=True), {409}),
+        ("400 prompts x n=4", lambda: hostile.api.post(
+            "/v1/completions", json={"model": "tiny", "prompt": ["hi"] * 400, "n": 4, "max_tokens": 4}), {400}),
+        ("a 2 MiB body", lambda: hostile.api.post(
+            "/v1/completions", content=big, headers={"Content-Type": "application/json"}), {413}),
+    ] + [
+        (f"lora_path {path}", lambda path=path: load(hostile.admin, "stolen", path), refused_load)
+        for path in ("/root/.ssh", "file:///etc/passwd", "pvc://x/../../etc", METADATA_URL, "pvc://payroll-db-data/",
+                     "s3://other-bucket/adapters/alpha", "https://example.com/adapter", f"file://{allowed}/fifo")
+    ]  # fmt: skip
+    with ThreadPoolExecutor(len(attacks)) as pool:
+        futures = [(what, pool.submit(send), expected) for what, send, expected in attacks]
+        during = timed_completion(hostile.api)
+        answers = [(what, future.result(timeout=60), expected) for what, future, expected in futures]
+    for what, response, expected in answers:
+        assert response.status_code in expected, (what, response.status_code, response.text[:300])
+        error(response, response.status_code)
+    assert during <= allowed_latency(baseline), (during, baseline)
+    assert len(hostile.stall.connections) == connections  # nothing connected anywhere for a refused source
+    assert hostile.anon.get("/health").status_code == 200
+    assert "stolen" not in cards(hostile.api) and "alpha" in cards(hostile.api)
