@@ -100,3 +100,25 @@ def test_a_preempted_gpu_run_resumes_from_its_checkpoint_and_finishes(
     worst = max(float((want[name] - got[name]).abs().max() / want[name].abs().max().clamp_min(1e-8)) for name in want)
     print(f"resumed vs unbroken adapter ({strategy}): largest relative difference {worst:.2e}")
     assert worst < 0.05
+
+
+@pytest.mark.parametrize("method", [{"type": "lora"}, QLORA_NF4], ids=["lora-bf16", "qlora-nf4"])
+def test_kernels_auto_on_the_gpu_uses_liger_and_compile_and_trains_like_none(method, tiny_model, tmp_path):
+    def trained(kernels: str):
+        out = tmp_path / kernels
+        config = make_config(
+            tiny_model, out, steps=12, method=method, precision="bf16", every_save=1000, kernels=kernels
+        )
+        config.spec.resources.gpus_per_node = 1
+        assert train.run_training(config) == 0
+        return json.loads((out / "output" / "report.json").read_text())
+
+    auto, none = trained("auto"), trained("none")
+    patched = auto["kernels"]["patched"]
+    assert "fused linear cross-entropy (Liger)" in patched and any(p.startswith("Liger rms_norm") for p in patched)
+    assert "fused LoRA MLP x2" in patched and auto["kernels"]["compiledLayers"] == 2
+    assert auto["kernels"]["firstStepSeconds"] > 0
+    assert none["kernels"] == {"patched": [], "fallbacks": [], "compiledLayers": 0, "firstStepSeconds": None}
+    curve_auto = [entry["loss"] for entry in auto["history"]]
+    curve_none = [entry["loss"] for entry in none["history"]]
+    assert curve_auto == pytest.approx(curve_none, rel=0.05), (curve_auto, curve_none)

@@ -69,3 +69,37 @@ def test_cpu_training_is_never_rejected():
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed-zero3"])
 def test_an_explicit_strategy_is_kept(strategy):
     assert plan(strategy=strategy, gpus_per_node=2).strategy == strategy
+
+
+def test_kernels_lower_the_estimate_by_the_logits_and_the_fused_mlp():
+    # Without checkpointing, micro-batch 4 x 2048 on an 8B LoRA: the fp32 logits alone are
+    # 4 x 2048 x 128,256 x 4 B = 3.9 GiB; chunked, they become one hidden-sized gradient.
+    common = dict(gradient_checkpointing=False, micro_batch=4)
+    plain, fused = plan(**common), plan(**common, kernels=True)
+    saved = plain.estimated_gpu_memory_gib - fused.estimated_gpu_memory_gib
+    logits_gib = 4 * 2048 * (128_256 - 4096) * 4 / 2**30
+    mlp_gib = 12 * 4 * 2048 * 4096 * 32 / 2**30  # 34 -> 22 per layer and token
+    assert saved == pytest.approx(logits_gib + mlp_gib, abs=0.2)
+
+
+def test_kernels_do_not_claim_lora_savings_for_a_full_fine_tune():
+    args = (LLAMA_8B, LLAMA_8B.total_params, "full", "bf16", "fsdp", 8, 1, 2048, False, False)
+    logits_gib = 1 * 2048 * (128_256 - 4096) * 4 / 2**30
+    assert estimate_gib(*args) - estimate_gib(*args, kernels=True) == pytest.approx(logits_gib)
+
+
+def test_a_spec_with_kernels_none_is_planned_with_the_plain_memory():
+    from kubetune.api.finetunejob import FineTuneJobSpec
+    from kubetune.planning import plan_for_spec
+
+    spec = {
+        "model": {"uri": "hf://meta-llama/Llama-3.1-8B"},
+        "dataset": {"uri": "s3://data/train.jsonl", "format": "chat", "maxSeqLength": 2048},
+        "method": {"type": "lora"},
+        "hyperparameters": {"microBatchSize": 4, "globalBatchSize": 16, "gradientCheckpointing": False},
+        "output": {"uri": "s3://out/run"},
+    }
+    auto = plan_for_spec(FineTuneJobSpec.model_validate(spec), LLAMA_8B, LORA_8B, 80.0)
+    spec["hyperparameters"]["kernels"] = "none"
+    none = plan_for_spec(FineTuneJobSpec.model_validate(spec), LLAMA_8B, LORA_8B, 80.0)
+    assert auto.estimated_gpu_memory_gib < none.estimated_gpu_memory_gib - 3

@@ -13,9 +13,14 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from .acceleration import LOSS_KEYWORD, fused_loss
+
 
 def sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Sum of the log-probabilities of the reply tokens (labels != -100), one value per sequence."""
+    if fused_loss(model):  # token log-probabilities from the hidden states in chunks: no logits held
+        request = {LOSS_KEYWORD: ("logps", labels)}
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **request).loss.sum(-1)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     logits = logits[:, -labels.shape[1] :][:, :-1].float()
     targets = labels[:, 1:]

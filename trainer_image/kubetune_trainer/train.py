@@ -35,7 +35,7 @@ from kubetune.contract import (
 from kubetune.logs import log
 from kubetune.planning import ModelShape, Plan, plan_for_spec
 
-from . import checkpoint, data, dpo, methods, strategies
+from . import acceleration, checkpoint, data, dpo, methods, strategies
 from .distributed import DistEnv
 from .metrics import MetricsExporter
 from .outcome import first_line, record_failure
@@ -68,6 +68,7 @@ class Run:
     total_steps: int
     steps_per_epoch: int
     state: checkpoint.TrainerState
+    accelerated: acceleration.Acceleration | None = None
     stop_requested: bool = False
     timings: dict = field(default_factory=dict)
 
@@ -117,6 +118,9 @@ def setup(config: TrainerConfig, env: DistEnv) -> Run:
     model = methods.apply_method(base, spec, total_steps, model_dir)
     trainable, total = methods.count_parameters(model)
     plan = _plan(config, env, base.config, trainable, total)
+    accelerated = acceleration.accelerate(model, spec, device, plan.strategy)
+    if env.is_main:
+        log("kernels", summary=accelerated.summary(), **accelerated.to_wire())
 
     strategy = strategies.build(plan.strategy, spec, env, device)  # places, wraps or shards the model
     model, optimizer = strategy.prepare(model, lambda parameters: _optimizer(parameters, spec.hyperparameters))
@@ -143,6 +147,7 @@ def setup(config: TrainerConfig, env: DistEnv) -> Run:
         total_steps,
         steps_per_epoch,
         state,
+        accelerated,
     )
 
 
@@ -269,6 +274,9 @@ def token_loss_sum(model, batch: dict, packed: bool = False) -> tuple[torch.Tens
         # restarting position_ids) only when no attention_mask is given; right padding makes
         # dropping it safe, since no real token attends to the pads after it.
         batch.pop("attention_mask")
+    if acceleration.fused_loss(model):  # the logits are never held whole: see acceleration.py
+        loss = model(**batch, use_cache=False, **{acceleration.LOSS_KEYWORD: ("sum", labels)}).loss
+        return loss, int((labels[:, 1:] != -100).sum())
     logits = model(**batch, use_cache=False).logits
     logits = logits[:, -labels.shape[1] :]  # prompt tuning prepends virtual-token logits
     shifted = labels[:, 1:]
@@ -358,8 +366,13 @@ def fit(run: Run) -> None:
     run.model.train()
     started, tokens_seen = time.monotonic(), 0.0
     first_step = run.state.step
+    compiled = run.accelerated if run.accelerated and run.accelerated.compiled_layers else None
+    compile_timer = acceleration.FirstStepTimer(compiled)
     while run.state.step < run.total_steps:
         result = train_step(run, run.state.step)
+        compile_seconds = compile_timer.done()
+        if compiled and compile_seconds is not None and run.env.is_main:
+            log("compiled", first_step_seconds=compile_seconds, layers=compiled.compiled_layers)
         run.state.step += 1
         step = run.state.step
         tokens_seen += result["tokens"]
@@ -627,6 +640,7 @@ def _write_report(run: Run, result: TrainerResult) -> None:
         "data": vars(run.data_report),
         "history": run.state.history,
         "timings": run.timings,
+        "kernels": run.accelerated.to_wire() if run.accelerated else None,
         "versions": _versions(),
     }
     path = Path(run.config.runtime.cache_dir) / REPORT_FILE

@@ -286,6 +286,21 @@ class Hyperparameters(ApiModel):
     max_grad_norm: float = Field(default=1.0, ge=0, le=1000, description="Gradient clipping norm; 0 disables clipping.")
     precision: Precision = Field(default="bf16", description="bf16, fp16 (with loss scaling) or fp32.")
     gradient_checkpointing: bool = Field(default=True, description="Recompute activations in backward to save memory.")
+    kernels: Literal["auto", "none"] = Field(
+        default="auto",
+        description=(
+            "Fused kernels. auto: what fits the model and device (Liger Kernel's RMSNorm, RoPE and fused linear "
+            "cross-entropy on CUDA; kubetune's fused LoRA layers and chunked cross-entropy everywhere), each "
+            "patch and each fallback logged with its reason; none: the plain PyTorch + PEFT model."
+        ),
+    )
+    compile: Literal["auto", "always", "never"] = Field(
+        default="auto",
+        description=(
+            "Regional torch.compile of the decoder layers. auto: on CUDA, where it pays; never on CPU, where "
+            "compiling takes longer than it saves. The first step's compile time is logged."
+        ),
+    )
     seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Seed for initialisation, shuffling and dropout.")
 
     cel_rules: ClassVar = (
