@@ -214,6 +214,18 @@ def test_fsdp_full_fine_tune_matches_one_process(tiny_model, tmp_path):
     AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "output" / "adapter")
 
 
+def test_fsdp_with_regional_compile_and_checkpointing_matches_one_eager_process(tiny_model, tmp_path):
+    """Each decoder layer compiled in place (compile: always), sharded by FSDP2 and recomputed by
+    checkpointing in backward: the same training as one eager process."""
+    options = {"steps": 4, "gradientCheckpointing": True}
+    assert train.run_training(config_for(tiny_model, tmp_path / "single", **options)) == 0
+    config = config_for(tiny_model, tmp_path / "fsdp", "fsdp", compile="always", **options)
+    result = train_two_processes(config, tmp_path / "fsdp.json")
+    assert events(result.stdout, "kernels")[0]["compiledLayers"] == 2
+    assert events(result.stdout, "compiled")[0]["first_step_seconds"] > 0
+    assert_same_training(tmp_path / "single", tmp_path / "fsdp")
+
+
 # --- choosing a strategy, refusing what cannot work --------------------------------------------
 
 
