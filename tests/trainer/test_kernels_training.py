@@ -118,3 +118,15 @@ def test_compile_always_on_cpu_with_checkpointing_logs_the_compile_time(tiny_mod
     eager = trained(tiny_model, tmp_path / "eager", steps=3, gradientCheckpointing=True)
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)
     assert eager["kernels"]["compiledLayers"] == 0  # auto does not compile on CPU
+
+
+def test_under_zero3_the_weights_a_kernel_reads_are_not_gathered_so_nothing_is_patched(tiny_model, tmp_path):
+    from kubetune_trainer import methods
+
+    spec = make_config(tiny_model, tmp_path).spec
+    model = methods.apply_method(methods.load_base_model(tiny_model, spec, on_gpu=False), spec, 10, tiny_model)
+    report = acceleration.accelerate(model, spec, torch.device("cpu"), "deepspeed-zero3")
+    assert report.patched == []
+    assert [line.split(":")[0] for line in report.fallbacks] == ["chunked cross-entropy", "LoRA kernels"]
+    assert all("ZeRO-3" in line for line in report.fallbacks)
+    assert not [name for name, module in model.named_modules() if "forward" in vars(module)]

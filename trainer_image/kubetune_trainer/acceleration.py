@@ -40,6 +40,7 @@ _MARK = "_kubetune_fused_loss"
 SWIGLU_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
 ATTENTIONS = frozenset({"LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention"})
 QKV = ("q_proj", "k_proj", "v_proj")
+TRANSIENT = frozenset({"4-bit weight not quantised yet"})
 SILU = frozenset({"silu", "swish"})
 
 
@@ -180,7 +181,10 @@ def _patch_lora(lm, strategy: str, result: Acceleration) -> None:
         return
     from kubetune_kernels import lora
 
-    first_problem = next((why for m in layers for w, why in [lora.from_peft(m)] if w is None), None)
+    # A lasting reason turns the kernels off for the run; a 4-bit weight that bitsandbytes quantises
+    # only when the strategy moves it to the GPU is checked again at every call.
+    problems = (why for m in layers for w, why in [lora.from_peft(m)] if w is None and why not in TRANSIENT)
+    first_problem = next(problems, None)
     if first_problem:
         result.fallbacks.append(f"LoRA kernels: {first_problem}")
         return
