@@ -130,3 +130,16 @@ def test_under_zero3_the_weights_a_kernel_reads_are_not_gathered_so_nothing_is_p
     assert [line.split(":")[0] for line in report.fallbacks] == ["chunked cross-entropy", "LoRA kernels"]
     assert all("ZeRO-3" in line for line in report.fallbacks)
     assert not [name for name, module in model.named_modules() if "forward" in vars(module)]
+
+
+def test_a_patched_decoder_layer_compiles_as_one_graph(tiny_model, tmp_path):
+    """Regional compilation pays only if the fused LoRA MLP, QKV and linear Functions trace: no graph breaks."""
+    run = train.setup(make_config(tiny_model, tmp_path), DistEnv(0, 1, 0))
+    lm = acceleration.causal_lm(run.model)
+    assert "fused LoRA QKV x2" in run.accelerated.patched
+    layer, hidden = lm.model.layers[0], torch.randn(2, 16, 64, requires_grad=True)
+    positions = torch.arange(16).unsqueeze(0).expand(2, -1)
+    embeddings = lm.model.rotary_emb(hidden, positions)
+    run.model.train()
+    explained = torch._dynamo.explain(layer)(hidden, position_ids=positions, position_embeddings=embeddings)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
