@@ -140,6 +140,10 @@ build_image() { # build_image NAME DOCKERFILE EXTRAS CHART_NAME...
     fi
     local previous
     previous=$(docker image inspect -f '{{.Id}}' "$tag" 2>/dev/null || true)
+    # Every multi-stage build leaves its build stage behind untagged (~10 GB for the trainer), and a
+    # failed build its last layers: dangling images are never a cache worth keeping here, since an
+    # image whose inputs did not change is not rebuilt at all (above).
+    docker image prune -f >/dev/null 2>&1 || true
     t0=$(date +%s)
     say "docker build $tag ($dockerfile, FROM $base_image; log: .cache/images/$name-build.log)"
     # The classic builder (BuildKit would need the buildx plugin, which Debian bookworm lacks);
@@ -155,6 +159,7 @@ build_image() { # build_image NAME DOCKERFILE EXTRAS CHART_NAME...
     if [ -n "$previous" ] && [ "$previous" != "$(docker image inspect -f '{{.Id}}' "$tag")" ]; then
         docker rmi "$previous" >/dev/null 2>&1 || true
     fi
+    docker image prune -f >/dev/null 2>&1 || true
     record "$name: $tag built in $(elapsed "$t0") s, $(docker image inspect -f '{{.Size}}' "$tag" | numfmt --to=iec)"
 }
 
