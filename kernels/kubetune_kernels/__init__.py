@@ -9,6 +9,9 @@ Liger Kernel fuses on CUDA.
   dequantised by bitsandbytes inside forward and backward.
 - `liger` — Liger Kernel's RMSNorm, RoPE and fused linear cross-entropy applied to one model
   instance, on CUDA.
+- `grouped_lora` — LoRA deltas for a serving batch where each row has its own adapter (or none): all
+  adapters of a layer stacked and zero-padded to one rank, applied in one pass (Punica's BGMV), in
+  torch and as a Triton kernel pair on CUDA; inference only.
 
 Every kernel is checked against a float64 reference in tests/kernels. The trainer decides what
 to use, and logs why, in kubetune_trainer/acceleration.py. Importing this package pulls in nothing.
