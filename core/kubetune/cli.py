@@ -363,6 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompts x n of one request; more is answered 400 (default 16)",
     )
     limits.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=64,
+        metavar="N",
+        help="generation requests waiting for the model; one more is answered 429 with Retry-After (default 64)",
+    )
+    limits.add_argument(
         "--stall-timeout",
         type=float,
         default=120.0,

@@ -200,6 +200,13 @@ def test_metrics_count_requests_tokens_and_adapters(server):
     key = ("kubetune_serve_requests_total", (("endpoint", "chat_completions"), ("model", "alpha"), ("status", "200")))
     latency = ("kubetune_serve_request_duration_seconds_count", (("endpoint", "chat_completions"), ("model", "alpha")))
     before = samples()
+    before_timings = {
+        name: before.get(name, 0)
+        for name in (
+            ("kubetune_serve_queue_wait_seconds_count", (("model", "alpha"),)),
+            ("kubetune_serve_time_to_first_token_seconds_count", (("model", "alpha"),)),
+        )
+    }
     before, latency_before = before.get(key, 0), before.get(latency, 0)
     chat_text(server, "alpha")
     assert chat(server, "nope").status_code == 404
@@ -209,6 +216,10 @@ def test_metrics_count_requests_tokens_and_adapters(server):
     assert after[("kubetune_serve_loaded_adapters", ())] == 1
     assert after[("kubetune_serve_ready", ())] == 1
     assert after[latency] == latency_before + 1  # one latency histogram per adapter
+    for timing in ("queue_wait_seconds", "time_to_first_token_seconds"):
+        count = (f"kubetune_serve_{timing}_count", (("model", "alpha"),))
+        assert after[count] == before_timings[count] + 1, timing
+    assert after[("kubetune_serve_requests_in_flight", ())] == 0  # what an autoscaler reads
     unknown = (
         "kubetune_serve_requests_total",
         (("endpoint", "chat_completions"), ("model", "unknown"), ("status", "404")),

@@ -240,6 +240,7 @@ def create_app(
     app = FastAPI(title="kubetune serve", description="OpenAI-compatible serving of a base model and LoRA adapters.")
     app.add_middleware(Guard, access=access, max_bytes=limits.max_request_bytes, metrics=metrics)
     metrics.loads_in_flight.set_function(lambda: loads.running)
+    metrics.requests_in_flight.set_function(lambda: engine.in_flight)
 
     def measured(endpoint: str, model: str | None) -> _Measured:
         return _Measured(metrics, engine, endpoint, model)
@@ -586,6 +587,8 @@ def _usage(prompt: int, generations: list[Generation]) -> dict:
 def _count_tokens(metrics: ServingMetrics, call: _Measured, reply: _Reply, generations: list[Generation]) -> None:
     usage = _usage(reply.prompt_tokens, generations)
     metrics.tokens(call.label(), usage["prompt_tokens"], usage["completion_tokens"])
+    for generation in generations:
+        metrics.timings(call.label(), generation.queued_seconds, generation.first_token_seconds)
 
 
 class _Reply:

@@ -1,6 +1,6 @@
 """The model behind `kubetune serve`: one base model, LoRA adapters added and removed at runtime,
-and generation one request at a time. No HTTP here: errors are `EngineError`s that carry the
-status and the OpenAI error type the API answers with.
+and generation one request at a time (at most `max_queued` more waiting: 429 past that). No HTTP
+here: errors are `EngineError`s that carry the status and the OpenAI error type the API answers with.
 
 Adapters live in one PEFT model wrapped around the base (`load_adapter`, `delete_adapter`,
 `set_adapter`); a request for the base runs with the adapters disabled. Generation on one model is
@@ -83,6 +83,16 @@ class Generation:
     finish_reason: str  # "stop" (end of sequence or a stop string) or "length"
     prompt_tokens: int
     completion_tokens: int
+    queued_seconds: float = 0.0  # waiting for the model, before the prompt was read
+    first_token_seconds: float | None = None  # from the call to the first generated token
+
+
+def too_many_waiting(most: int) -> EngineError:
+    """The request queue is full: 429 with Retry-After, so that clients (and load balancers) back off
+    instead of piling up requests that would time out in the queue anyway."""
+    return EngineError(
+        f"too many requests waiting for the model (at most {most} queue); retry later", 429, "RateLimitError"
+    )
 
 
 def resolve(uri: str, cache_dir: Path) -> Path:
@@ -206,8 +216,10 @@ class Engine:
         device: str = "auto",
         dtype: str = "auto",
         max_adapter_bytes: int = 2 * 1024**3,
+        max_queued: int = 64,
     ):
         self.model_uri, self.served_name, self.cache_dir = model_uri, served_name, Path(cache_dir)
+        self.max_queued = max_queued
         self.max_adapters, self.max_lora_rank = max_adapters, max_lora_rank
         self.max_adapter_bytes = max_adapter_bytes
         self.staging_dir = self.cache_dir / "adapter-staging"
@@ -219,6 +231,10 @@ class Engine:
         self._adapters: dict[str, Adapter] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
+        # Generation requests waiting for the lock and running under it: the in-flight gauge an
+        # autoscaler reads, and the bound on the queue.
+        self._counts = threading.Lock()
+        self._waiting = self._running = 0
         # For /health: when the work holding the lock last moved (a token, the start of an attach).
         self._progress_at: float | None = None
         self._attaching_since: float | None = None
@@ -425,6 +441,32 @@ class Engine:
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
+    @property
+    def in_flight(self) -> int:
+        """Generation requests waiting or running now."""
+        return self._waiting + self._running
+
+    @contextmanager
+    def _queued(self) -> Iterator[None]:
+        """Hold the model as one of at most `max_queued` waiting requests; 429 when the queue is full."""
+        with self._counts:
+            if self._waiting >= self.max_queued:
+                raise too_many_waiting(self.max_queued)
+            self._waiting += 1
+        acquired = False
+        try:
+            acquired = self._lock.acquire()
+        finally:
+            with self._counts:
+                self._waiting -= 1
+                self._running += 1 if acquired else 0
+        try:
+            yield
+        finally:
+            with self._counts:
+                self._running -= 1
+            self._lock.release()
+
     def check_length(self, prompt_tokens: int, max_tokens: int) -> None:
         if self.max_model_len and prompt_tokens + max_tokens > self.max_model_len:
             raise EngineError(
@@ -451,17 +493,23 @@ class Engine:
 
         engine = self
 
+        called = time.monotonic()
+        first_token: list[float] = []
+
         class _Until(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
                 engine._progress_at = time.monotonic()
+                if not first_token:
+                    first_token.append(engine._progress_at - called)
                 stop = tracker.done or (cancelled is not None and cancelled())
                 return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
-        with self._lock, self._in_progress():
+        with self._queued(), self._in_progress():
+            queued = time.monotonic() - called
             if model != self.served_name and model not in self._adapters:
                 raise model_not_found(model)
             if cancelled is not None and cancelled():  # the client left while waiting for the lock
-                return Generation("", "abort", len(prompt_ids), 0)
+                return Generation("", "abort", len(prompt_ids), 0, queued)
             eos_ids = [] if sampling.ignore_eos else self._eos_ids
             tracker = TextTracker(self.tokenizer, sampling.stop, eos_ids, on_text)
             input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
@@ -484,7 +532,8 @@ class Engine:
                 torch.manual_seed(sampling.seed)
             with torch.no_grad(), self._using(self._adapters.get(model)) as network:
                 network.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **options)
-        return Generation(tracker.text, tracker.finish_reason or "length", len(prompt_ids), len(tracker.token_ids))
+        finish, first = tracker.finish_reason or "length", first_token[0] if first_token else None
+        return Generation(tracker.text, finish, len(prompt_ids), len(tracker.token_ids), queued, first)
 
     @contextmanager
     def _in_progress(self) -> Iterator[None]:

@@ -39,6 +39,26 @@ class ServingMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.queue_wait = Histogram(
+            PREFIX + "queue_wait_seconds",
+            "Time a generation waited for the model before its prompt was read, by model.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.time_to_first_token = Histogram(
+            PREFIX + "time_to_first_token_seconds",
+            "Time from a generation's arrival at the model to its first token, queue included, by model.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        # What a HorizontalPodAutoscaler scales on (a Pods metric averaged over the replicas).
+        self.requests_in_flight = Gauge(
+            PREFIX + "requests_in_flight",
+            "Generation requests waiting for or running on the model now.",
+            registry=self.registry,
+        )
         self.loaded_adapters = Gauge(PREFIX + "loaded_adapters", "Adapters loaded now.", registry=self.registry)
         self.load_failures = Counter(
             PREFIX + "adapter_load_failures",
@@ -65,6 +85,13 @@ class ServingMetrics:
         self.prompt_tokens.labels(model).inc(prompt)
         self.generation_tokens.labels(model).inc(generated)
         self._series[model].update({(self.prompt_tokens, (model,)), (self.generation_tokens, (model,))})
+
+    def timings(self, model: str, queued: float, first_token: float | None) -> None:
+        self.queue_wait.labels(model).observe(queued)
+        self._series[model].add((self.queue_wait, (model,)))
+        if first_token is not None:
+            self.time_to_first_token.labels(model).observe(first_token)
+            self._series[model].add((self.time_to_first_token, (model,)))
 
     def load_failed(self, reason: str) -> None:
         self.load_failures.labels(reason if reason in LOAD_FAILURE_REASONS else "error").inc()

@@ -9,8 +9,9 @@ Access (see `access`, `sources`, `loads`): `--admin-key-file` protects loading a
 loads are refused unless `--allow-unauthenticated-admin`. A runtime load must name a URI below an
 `--allow-source` prefix (none: every runtime load is refused); it runs in a pool of
 `--max-concurrent-loads` with a deadline of `--load-timeout` seconds and a cap of
-`--max-adapter-bytes`. Requests are capped by `--max-request-bytes` and `--max-sequences-per-request`;
-/health answers 503 when generation makes no progress for `--stall-timeout` seconds."""
+`--max-adapter-bytes`. Requests are capped by `--max-request-bytes`, `--max-sequences-per-request`
+and `--max-queued-requests` (waiting generations; 429 past it); /health answers 503 when
+generation makes no progress for `--stall-timeout` seconds."""
 
 from __future__ import annotations
 
@@ -94,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         max_adapter_bytes=args.max_adapter_bytes,
+        max_queued=args.max_queued_requests,
     )
     metrics = ServingMetrics()
     loads = Loads(engine, allowed, max_concurrent=args.max_concurrent_loads, timeout=args.load_timeout)
