@@ -23,6 +23,9 @@ NEEDED = [
     ("networking.k8s.io", "networkpolicies", "get"), ("networking.k8s.io", "networkpolicies", "patch"),
     ("networking.k8s.io", "networkpolicies", "create"), ("networking.k8s.io", "networkpolicies", "delete"),
     ("", "secrets", "create"), ("", "secrets", "patch"), ("", "secrets", "delete"),
+    ("autoscaling", "horizontalpodautoscalers", "get"), ("autoscaling", "horizontalpodautoscalers", "patch"),
+    ("autoscaling", "horizontalpodautoscalers", "delete"), ("policy", "poddisruptionbudgets", "get"),
+    ("policy", "poddisruptionbudgets", "patch"), ("policy", "poddisruptionbudgets", "delete"),
 ]  # fmt: skip
 # What kopf needs beyond the watched namespaces: discovering its CRDs and the namespaces themselves.
 CLUSTER_SCOPED = {("apiextensions.k8s.io", "customresourcedefinitions"), ("", "namespaces")}

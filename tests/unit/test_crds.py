@@ -67,7 +67,10 @@ def test_names_subresource_and_columns(info):
     assert names["shortNames"] == list(info.short_names)
     assert names["categories"] == ["kubetune"]
     version = crd["spec"]["versions"][0]
-    assert version["subresources"] == {"status": {}}
+    scale = {"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas"}
+    scale["labelSelectorPath"] = ".status.selector"  # kubectl scale and a HorizontalPodAutoscaler drive it
+    expected = {"status": {}, "scale": scale} if info is ADAPTERDEPLOYMENT else {"status": {}}
+    assert version["subresources"] == expected
     assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
 
 

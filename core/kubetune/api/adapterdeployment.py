@@ -18,7 +18,13 @@ from .common import (
     section,
 )
 from .finetunejob import ObjectMeta
+from .subresources import ScaleSubresource
 from .uris import uri_rules
+
+MAX_REPLICAS = 256
+# The gauge of requests being served (queued or generating) that every replica of the builtin
+# runtime exports on /metrics; the HorizontalPodAutoscaler averages it over the replicas.
+IN_FLIGHT_METRIC = "kubetune_serve_requests_in_flight"
 
 
 class AdapterRef(ApiModel):
@@ -72,6 +78,30 @@ class ApiKeyRef(ApiModel):
     )
 
 
+class Autoscaling(ApiModel):
+    """A HorizontalPodAutoscaler for the replicas, on the runtime's own in-flight-requests gauge."""
+
+    min_replicas: int = Field(default=1, ge=1, le=MAX_REPLICAS, description="Fewest replicas (at least 1).")
+    max_replicas: int = Field(ge=1, le=MAX_REPLICAS, description="Most replicas (at most 256, at least minReplicas).")
+    target_in_flight_requests: int = Field(
+        default=8,
+        ge=1,
+        le=100000,
+        description=(
+            f"Requests in flight per replica (the runtime's `{IN_FLIGHT_METRIC}` gauge, averaged over the "
+            "replicas) the autoscaler aims for: more replicas above it, fewer below."
+        ),
+    )
+
+    cel_rules: ClassVar = (
+        Rule(
+            cel="self.minReplicas <= self.maxReplicas",
+            message="autoscaling.minReplicas must not exceed maxReplicas",
+            check=lambda a: a.min_replicas <= a.max_replicas,
+        ),
+    )
+
+
 class AdapterDeploymentSpec(ApiModel):
     """The base model, the runtime, and the adapters to keep loaded."""
 
@@ -79,7 +109,16 @@ class AdapterDeploymentSpec(ApiModel):
     runtime: Literal["builtin", "vllm"] = Field(
         default="builtin", description="builtin (transformers + PEFT, CPU or GPU) or vllm (GPU)."
     )
-    replicas: int = Field(default=1, ge=0, le=256, description="Serving replicas.")
+    replicas: int = Field(
+        default=1,
+        ge=0,
+        le=MAX_REPLICAS,
+        description=(
+            "Serving replicas; also the `scale` subresource (`kubectl scale`). With `autoscaling` the "
+            "HorizontalPodAutoscaler owns this field and sets it between minReplicas and maxReplicas; "
+            "the operator never resets it."
+        ),
+    )
     adapters: list[AdapterRef] = Field(
         default_factory=list,
         max_length=256,
@@ -100,6 +139,15 @@ class AdapterDeploymentSpec(ApiModel):
         description=(
             "Clients must send this key as `Authorization: Bearer KEY` for inference and /v1/models. Loading and "
             "unloading adapters always needs the operator's own per-object key."
+        ),
+    )
+
+    autoscaling: Autoscaling | None = Field(
+        default=None,
+        description=(
+            "Scale the replicas with load: the operator renders a HorizontalPodAutoscaler `<name>` that "
+            "drives spec.replicas through the scale subresource. Removing the block deletes it; "
+            "spec.replicas then stays where the autoscaler left it."
         ),
     )
 
@@ -142,7 +190,13 @@ class AdapterDeploymentStatus(ApiModel):
 
     observed_generation: int | None = Field(default=None, description="The generation the status reflects.")
     conditions: list[Condition] = conditions_field()
-    replicas: int | None = Field(default=None, description="Replicas that exist.")
+    replicas: int | None = Field(
+        default=None,
+        description=(
+            "Replicas that exist now, ready or not (the Deployment's status.replicas): the current count "
+            "the scale subresource reports, as a Deployment's does."
+        ),
+    )
     ready_replicas: int | None = Field(default=None, description="Replicas ready with every adapter loaded.")
     endpoint: str | None = Field(default=None, max_length=MAX_URI, description="Base URL of the OpenAI-compatible API.")
     adapters: list[AdapterStatus] = Field(
@@ -152,11 +206,22 @@ class AdapterDeploymentStatus(ApiModel):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
     adapters_ready: str | None = Field(default=None, max_length=32, description='"loaded/wanted", for printer columns.')
+    selector: str | None = Field(
+        default=None,
+        max_length=1024,
+        description="Label selector of the serving pods, for the scale subresource (what an autoscaler counts).",
+    )
 
 
 class AdapterDeployment(ApiModel):
     """A served base model with hot-swapped LoRA adapters behind an OpenAI-compatible endpoint."""
 
+    # `kubectl scale` and HorizontalPodAutoscalers drive spec.replicas through /scale.
+    scale: ClassVar = ScaleSubresource(
+        spec_replicas_path=".spec.replicas",
+        status_replicas_path=".status.replicas",
+        label_selector_path=".status.selector",
+    )
     model_config = {**ApiModel.model_config, "extra": "allow"}
     api_version: Literal["kubetune.io/v1alpha1"] = "kubetune.io/v1alpha1"
     kind: Literal["AdapterDeployment"] = "AdapterDeployment"

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from .common import GROUP, VERSION
 from .kinds import KINDS, KindInfo
 from .names import name_rules
+from .subresources import ScaleSubresource
 
 # Keys a structural schema may carry, in the order they are written (so the YAML reads like
 # hand-written CRDs: type and description first); pydantic's other keys (title, ...) are dropped.
@@ -128,6 +129,16 @@ def schema_of(model: type[BaseModel]) -> dict[str, Any]:
     return structural(raw, raw.get("$defs", {}))
 
 
+def subresources(info: KindInfo) -> dict[str, Any]:
+    """Every kind has the status subresource (only the operator writes status); a kind whose model
+    declares `scale` (a `ScaleSubresource`) also gets the scale subresource."""
+    out: dict[str, Any] = {"status": {}}
+    scale = getattr(info.model, "scale", None)
+    if isinstance(scale, ScaleSubresource):
+        out["scale"] = scale.to_crd()
+    return out
+
+
 def crd(info: KindInfo) -> dict[str, Any]:
     spec_schema = schema_of(info.spec_model)
     status_schema = schema_of(info.status_model)
@@ -169,7 +180,7 @@ def crd(info: KindInfo) -> dict[str, Any]:
                     "name": VERSION,
                     "served": True,
                     "storage": True,
-                    "subresources": {"status": {}},
+                    "subresources": subresources(info),
                     "additionalPrinterColumns": [dict(c) for c in info.printer_columns],
                     "schema": {"openAPIV3Schema": root},
                 }

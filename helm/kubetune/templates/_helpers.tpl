@@ -43,6 +43,13 @@ the kinds' reconcile.py): children are read, then server-side applied (PATCH cre
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
   verbs: [get, list, watch, create, patch, update, delete]
+# An AdapterDeployment's autoscaler (spec.autoscaling) and its replicas' disruption budget.
+- apiGroups: [autoscaling]
+  resources: [horizontalpodautoscalers]
+  verbs: [get, list, watch, create, patch, update, delete]
+- apiGroups: [policy]
+  resources: [poddisruptionbudgets]
+  verbs: [get, list, watch, create, patch, update, delete]
 # The serving runtimes' admin key, written by server-side apply; never read back (no get/list/watch).
 - apiGroups: [""]
   resources: [secrets]

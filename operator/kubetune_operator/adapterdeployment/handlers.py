@@ -4,7 +4,8 @@
 before: adapters resolved from their FineTuneJobs, loaded and unloaded on each ready replica,
 status refreshed. No on-delete handler and
 no finalizer: owner references let the garbage collector remove the Secret, NetworkPolicy,
-ConfigMap, Service and Deployment.
+ConfigMap, Service, Deployment, HorizontalPodAutoscaler and PodDisruptionBudget. A `kubectl scale`
+or an autoscaler's write to /scale changes spec.replicas, so it reaches the spec handler like any edit.
 """
 
 from collections.abc import Mapping

@@ -2,15 +2,21 @@
 
 One pass, the same from a handler and from the resync loop: resolve the `fromJob` adapters, apply
 the admin-key Secret, the NetworkPolicy, the adapters ConfigMap, the Service and the Deployment
-(server-side apply: an unchanged object is left as it is, so the replicas do not restart), ask every
-ready replica what it has loaded, load what is missing and unload what is no longer wanted, and
-write the status when it changed, with an Event per condition that flipped.
+(server-side apply: an unchanged object is left as it is, so the replicas do not restart), the
+HorizontalPodAutoscaler and PodDisruptionBudget where they apply (deleted where they no longer do),
+ask every ready replica what it has loaded, load what is missing and unload what is no longer
+wanted, and write the status when it changed, with an Event per condition that flipped.
 
 A load a replica refused (see runtime.py: a 4xx that cannot change, a 404 that lasted, 5xx that
 repeat) is not retried there for the same URI until the AdapterDeployment's spec changes (its
-generation): what the replica said stays the adapter's Failed message meanwhile. Every call to a replica is bounded
-(`runtime.py`), and carries the admin key derived for this object (`keys.py`); the Secret holding
-it is written, never read.
+generation): what the replica said stays the adapter's Failed message meanwhile. (A change of
+spec.replicas, by `kubectl scale` or the autoscaler, is a new generation too.)
+
+Every call to a replica is bounded (`runtime.py`), and carries the admin key derived for this
+object (`keys.py`); the Secret holding it is written, never read.
+
+The reconcile never writes the AdapterDeployment's spec: spec.replicas belongs to the user, or to the
+HorizontalPodAutoscaler when `spec.autoscaling` is set, and the Deployment follows whatever it says.
 """
 
 import logging
@@ -44,7 +50,13 @@ from .adapters import (
     resolve,
     with_runtime_path,
 )
-from .render import adapter_path, label_selector, render_adapterdeployment
+from .render import (
+    adapter_path,
+    autoscaler_name,
+    disruption_budget_name,
+    label_selector,
+    render_adapterdeployment,
+)
 from .runtime import ReplicaClient, ReplicaError
 from .status import Observed, derive_status, is_warning, refused_status
 
@@ -53,7 +65,12 @@ log = logging.getLogger("kubetune.operator")
 OPERATOR_NAMESPACE_ENV = "POD_NAMESPACE"
 ACTIONS_BUDGET = 20.0  # seconds of loads and unloads per pass before the rest waits for the next
 # REST paths of the children's kinds that k8s.PLURALS does not name.
-CHILD_API = {"Secret": ("api/v1", "secrets"), "NetworkPolicy": ("apis/networking.k8s.io/v1", "networkpolicies")}
+CHILD_API = {
+    "Secret": ("api/v1", "secrets"),
+    "NetworkPolicy": ("apis/networking.k8s.io/v1", "networkpolicies"),
+    "HorizontalPodAutoscaler": ("apis/autoscaling/v2", "horizontalpodautoscalers"),
+    "PodDisruptionBudget": ("apis/policy/v1", "poddisruptionbudgets"),
+}
 
 
 def reconcile_adapterdeployment(state: OperatorState, namespace: str, name: str) -> None:
@@ -124,6 +141,10 @@ def reconcile(state: OperatorState, key: Key) -> None:
     ensure_child(client, objects.adapters, uid, KIND)  # the replicas follow the mounted file; no restarts
     ensure_child(client, objects.service, uid, KIND)
     deployment = ensure_child(client, objects.deployment, uid, KIND)
+    ensure_or_remove(client, "HorizontalPodAutoscaler", autoscaler_name(name), namespace, objects.autoscaler, uid)
+    ensure_or_remove(
+        client, "PodDisruptionBudget", disruption_budget_name(name), namespace, objects.disruption_budget, uid
+    )
 
     pods = client.list(k8s.pods_path(namespace), label_selector(name))
     by_pod = {p["metadata"]["name"]: p for p in pods}
@@ -200,6 +221,36 @@ def ensure_other_child(client: k8s.Client, obj: dict[str, Any], owner_uid: str) 
         )
     query = {"fieldManager": k8s.FIELD_MANAGER, "force": "true"}
     return client.request("PATCH", path, obj, query, k8s.APPLY_PATCH)
+
+
+UNREADABLE: set[str] = set()  # kinds of optional children the operator was refused reading
+
+
+def ensure_or_remove(
+    client: k8s.Client, kind: str, name: str, namespace: str, obj: dict[str, Any] | None, owner_uid: str
+) -> None:
+    """Apply the optional child `obj` (`ensure_other_child`), or, when it is None, delete the `kind`
+    named `name` if this object owns it: autoscaling removed from the spec, replicas down to one.
+    A namesake the AdapterDeployment does not own is never deleted."""
+    if obj is not None:
+        ensure_other_child(client, obj, owner_uid)
+        return
+    path = child_path({"kind": kind, "metadata": {"namespace": namespace, "name": name}})
+    try:
+        existing = client.get(path)
+    except k8s.ApiError as error:
+        if error.status != 403:
+            raise
+        # An operator that may not read them (a chart older than this code) cannot have created
+        # any: nothing of ours to delete. Said once, not on every pass.
+        if kind not in UNREADABLE:
+            UNREADABLE.add(kind)
+            log.warning("the operator may not read %s objects (%s); update the chart's RBAC", kind, error)
+        return
+    if existing is None or is_terminating(existing) or not owned_by(existing, owner_uid):
+        return
+    if client.delete(path, uid=existing["metadata"].get("uid")):
+        log.info("deleted %s %s/%s: no longer wanted", kind, namespace, name)
 
 
 # --- what replicas said, between passes ----------------------------------------------------------

@@ -43,6 +43,16 @@ status says the replicas refuse the operator. vLLM leaves endpoints outside /v1 
 Every URI is checked again here (`uris.uri_problem`) before it reaches the adapters file, a mount or
 the allow-list, though the spec's were checked at admission: a URI that fails is left out.
 
+Scaling: spec.replicas is the AdapterDeployment's `scale` subresource (`kubectl scale`). With
+`spec.autoscaling` a HorizontalPodAutoscaler `<name>` targets the AdapterDeployment itself, not the
+Deployment: it writes spec.replicas through /scale and the Deployment is rendered from that as
+always, so the operator and the autoscaler never write the same field (the operator never writes
+spec.replicas). Its metric is the runtime's in-flight-requests gauge, averaged over the pods (a
+Pods metric: the cluster needs a custom-metrics adapter, e.g. prometheus-adapter, serving it). With
+more than one replica wanted (or autoscaling.minReplicas above one) a PodDisruptionBudget `<name>`
+lets a node drain evict only one replica at a time; the reconciler deletes either when it no longer
+applies.
+
 Pure: the same input gives equal dicts.
 """
 
@@ -53,7 +63,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from kubetune.api import adaptersfile
-from kubetune.api.adapterdeployment import AdapterDeployment, AdapterDeploymentSpec
+from kubetune.api.adapterdeployment import IN_FLIGHT_METRIC, AdapterDeployment, AdapterDeploymentSpec
+from kubetune.api.common import API_VERSION
 from kubetune.api.kinds import ADAPTERDEPLOYMENT
 from kubetune.api.names import name_problems
 from kubetune.api.uris import uri_problem
@@ -122,6 +133,14 @@ def admin_key_secret_name(name: str) -> str:
 
 def network_policy_name(name: str) -> str:
     return f"{name}-serving"
+
+
+def autoscaler_name(name: str) -> str:
+    return name
+
+
+def disruption_budget_name(name: str) -> str:
+    return name
 
 
 def endpoint(name: str, namespace: str, port: int) -> str:
@@ -513,6 +532,56 @@ def render_network_policy(ad: AdapterDeployment, operator_ns: str) -> dict[str, 
     }
 
 
+def render_autoscaler(ad: AdapterDeployment) -> dict[str, Any] | None:
+    """The autoscaling/v2 HorizontalPodAutoscaler of `spec.autoscaling`, None without it. Its target
+    is the AdapterDeployment (through the scale subresource), so what it decides lands in
+    spec.replicas, where the Deployment and the PodDisruptionBudget are rendered from."""
+    scaling = ad.spec.autoscaling
+    if scaling is None:
+        return None
+    name, namespace = identity(ad.metadata)
+    target = {"type": "AverageValue", "averageValue": str(scaling.target_in_flight_requests)}
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": object_meta(autoscaler_name(name), namespace, pod_labels(name), owner_reference(ad.metadata, KIND)),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": API_VERSION, "kind": KIND, "name": name},
+            "minReplicas": scaling.min_replicas,
+            "maxReplicas": scaling.max_replicas,
+            "metrics": [{"type": "Pods", "pods": {"metric": {"name": IN_FLIGHT_METRIC}, "target": target}}],
+        },
+    }
+
+
+def wants_disruption_budget(spec: AdapterDeploymentSpec) -> bool:
+    """More than one replica wanted, now or as the autoscaler's floor: then a drain must leave one
+    serving. With one replica a budget could only block the drain (or allow everything)."""
+    floor = spec.autoscaling.min_replicas if spec.autoscaling is not None else 0
+    return max(spec.replicas, floor) > 1
+
+
+def render_disruption_budget(ad: AdapterDeployment) -> dict[str, Any] | None:
+    """The policy/v1 PodDisruptionBudget: evictions (node drains) take one serving replica at a time;
+    None when `wants_disruption_budget` says no. Replicas that are not ready (crash-looping,
+    still loading) may always be evicted (`AlwaysAllow`): they serve nothing, and must not block a drain."""
+    if not wants_disruption_budget(ad.spec):
+        return None
+    name, namespace = identity(ad.metadata)
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": object_meta(
+            disruption_budget_name(name), namespace, pod_labels(name), owner_reference(ad.metadata, KIND)
+        ),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": selector(name)},
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
+    }
+
+
 @dataclass(frozen=True)
 class AdapterDeploymentObjects:
     adapters: dict[str, Any]
@@ -520,10 +589,13 @@ class AdapterDeploymentObjects:
     service: dict[str, Any]
     admin_key: dict[str, Any]
     network_policy: dict[str, Any] | None  # None when the operator is configured to render none
+    autoscaler: dict[str, Any] | None = None  # None without spec.autoscaling: any existing one is deleted
+    disruption_budget: dict[str, Any] | None = None  # None with one replica: any existing one is deleted
 
     def all(self) -> list[dict[str, Any]]:
+        optional = [o for o in (self.autoscaler, self.disruption_budget) if o is not None]
         policy = [self.network_policy] if self.network_policy is not None else []
-        return [self.admin_key, *policy, self.adapters, self.service, self.deployment]
+        return [self.admin_key, *policy, self.adapters, self.service, self.deployment, *optional]
 
 
 def check_renderable(ad: AdapterDeployment) -> None:
@@ -577,4 +649,6 @@ def render_adapterdeployment(
         render_network_policy(ad, configured_namespace(config) if operator_ns is None else operator_ns)
         if config.network_policies
         else None,
+        render_autoscaler(ad),
+        render_disruption_budget(ad),
     )

@@ -5,6 +5,12 @@ unloading), AdaptersReady (every wanted adapter loaded on every ready replica), 
 refused, the replicas serve different weights than the FineTuneJob reported, or a replica does not
 answer). `status.adapters` lists each adapter's state; sha256 comes from the FineTuneJob or from
 the replicas, and a mismatch fails the adapter.
+
+For the scale subresource (`kubectl scale`, HorizontalPodAutoscalers): `replicas` is the number of
+serving pods that exist, ready or not (the Deployment's status.replicas, what a Deployment's own
+scale reports as current), and `selector` the label selector of those pods. `readyReplicas` counts
+only replicas that are ready AND have every wanted adapter loaded: a replica added by scaling up
+counts once its adapters are in.
 """
 
 from collections.abc import Mapping
@@ -26,6 +32,7 @@ from .adapters import (
     Wanted,
     has,
 )
+from .render import label_selector
 
 # Condition types of an AdapterDeployment.
 AVAILABLE = "Available"
@@ -114,7 +121,7 @@ class Observed:
     port: int
     generation: int | None
     replicas: int  # wanted (spec.replicas)
-    existing: int  # the Deployment's status.replicas
+    existing: int  # the Deployment's status.replicas: status.replicas, the scale subresource's current count
     ready: int  # the Deployment's status.readyReplicas
     updated: int  # the Deployment's status.updatedReplicas
     deployment_observed: bool  # the Deployment controller has seen its latest generation
@@ -187,6 +194,7 @@ def derive_status(current: Mapping[str, Any] | None, obs: Observed) -> dict[str,
         "endpoint": f"http://{obs.name}.{obs.namespace}.svc:{obs.port}/v1",
         "adapters": adapters,
         "adaptersReady": f"{loaded_count}/{wanted_count}",
+        "selector": label_selector(obs.name),
     }
     if gen is not None:
         status["observedGeneration"] = gen
