@@ -8,10 +8,6 @@ interpreter, in a subprocess because Triton reads ``TRITON_INTERPRET`` when it i
 CUDA side is tests/gpu/test_gpu_grouped_lora.py.
 """
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -34,8 +30,8 @@ from tests.kernels.grouped_lora_interpreter_check import (  # noqa: E402
     make_problem,
     without_adapter,
 )
+from tests.kernels.support import run_in_interpreter  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
 CHECK_SCRIPT = Path(__file__).with_name("grouped_lora_interpreter_check.py")
 
 # |got - float64 loop| <= atol + rtol * max|loop|. Both paths compute in float32 and round once to
@@ -217,19 +213,7 @@ def test_stack_refuses_tensors_that_do_not_agree():
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
     """The check script's JSON report (one subprocess, a few seconds)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "kernels"), str(REPO), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, str(CHECK_SCRIPT)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path_factory.mktemp("grouped_lora"),
-        timeout=300,
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"interpreter check exited {proc.returncode}:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_in_interpreter(CHECK_SCRIPT, tmp_path_factory.mktemp("grouped_lora"))
 
 
 @pytest.mark.parametrize("config", sorted(CONFIGS))

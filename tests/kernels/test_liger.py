@@ -6,10 +6,6 @@ tests/kernels/liger_interpreter_check.py) and are compared with float64 torch re
 shapes, forward and gradients. The GPU side is tests/gpu/test_gpu_kernels.py.
 """
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,8 +16,8 @@ torch = pytest.importorskip("torch", reason="NOT RUN: kernel tests need the [tra
 pytest.importorskip("liger_kernel", reason="NOT RUN: kernel tests need liger-kernel (make setup)")
 
 from kubetune_kernels import liger  # noqa: E402
+from tests.kernels.support import run_in_interpreter  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
 CHECK_SCRIPT = Path(__file__).with_name("liger_interpreter_check.py")
 
 # |got - float64 reference| <= atol + rtol * max|reference|, per tensor.
@@ -45,19 +41,7 @@ BF16_ARITHMETIC_OPS = {"rms_norm", "swiglu", "rope"}
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
     """The check script's JSON report (one subprocess, about 30 s on two cores)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "kernels"), str(REPO), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, str(CHECK_SCRIPT)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path_factory.mktemp("liger"),
-        timeout=300,
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"interpreter check exited {proc.returncode}:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_in_interpreter(CHECK_SCRIPT, tmp_path_factory.mktemp("liger"))
 
 
 def within(errors: dict, dtype: str) -> dict:
