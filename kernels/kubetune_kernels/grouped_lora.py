@@ -48,12 +48,13 @@ is how tests/kernels/test_grouped_lora.py checks it on a machine without a GPU.
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from .devices import cuda_problem
 
 try:  # Triton is optional: without it every call takes the torch reference.
     import triton
@@ -66,8 +67,6 @@ __all__ = ["AdapterStack", "grouped_lora", "grouped_lora_reference", "grouped_lo
 logger = logging.getLogger(__name__)
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Triton's NVIDIA backend still carries code paths for sm_70 (Volta); older GPUs are out.
-_MIN_CUDA_CAPABILITY = (7, 0)
 # Elements of the float32 tile one program holds per step ([r_max, BLOCK_K] or [BLOCK_N, r_max]):
 # large enough to keep loads wide, small enough to stay in registers at r_max 64.
 _TILE_ELEMENTS = 4096
@@ -346,19 +345,7 @@ def triton_problem(device: torch.device | str) -> str | None:
         device = torch.device("cuda", torch.cuda.current_device())
     if device in _FAILED:
         return _FAILED[device]
-    return _cuda_problem(device.index)
-
-
-@functools.cache
-def _cuda_problem(device_index: int) -> str | None:
-    """Whether one CUDA device can run Triton; asked once per device and process."""
-    try:
-        capability = torch.cuda.get_device_capability(device_index)
-    except Exception as exc:  # noqa: BLE001 - a broken driver is a reason, not a crash
-        return f"CUDA device not usable: {exc}"
-    if torch.version.hip is None and capability < _MIN_CUDA_CAPABILITY:
-        return f"GPU compute capability {capability[0]}.{capability[1]} is below Triton's 7.0"
-    return None
+    return cuda_problem(device.index)
 
 
 if triton is not None:

@@ -38,6 +38,8 @@ import types
 import torch
 from torch import nn
 
+from .devices import cuda_problem
+
 logger = logging.getLogger(__name__)
 
 # Architectures whose Liger function has the Llama shape: RMSNorm modules (norm,
@@ -51,9 +53,6 @@ _ARCHITECTURES: dict[str, tuple[str, str]] = {
     "qwen2": ("transformers.models.qwen2.modeling_qwen2", "apply_liger_kernel_to_qwen2"),
     "qwen3": ("transformers.models.qwen3.modeling_qwen3", "apply_liger_kernel_to_qwen3"),
 }
-
-# Triton's NVIDIA backend still carries code paths for sm_70 (Volta); older GPUs are out.
-_MIN_CUDA_CAPABILITY = (7, 0)
 
 _ROPE_NAME = "apply_rotary_pos_emb"
 
@@ -79,13 +78,7 @@ def liger_problem(device: torch.device | str, *, interpret_ok: bool = False) -> 
     imported = _import_problem()  # once per process: importing liger_kernel takes seconds
     if imported or device.type == "cpu":  # a CPU device gets here only under the interpreter
         return imported
-    try:
-        capability = torch.cuda.get_device_capability(device)
-    except Exception as exc:  # noqa: BLE001 - a broken driver is a reason, not a crash
-        return f"CUDA device not usable: {exc}"
-    if torch.version.hip is None and capability < _MIN_CUDA_CAPABILITY:
-        return f"GPU compute capability {capability[0]}.{capability[1]} is below Triton's 7.0"
-    return None
+    return cuda_problem(torch.cuda.current_device() if device.index is None else device.index)
 
 
 @functools.cache

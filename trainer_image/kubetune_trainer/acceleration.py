@@ -21,7 +21,6 @@ outside the compiled regions.
 plain recipe, bit for bit.
 """
 
-import time
 import types
 from dataclasses import dataclass, field
 
@@ -87,8 +86,13 @@ def accelerate(model, spec: FineTuneJobSpec, device: torch.device, strategy: str
 
 def fused_loss(model) -> bool:
     """Whether `model` (wrapped by DDP or DeepSpeed, or not) computes its loss in chunks."""
+    return bool(getattr(causal_lm(unwrap(model)), _MARK, False))
+
+
+def unwrap(model):
+    """The model inside DDP or a DeepSpeed engine (FSDP2 shards in place: nothing to unwrap)."""
     wrapped = isinstance(model, torch.nn.parallel.DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine"
-    return bool(getattr(causal_lm(model.module if wrapped else model), _MARK, False))
+    return model.module if wrapped else model
 
 
 def causal_lm(model):
@@ -324,17 +328,3 @@ def _compile_layers(lm, strategy: str, result: Acceleration) -> None:
     for layer in layers:
         layer.compile()  # in place: FSDP2's hooks and checkpointing wrap the module, not the graph
     result.compiled_layers = len(layers)
-
-
-class FirstStepTimer:
-    """The first step pays for compilation; the trainer logs how long it took."""
-
-    def __init__(self, acceleration: Acceleration | None):
-        self.acceleration = acceleration
-        self.started = time.monotonic()
-
-    def done(self) -> float | None:
-        if self.acceleration is None or self.acceleration.first_step_seconds is not None:
-            return None
-        self.acceleration.first_step_seconds = round(time.monotonic() - self.started, 2)
-        return self.acceleration.first_step_seconds

@@ -367,12 +367,13 @@ def fit(run: Run) -> None:
     started, tokens_seen = time.monotonic(), 0.0
     first_step = run.state.step
     compiled = run.accelerated if run.accelerated and run.accelerated.compiled_layers else None
-    compile_timer = acceleration.FirstStepTimer(compiled)
     while run.state.step < run.total_steps:
+        step_started = time.monotonic()
         result = train_step(run, run.state.step)
-        compile_seconds = compile_timer.done()
-        if compiled and compile_seconds is not None and run.env.is_main:
-            log("compiled", first_step_seconds=compile_seconds, layers=compiled.compiled_layers)
+        if compiled and compiled.first_step_seconds is None:  # the first step pays for compilation
+            compiled.first_step_seconds = round(time.monotonic() - step_started, 2)
+            if run.env.is_main:
+                log("compiled", first_step_seconds=compiled.first_step_seconds, layers=compiled.compiled_layers)
         run.state.step += 1
         step = run.state.step
         tokens_seen += result["tokens"]
@@ -664,14 +665,8 @@ def _handle_sigterm(run: Run) -> None:
     signal.signal(signal.SIGTERM, request_stop)
 
 
-def _unwrap(model):
-    """The model inside DDP or a DeepSpeed engine (FSDP2 shards in place: nothing to unwrap)."""
-    wrapped = isinstance(model, torch.nn.parallel.DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine"
-    return model.module if wrapped else model
-
-
 def _is_prompt_learning(model) -> bool:
-    config = getattr(_unwrap(model), "peft_config", {}).get("default")
+    config = getattr(acceleration.unwrap(model), "peft_config", {}).get("default")
     return bool(config and getattr(config, "is_prompt_learning", False))
 
 
