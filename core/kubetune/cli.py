@@ -370,6 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="generation requests waiting for the model; one more is answered 429 with Retry-After (default 64)",
     )
     limits.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=32,
+        metavar="N",
+        help="requests generated together in one batch (continuous batching; as vLLM's flag) (default 32)",
+    )
+    limits.add_argument(
         "--stall-timeout",
         type=float,
         default=120.0,

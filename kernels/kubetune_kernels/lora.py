@@ -50,7 +50,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LoraWeights", "dequantize", "from_peft", "lora_linear", "lora_mlp", "lora_qkv"]
+__all__ = ["LoraWeights", "dequantize", "from_peft", "lora_linear", "lora_mlp", "lora_qkv", "variant_problem"]
 
 
 @dataclass(frozen=True)
@@ -134,14 +134,21 @@ def _unsupported_adapter(module, adapter: str) -> str:
         return "more than one active adapter"
     if adapter not in module.active_adapters or adapter not in module.lora_A:
         return f"adapter {adapter!r} not active"
+    if getattr(module, "fan_in_fan_out", False):
+        return "fan_in_fan_out weights"
+    return variant_problem(module, adapter)
+
+
+def variant_problem(module, adapter: str) -> str:
+    """What makes this adapter of a PEFT LoRA layer more than the plain delta ``s·(x Aᵀ)Bᵀ`` (DoRA,
+    a LoRA bias, another LoRA variant), or the empty string. Shared by the training kernels and the
+    serving runtime's grouped LoRA, which both compute only that delta."""
     if module.use_dora.get(adapter, False):
         return "DoRA adapter"
     if getattr(module, "lora_bias", {}).get(adapter, False):
         return "lora_bias adapter"
     if adapter in getattr(module, "lora_variant", {}):
         return f"LoRA variant {type(module.lora_variant[adapter]).__name__}"
-    if getattr(module, "fan_in_fan_out", False):
-        return "fan_in_fan_out weights"
     return ""
 
 

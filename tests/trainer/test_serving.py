@@ -49,6 +49,7 @@ def test_ready_once_loaded_and_models_list_the_base_and_the_startup_adapter(serv
     assert alpha["id"] == "alpha" and alpha["parent"] == "tiny" and alpha["root"] == f"file://{files[1]['alpha']}"
     report = json.loads((files[1]["alpha"].parent / "report.json").read_text())
     assert alpha["sha256"] == report["adapter"]["sha256"]  # what the FineTuneJob reported, for the operator
+    assert alpha["batching"] == "grouped"  # a plain LoRA adapter shares batches with every other
 
 
 def test_base_and_adapters_answer_as_generate_does(server, files, offline):
@@ -214,6 +215,7 @@ def test_metrics_count_requests_tokens_and_adapters(server):
     assert after[key] == before + 1
     assert after[("kubetune_serve_generation_tokens_total", (("model", "alpha"),))] > 0
     assert after[("kubetune_serve_loaded_adapters", ())] == 1
+    assert after[("kubetune_serve_adapter_loaded", (("batching", "grouped"), ("model", "alpha")))] == 1
     assert after[("kubetune_serve_ready", ())] == 1
     assert after[latency] == latency_before + 1  # one latency histogram per adapter
     for timing in ("queue_wait_seconds", "time_to_first_token_seconds"):

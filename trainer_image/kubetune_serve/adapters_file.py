@@ -70,7 +70,7 @@ class AdaptersFileSync:
             if self.applied.get(name) != path:  # new or moved; an unchanged entry was dealt with before
                 self._load(name, path)
         self.applied = desired
-        self.metrics.loaded_adapters.set(len(self.engine.adapters()))
+        self.metrics.loaded(self.engine.adapters())
         log(
             "adapters_file_applied",
             path=str(self.path),

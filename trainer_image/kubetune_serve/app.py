@@ -15,6 +15,7 @@ the engine is wedged (no progress for `stall_timeout`), whatever the number of l
 
 from __future__ import annotations
 
+import functools
 import json
 import queue
 import threading
@@ -34,7 +35,7 @@ from kubetune.logs import log
 
 from .access import Access
 from .adapters_file import AdaptersFileSync
-from .engine import Engine, EngineError, Generation, Sampling
+from .engine import Engine, EngineError, Generation, Pending, Sampling
 from .loads import BUSY_RETRY_AFTER_S, Loads
 from .metrics import ServingMetrics
 from .schemas import ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
@@ -88,7 +89,7 @@ class Startup:
             )
             for name, uri in self.adapters:
                 self.engine.load_adapter(name, uri)
-                self.metrics.loaded_adapters.set(len(self.engine.adapters()))
+                self.metrics.loaded(self.engine.adapters())
                 log("adapter_loaded", name=name, uri=uri)
         except Exception as error:
             # the log has the whole story; /health, open to anyone, names no file of this machine
@@ -320,7 +321,8 @@ def create_app(
                 "max_model_len": engine.max_model_len,
                 "permission": [],
                 "sha256": a.sha256,
-            }  # beyond OpenAI's card: lets the operator report what each replica serves
+                "batching": a.grouping,
+            }  # beyond OpenAI's card: what each replica serves (the operator reports it) and how
             for a in engine.adapters()
         ]
         return [base, *adapters]
@@ -360,7 +362,7 @@ def create_app(
             except Exception:
                 metrics.load_failed("error")
                 raise
-            metrics.loaded_adapters.set(len(engine.adapters()))
+            metrics.loaded(engine.adapters())
             log("adapter_loaded", name=name, uri=uri)
             return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
@@ -370,7 +372,7 @@ def create_app(
             engine.unload_adapter(body.lora_name)
             call.model = None  # gone now: counted as "unknown" like any name not served
             metrics.forget(body.lora_name or "")
-            metrics.loaded_adapters.set(len(engine.adapters()))
+            metrics.loaded(engine.adapters())
             log("adapter_unloaded", name=body.lora_name)
             return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
@@ -489,20 +491,32 @@ def _prompt_count(prompt) -> int:
     return len(prompt)
 
 
+def _start_all(
+    engine: Engine, model: str, jobs: list, cancel: threading.Event, on_text: Callable | None = None
+) -> list[tuple[int, Pending]]:
+    """Queue every job of a request (they are batched together); if one is refused (the queue is
+    full), those already queued are told to stop and the refusal is raised."""
+    pending = []
+    try:
+        for index, ids, sampling in jobs:
+            text = None if on_text is None else functools.partial(on_text, index)
+            pending.append((index, engine.start(model, ids, sampling, cancelled=cancel.is_set, on_text=text)))
+    except BaseException:
+        cancel.set()
+        raise
+    return pending
+
+
 async def _generate_all(request: Request, engine: Engine, model: str, jobs: list) -> list[tuple[int, Generation]]:
-    """Generate `jobs` one after another in a worker thread, stopping at the next token when the
+    """Generate `jobs` (batched together) from a worker thread, stopping at the next token when the
     client disconnects (a non-streaming client that left must not keep the engine busy)."""
     cancel = threading.Event()
     done = threading.Event()
 
     def work() -> list[tuple[int, Generation]]:
         try:
-            results = []
-            for index, ids, sampling in jobs:
-                if cancel.is_set():
-                    break
-                results.append((index, engine.generate(model, ids, sampling, cancelled=cancel.is_set)))
-            return results
+            pending = _start_all(engine, model, jobs, cancel)
+            return [(index, job.result()) for index, job in pending]
         finally:
             done.set()
 
@@ -638,25 +652,18 @@ def _stream(
 ) -> StreamingResponse:
     """Server-sent events: each piece of text as it is generated, then `data: [DONE]`.
 
-    A worker thread generates (one choice after another) and hands pieces over a queue; when the
-    client goes away the generation is told to stop at its next token.
+    Every choice is queued before the response starts (so a full queue is a real 429, not an error
+    inside a 200 stream); the batcher hands pieces over a queue, a worker thread waits for the ends;
+    when the client goes away the generation is told to stop at its next token.
     """
     events: queue.Queue = queue.Queue()
     cancel = threading.Event()
+    pending = _start_all(engine, call.model, jobs, cancel, lambda index, piece: events.put(("text", index, piece)))
 
     def work() -> None:
         try:
-            for index, ids, sampling in jobs:
-                if cancel.is_set():
-                    break
-                result = engine.generate(
-                    call.model,
-                    ids,
-                    sampling,
-                    cancelled=cancel.is_set,
-                    on_text=lambda piece, index=index: events.put(("text", index, piece)),
-                )
-                events.put(("done", index, result))
+            for index, job in pending:
+                events.put(("done", index, job.result()))
         except EngineError as error:
             events.put(("error", error, None))
         except Exception as error:  # the stream has started: report it in the stream

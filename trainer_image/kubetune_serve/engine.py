@@ -1,12 +1,18 @@
 """The model behind `kubetune serve`: one base model, LoRA adapters added and removed at runtime,
-and generation one request at a time (at most `max_queued` more waiting: 429 past that). No HTTP
-here: errors are `EngineError`s that carry the status and the OpenAI error type the API answers with.
+and generation continuously batched (`batching.Batcher`: up to `max_running` requests share each
+forward pass, each row with its own adapter or none; at most `max_queued` more wait, 429 past that).
+No HTTP here: errors are `EngineError`s that carry the status and the OpenAI error type the API
+answers with.
 
-Adapters live in one PEFT model wrapped around the base (`load_adapter`, `delete_adapter`,
-`set_adapter`); a request for the base runs with the adapters disabled. Generation on one model is
-not thread-safe and switching adapters changes the model, so both happen under one lock. Public
-adapter names (anything a client may put in `model`) map to internal PEFT names, which must be
-valid module names and must not collide with PEFT's own prefixes.
+Adapters live in one PEFT model wrapped around the base (`load_adapter`, `delete_adapter`); plain
+LoRA adapters are also stacked per layer for the grouped path (`grouped.py`), and the others (DoRA,
+LoRA biases, `modules_to_save`, ...) are served grouped by adapter, in forwards of their own. Forward
+passes run on the batcher's thread, one step at a time under the model lock; attaching or detaching
+an adapter takes the lock between two steps (and goes first: the stepper waits while it is asked
+for). An adapter being unloaded or replaced is detached once the requests using it have finished
+(`DRAIN_SECONDS` at most); new requests for it are refused at once. Public adapter names (anything
+a client may put in `model`) map to internal PEFT names, which must be valid module names and must
+not collide with PEFT's own prefixes.
 
 A load is two steps: `prepare_adapter` (no lock: check the source, copy it into a private staging
 folder within the size cap, check config and weights) and `attach` (under the lock: PEFT reads the
@@ -29,11 +35,15 @@ from pathlib import Path
 
 from kubetune.storage import StorageError, resolve_input, sha256_of
 
+from .batching import Batcher, Row
 from .errors import EngineError
+from .grouped import Rows, groupable_problem, rebuild
 from .sources import check_source, fetch
 from .text import TextTracker
 
-__all__ = ["Adapter", "Engine", "EngineError", "Generation", "Prepared", "Sampling"]
+__all__ = ["Adapter", "Engine", "EngineError", "Generation", "Pending", "Prepared", "Sampling"]
+
+DRAIN_SECONDS = 60.0  # how long an unload waits for the requests still using the adapter
 
 
 def not_found(message: str) -> EngineError:
@@ -53,6 +63,9 @@ class Adapter:
     internal: str
     sha256: str | None = None  # of the weights file, as a FineTuneJob reports its adapter
     created: int = field(default_factory=lambda: int(time.time()))
+    lane: str | None = None  # None: served by the grouped path; else its own forwards (see `grouping`)
+    grouping: str = "grouped"  # how its requests are batched, as /v1/models shows it
+    detached: bool = False  # unloaded from the model: requests still holding it end with a 404
 
 
 @dataclass
@@ -87,12 +100,24 @@ class Generation:
     first_token_seconds: float | None = None  # from the call to the first generated token
 
 
-def too_many_waiting(most: int) -> EngineError:
-    """The request queue is full: 429 with Retry-After, so that clients (and load balancers) back off
-    instead of piling up requests that would time out in the queue anyway."""
-    return EngineError(
-        f"too many requests waiting for the model (at most {most} queue); retry later", 429, "RateLimitError"
-    )
+@dataclass
+class Pending:
+    """A request in the batcher: `result()` waits for its Generation (or raises its EngineError)."""
+
+    row: Row
+    batcher: Batcher
+
+    def result(self) -> Generation:
+        row = self.row
+        while not row.done.wait(1.0):
+            if not self.batcher.alive:
+                raise EngineError("internal error: the generation thread stopped", 500, "InternalServerError")
+        if row.error is not None:
+            raise row.error
+        tracker = row.tracker
+        return Generation(
+            tracker.text, row.finish or "length", len(row.prompt), len(tracker.token_ids), row.queued, row.first_token
+        )
 
 
 def resolve(uri: str, cache_dir: Path) -> Path:
@@ -217,9 +242,10 @@ class Engine:
         dtype: str = "auto",
         max_adapter_bytes: int = 2 * 1024**3,
         max_queued: int = 64,
+        max_running: int = 32,
     ):
         self.model_uri, self.served_name, self.cache_dir = model_uri, served_name, Path(cache_dir)
-        self.max_queued = max_queued
+        self.max_queued, self.max_running = max_queued, max_running
         self.max_adapters, self.max_lora_rank = max_adapters, max_lora_rank
         self.max_adapter_bytes = max_adapter_bytes
         self.staging_dir = self.cache_dir / "adapter-staging"
@@ -228,14 +254,16 @@ class Engine:
         self.base = self.tokenizer = None
         self.max_model_len: int | None = None
         self._peft = None  # the PeftModel around `base` while at least one adapter is loaded
-        self._adapters: dict[str, Adapter] = {}
+        self._adapters: dict[str, Adapter] = {}  # by public name: what requests may ask for
+        self._attached: dict[str, Adapter] = {}  # by PEFT name: in the model (draining ones too)
+        self._slots: dict[str, int] = {}  # PEFT name -> slot of the grouped path's stacks
+        self._rows = Rows()
+        self._batcher: Batcher | None = None
         self._ids = itertools.count(1)
-        self._lock = threading.Lock()
-        # Generation requests waiting for the lock and running under it: the in-flight gauge an
-        # autoscaler reads, and the bound on the queue.
-        self._counts = threading.Lock()
-        self._waiting = self._running = 0
-        # For /health: when the work holding the lock last moved (a token, the start of an attach).
+        self._lock = threading.Lock()  # the model: one step, or one attach/detach, at a time
+        self._turn = threading.Condition()  # attach/detach go before the next step
+        self._wanted = 0
+        # For /health: when the work holding the lock last moved (a step, the start of an attach).
         self._progress_at: float | None = None
         self._attaching_since: float | None = None
 
@@ -261,8 +289,17 @@ class Engine:
         eos.update(configured if isinstance(configured, list) else [configured])
         self._eos_ids = sorted(i for i in eos if i is not None)
         self.max_model_len = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
-        with self._lock:
-            self.tokenizer, self.base = tokenizer, model
+        batcher = Batcher(
+            self._forward,
+            self._step,
+            self._eos_ids,
+            self.device,
+            model.dtype,
+            max_running=self.max_running,
+            max_queued=self.max_queued,
+        )
+        with self._exclusive():
+            self.tokenizer, self.base, self._batcher = tokenizer, model, batcher
 
     def load_adapter(self, name: str, uri: str, *, replace: bool = False) -> Adapter:
         """Load a trusted adapter (the command line, the adapters file) now: `prepare_adapter` with no
@@ -312,7 +349,7 @@ class Engine:
         """The only step of a load under the lock: PEFT reads the staged (local) files into the model.
         The staging folder is removed afterwards, loaded or not."""
         try:
-            with self._lock:
+            with self._exclusive():
                 self._attaching_since = time.monotonic()
                 try:
                     same = self._check_room(prepared.name, prepared.uri, replace)
@@ -328,14 +365,14 @@ class Engine:
                     )
                     self._attach(adapter)
                     old = self._adapters.pop(prepared.name, None)
-                    if old is not None:
-                        self._detach(old)
                     self._adapters[prepared.name] = adapter
-                    return adapter
                 finally:
                     self._attaching_since = None
         finally:
             self.discard(prepared)
+        if old is not None:  # replaced: the requests already using the old one finish with it
+            self._retire(old)
+        return adapter
 
     @staticmethod
     def discard(prepared: Prepared) -> None:
@@ -344,10 +381,17 @@ class Engine:
     def unload_adapter(self, name: str | None) -> None:
         if not name:
             raise EngineError("'lora_name' must be provided.", 400, "InvalidUserInput")
-        with self._lock:
+        with self._exclusive():
             adapter = self._adapters.pop(name, None)
             if adapter is None:
                 raise not_found(f"The lora adapter '{name}' cannot be found.")
+        self._retire(adapter)
+
+    def _retire(self, adapter: Adapter) -> None:
+        """Detach an adapter no request may ask for any more, once the requests using it are done."""
+        if self._batcher is not None:
+            self._batcher.wait_unused(adapter, DRAIN_SECONDS)
+        with self._exclusive():
             self._detach(adapter)
 
     def _require_loaded(self) -> None:
@@ -392,6 +436,18 @@ class Engine:
             self._undo_attach(adapter)
             detail = one_line(f"{type(error).__name__}: {error}", adapter.path, adapter.uri, 200)
             raise invalid_adapter(f"adapter {adapter.name} could not be loaded from {adapter.uri}: {detail}") from None
+        problem = groupable_problem(self._peft, adapter.internal)
+        if problem:
+            adapter.lane, adapter.grouping = adapter.internal, f"by adapter ({problem})"
+        self._attached[adapter.internal] = adapter
+        self._regroup()
+
+    def _regroup(self) -> None:
+        """Slots for the attached plain-LoRA adapters, and every LoRA layer's stack of them."""
+        grouped = [internal for internal, adapter in self._attached.items() if adapter.lane is None]
+        self._slots = {internal: slot for slot, internal in enumerate(grouped)}
+        if self._peft is not None:
+            rebuild(self.base, self._rows, self._slots)
 
     def _undo_attach(self, adapter: Adapter) -> None:
         if self._peft is not None:
@@ -401,16 +457,18 @@ class Engine:
         _strip_adapter_layers(self.base)  # PeftModel.from_pretrained failed after injecting layers
 
     def _detach(self, adapter: Adapter) -> None:
+        adapter.detached = True
+        self._attached.pop(adapter.internal, None)
         self._peft.delete_adapter(adapter.internal)
         if not self._peft.peft_config:  # PEFT cannot run with no adapter at all: back to the plain model
             self.base = self._peft.unload()
             self._peft = None
+        self._regroup()
 
     # --- what is served --------------------------------------------------------------------------
 
     def adapters(self) -> list[Adapter]:
-        with self._lock:
-            return list(self._adapters.values())
+        return list(self._adapters.values())
 
     def has_model(self, name: str) -> bool:
         return name == self.served_name or name in self._adapters
@@ -444,28 +502,7 @@ class Engine:
     @property
     def in_flight(self) -> int:
         """Generation requests waiting or running now."""
-        return self._waiting + self._running
-
-    @contextmanager
-    def _queued(self) -> Iterator[None]:
-        """Hold the model as one of at most `max_queued` waiting requests; 429 when the queue is full."""
-        with self._counts:
-            if self._waiting >= self.max_queued:
-                raise too_many_waiting(self.max_queued)
-            self._waiting += 1
-        acquired = False
-        try:
-            acquired = self._lock.acquire()
-        finally:
-            with self._counts:
-                self._waiting -= 1
-                self._running += 1 if acquired else 0
-        try:
-            yield
-        finally:
-            with self._counts:
-                self._running -= 1
-            self._lock.release()
+        return self._batcher.in_flight if self._batcher is not None else 0
 
     def check_length(self, prompt_tokens: int, max_tokens: int) -> None:
         if self.max_model_len and prompt_tokens + max_tokens > self.max_model_len:
@@ -475,7 +512,7 @@ class Engine:
                 "completion). Please reduce the length of the messages or completion."
             )
 
-    def generate(
+    def start(
         self,
         model: str,
         prompt_ids: list[int],
@@ -483,57 +520,81 @@ class Engine:
         *,
         on_text: Callable[[str], None] | None = None,
         cancelled: Callable[[], bool] | None = None,
-    ) -> Generation:
-        """Generate with the base (`model` = the served name) or an adapter, one request at a time."""
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
+    ) -> Pending:
+        """Queue a generation with the base (`model` = the served name) or an adapter; `on_text` gets
+        its text piece by piece, from the batcher's thread. 429 when the queue is full."""
         self._require_loaded()
+        if not prompt_ids:
+            raise EngineError("the prompt is empty: give at least one token")
+        if sampling.max_tokens < 1:
+            raise EngineError("max_tokens must be at least 1")
         self.check_length(len(prompt_ids), sampling.max_tokens)
-
-        engine = self
-
-        called = time.monotonic()
-        first_token: list[float] = []
-
-        class _Until(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                engine._progress_at = time.monotonic()
-                if not first_token:
-                    first_token.append(engine._progress_at - called)
-                stop = tracker.done or (cancelled is not None and cancelled())
-                return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
-
-        with self._queued(), self._in_progress():
-            queued = time.monotonic() - called
-            if model != self.served_name and model not in self._adapters:
+        adapter = None
+        if model != self.served_name:
+            adapter = self._adapters.get(model)
+            if adapter is None:
                 raise model_not_found(model)
-            if cancelled is not None and cancelled():  # the client left while waiting for the lock
-                return Generation("", "abort", len(prompt_ids), 0, queued)
-            eos_ids = [] if sampling.ignore_eos else self._eos_ids
-            tracker = TextTracker(self.tokenizer, sampling.stop, eos_ids, on_text)
-            input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
-            options = dict(
-                max_new_tokens=sampling.max_tokens,
-                eos_token_id=self._eos_ids,
-                pad_token_id=self.tokenizer.pad_token_id,
-                streamer=tracker,
-                stopping_criteria=StoppingCriteriaList([_Until()]),
-            )
-            if sampling.temperature > 0:
-                options.update(
-                    do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or 0
-                )
+        eos_ids = [] if sampling.ignore_eos else self._eos_ids
+        tracker = TextTracker(self.tokenizer, sampling.stop, eos_ids, on_text)
+        row = Row(list(prompt_ids), sampling, adapter, tracker, cancelled)
+        self._batcher.submit(row)
+        return Pending(row, self._batcher)
+
+    def generate(self, model: str, prompt_ids: list[int], sampling: Sampling, **options) -> Generation:
+        """`start` and wait for the result."""
+        return self.start(model, prompt_ids, sampling, **options).result()
+
+    # --- the batcher's side: one step at a time, under the model lock ------------------------------
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """The model to ourselves between two steps (attach, detach): the stepper waits while we ask."""
+        with self._turn:
+            self._wanted += 1
+        try:
+            self._lock.acquire()
+        finally:
+            with self._turn:
+                self._wanted -= 1
+                self._turn.notify_all()
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    @contextmanager
+    def _step(self) -> Iterator[None]:
+        import torch
+
+        with self._turn:
+            self._turn.wait_for(lambda: self._wanted == 0)
+        with self._lock, self._in_progress(), torch.inference_mode():
+            yield
+
+    def _forward(self, lane: str | None, rows: list[Row], cache, ids, positions, mask):
+        """One pass over a lane's rows (batching.Batcher calls it under `_step`): the last position's logits."""
+        import torch
+
+        if lane is not None:
+            self._peft.set_adapter(lane)
+        elif self._peft is not None:
+            slots = [self._slots.get(row.adapter.internal, -1) if row.adapter else -1 for row in rows]
+            if any(slot >= 0 for slot in slots):
+                self._rows.set(True, torch.tensor(slots, dtype=torch.long, device=self.device))
             else:
-                options.update(do_sample=False)
-            if sampling.ignore_eos:
-                options.update(min_new_tokens=sampling.max_tokens)
-            if sampling.seed is not None:
-                torch.manual_seed(sampling.seed)
-            with torch.no_grad(), self._using(self._adapters.get(model)) as network:
-                network.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **options)
-        finish, first = tracker.finish_reason or "length", first_token[0] if first_token else None
-        return Generation(tracker.text, finish, len(prompt_ids), len(tracker.token_ids), queued, first)
+                self._rows.set(True)  # the base model's rows only: no delta to add
+        try:
+            output = self.base(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        finally:
+            self._rows.set(False)
+        return output.logits[:, -1]
 
     @contextmanager
     def _in_progress(self) -> Iterator[None]:
@@ -544,22 +605,11 @@ class Engine:
             self._progress_at = None
 
     def stalled_for(self) -> float:
-        """Seconds the work holding the lock (a generation, an attach) has made no progress; 0 when idle.
+        """Seconds the work holding the lock (a step, an attach) has made no progress; 0 when idle.
         /health turns 503 when this grows past its bound: the replica is wedged, not busy."""
         now = time.monotonic()
         marks = [t for t in (self._progress_at, self._attaching_since) if t is not None]
         return max((now - t for t in marks), default=0.0)
-
-    @contextmanager
-    def _using(self, adapter: Adapter | None) -> Iterator[object]:
-        if self._peft is None:
-            yield self.base
-        elif adapter is None:
-            with self._peft.disable_adapter():
-                yield self._peft
-        else:
-            self._peft.set_adapter(adapter.internal)
-            yield self._peft
 
 
 def _pick_device(name: str) -> str:

@@ -60,6 +60,12 @@ class ServingMetrics:
             registry=self.registry,
         )
         self.loaded_adapters = Gauge(PREFIX + "loaded_adapters", "Adapters loaded now.", registry=self.registry)
+        self.adapter_loaded = Gauge(
+            PREFIX + "adapter_loaded",
+            "1 per adapter loaded now; batching: grouped, or by adapter (and why).",
+            ["model", "batching"],
+            registry=self.registry,
+        )
         self.load_failures = Counter(
             PREFIX + "adapter_load_failures",
             "Adapter loads refused, by reason: " + ", ".join(LOAD_FAILURE_REASONS) + ".",
@@ -92,6 +98,17 @@ class ServingMetrics:
         if first_token is not None:
             self.time_to_first_token.labels(model).observe(first_token)
             self._series[model].add((self.time_to_first_token, (model,)))
+
+    def loaded(self, adapters) -> None:
+        """The adapters loaded now (engine.Adapter: name, grouping): the count and one series each."""
+        self.loaded_adapters.set(len(adapters))
+        for adapter in adapters:
+            series = (self.adapter_loaded, (adapter.name, adapter.grouping))
+            for stale in [s for s in self._series[adapter.name] if s[0] is self.adapter_loaded and s != series]:
+                self._series[adapter.name].discard(stale)  # replaced by an adapter batched otherwise
+                self.adapter_loaded.remove(*stale[1])
+            self.adapter_loaded.labels(*series[1]).set(1)
+            self._series[adapter.name].add(series)
 
     def load_failed(self, reason: str) -> None:
         self.load_failures.labels(reason if reason in LOAD_FAILURE_REASONS else "error").inc()

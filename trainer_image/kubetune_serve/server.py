@@ -96,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         max_adapter_bytes=args.max_adapter_bytes,
         max_queued=args.max_queued_requests,
+        max_running=args.max_num_seqs,
     )
     metrics = ServingMetrics()
     loads = Loads(engine, allowed, max_concurrent=args.max_concurrent_loads, timeout=args.load_timeout)
