@@ -540,6 +540,17 @@ def test_a_conflict_is_unloaded_and_loaded_again_once(replicas, loopback_only):
     assert adapter_status(api, "a")["state"] == "Failed"
 
 
+def test_vllms_already_loaded_400_is_the_same_conflict(replicas, loopback_only):
+    already = (400, {"object": "error", "message": "The lora adapter 'a' has already been loaded.", "code": 400})
+    answers = iter([already, (200, "ok")])
+    replica = replicas(answer=lambda name, path: next(answers))
+    api = FakeApi(ad_body([{"name": "a", "uri": "pvc://adapters/a"}], replica.url))
+    run(api)
+    assert [c[0] for c in replica.calls] == ["load", "unload", "load"]
+    assert adapter_status(api, "a")["state"] == "Loaded"
+    assert runtime.outcome(400, "max_lora_rank exceeded") == runtime.REFUSED  # any other 400 is a refusal
+
+
 def test_no_load_starts_once_the_pass_has_spent_its_budget(replicas, loopback_only, monkeypatch):
     replica = replicas()
     api = FakeApi(ad_body([{"name": "a", "uri": "pvc://adapters/a"}], replica.url))

@@ -349,12 +349,13 @@ def execute(http: ReplicaClient, runtime_name: str, replica: Replica, action: Ac
         replica.failed[action.adapter] = (action.uri, str(error))
         return
     answer = http.load(replica.url, action.adapter, path)
-    verdict = runtime.outcome(answer.status)
+    verdict = runtime.outcome(answer.status, runtime.error_message(answer) if not answer.ok else "")
     if verdict == runtime.CONFLICT:  # served under this name already: unload, then load once more
         if not unload(http, replica, action.adapter):
             return  # the unload's problem is reported; tried again next pass
         answer = http.load(replica.url, action.adapter, path)
-        verdict = runtime.outcome(answer.status)  # a second 409 is one an unload cannot fix: refused
+        message = runtime.error_message(answer) if not answer.ok else ""
+        verdict = runtime.outcome(answer.status, message)  # a second conflict an unload cannot fix: refused
     record(replica, action, path, answer.status, runtime.error_message(answer) if not answer.ok else "", verdict)
 
 

@@ -15,8 +15,8 @@ What an answer means for the adapter (`outcome`), decided here so that the recon
 - REFUSED: a 4xx that asking again cannot change (400, 413, 422: not a LoRA adapter or a rank too
   large, ...). The adapter is Failed with the runtime's words and not asked for again until the
   spec or its URI changes;
-- CONFLICT: 409, an adapter of that name is loaded: unload it and load again once; a second 409
-  is one an unload cannot fix, a refusal;
+- CONFLICT: 409 (or vLLM's 400 "has already been loaded"), an adapter of that name is loaded:
+  unload it and load again once; a second conflict is one an unload cannot fix, a refusal;
 - NOT_FOUND: 404, the source is missing or not allowed (the runtime does not say which). A replica
   that started before the source was declared has an older allow-list and gets the adapter from
   the adapters file once the kubelet refreshes it, so a 404 is a refusal only when it has lasted
@@ -67,13 +67,14 @@ def error_message(response: BoundedResponse) -> str:
     return short(body)
 
 
-def outcome(status: int) -> str:
-    """What an answer to a load means (see the module's docstring)."""
+def outcome(status: int, message: str = "") -> str:
+    """What an answer to a load means (see the module's docstring). vLLM says "already loaded" with a
+    400 ("The lora adapter 'x' has already been loaded."), which is the same conflict as a 409."""
     if status == 200 or status == 201 or status == 204:
         return LOADED
     if status == 202:
         return ACCEPTED
-    if status == 409:
+    if status == 409 or (status == 400 and "has already been loaded" in message):
         return CONFLICT
     if status == 404:
         return NOT_FOUND
