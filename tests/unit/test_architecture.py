@@ -29,7 +29,7 @@ ALLOWED = {
     "kubetune": set(),
     "kubetune_operator": {"kubetune"},
     "kubetune_trainer": {"kubetune", "kubetune_kernels"},
-    "kubetune_serve": {"kubetune"},
+    "kubetune_serve": {"kubetune", "kubetune_kernels"},  # grouped LoRA for batched serving
     "kubetune_kernels": set(),
 }
 CLI = "kubetune.cli"
