@@ -26,6 +26,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from .api.common import MAX_NAME, ApiModel
+from .api.evaluation import COMPARED
 from .api.finetunejob import FineTuneJobSpec
 
 # --- exit codes (the Job's podFailurePolicy) ------------------------------------------------------
@@ -189,6 +190,47 @@ class ResultData(_Result):
     bad_rows: Count = Field(default=0, alias="badRows")
 
 
+def _finite(value: Any) -> Any:
+    """A reading the operator may copy into status: finite and not a JSON true; else no reading."""
+    if isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value)):
+        return None
+    return value
+
+
+Reading = Annotated[float | None, BeforeValidator(_finite)]
+
+
+class ResultComparison(_Result):
+    base: Reading = None
+    tuned: Reading = None
+    delta: Reading = None
+
+
+class ResultEvaluation(_Result):
+    """The evaluation after training (api.evaluation.EvaluationResult), as read from an untrusted pod:
+    only the known metrics, finite numbers, counts in range, notes clipped."""
+
+    examples: Count | None = None
+    seconds: Reading = None
+    tokens_generated: Count | None = Field(default=None, alias="tokensGenerated")
+    metrics: dict[str, ResultComparison] = Field(default_factory=dict)
+    forgetting_ratio: Reading = Field(default=None, alias="forgettingRatio")
+    notes: list[Annotated[str, _clipper(300)]] = Field(default_factory=list)
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _known(cls, value: Any) -> Any:
+        return {k: v for k, v in value.items() if k in COMPARED} if isinstance(value, dict) else {}
+
+    @field_validator("notes", mode="before")
+    @classmethod
+    def _few(cls, value: Any) -> Any:
+        return [note for note in value if isinstance(note, str)][:8] if isinstance(value, list) else []
+
+    def to_status(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
 def json_depth_problem(text: str, limit: int = MAX_DEPTH) -> str | None:
     """Why `text` nests deeper than `limit` (arrays and objects, strings skipped), or None: checked
     before json.loads, whose recursion a message of 2,000 brackets would exhaust."""
@@ -234,6 +276,7 @@ class TrainerResult(_Result):
     total_params: Count | None = Field(default=None, alias="totalParams")
     plan: ResultPlan | None = None
     data: ResultData | None = None
+    evaluation: ResultEvaluation | None = None
 
     @classmethod
     def failed(cls, reason: str, message: str) -> TrainerResult:
@@ -245,7 +288,7 @@ class TrainerResult(_Result):
     def termination_message(self) -> str:
         """The result as compact JSON under the 4 KiB limit, dropping the least important parts first."""
         document = self.to_wire()
-        for key in ("data", "plan", "metrics", None):
+        for key in ("data", "plan", "metrics", "evaluation", None):
             text = json.dumps(document, separators=(",", ":"))
             if len(text.encode()) < TERMINATION_LIMIT:
                 return text

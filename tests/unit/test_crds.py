@@ -122,7 +122,7 @@ def test_descriptions_teach_the_api():
 # --- admission closes the holes: URIs and names (issue 14, findings 7 and 8) ----------------------
 
 URI_FIELDS = {
-    "FineTuneJob": ["spec.model", "spec.dataset", "spec.dataset.validation", "spec.output"],
+    "FineTuneJob": ["spec.model", "spec.dataset", "spec.dataset.validation", "spec.output", "spec.evaluation"],
     "AdapterDeployment": ["spec.baseModel", "spec.adapters[]"],
 }
 

@@ -17,6 +17,7 @@ from .common import (
     conditions_field,
     section,
 )
+from .evaluation import Requirement
 from .finetunejob import ObjectMeta
 from .subresources import ScaleSubresource
 from .uris import uri_rules
@@ -43,8 +44,20 @@ class AdapterRef(ApiModel):
     uri: str | None = Field(
         default=None, max_length=MAX_URI, description="pvc://CLAIM/PATH, s3://BUCKET/PATH or hf://ORG/NAME."
     )
+    require: list[Requirement] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Promotion rules for a fromJob adapter: what its FineTuneJob's evaluation must show "
+        "(e.g. {metric: rougeL.delta, min: 0.05}, {metric: forgettingRatio, max: 1.15}). An adapter that "
+        "fails one is not loaded: its state is Rejected, with the metric, its value and the rule.",
+    )
 
     cel_rules: ClassVar = (
+        Rule(
+            cel="!has(self.require) || size(self.require) == 0 || has(self.fromJob)",
+            message="require applies to fromJob adapters only: a uri has no evaluation to check",
+            check=lambda a: not a.require or a.from_job is not None,
+        ),
         Rule(
             cel="has(self.fromJob) != has(self.uri)",
             message="each adapter needs exactly one of fromJob or uri",
@@ -171,7 +184,7 @@ class AdapterDeploymentSpec(ApiModel):
     )
 
 
-AdapterState = Literal["Pending", "Loading", "Loaded", "Failed", "Unloading"]
+AdapterState = Literal["Pending", "Loading", "Loaded", "Failed", "Unloading", "Rejected"]
 
 
 class AdapterStatus(ApiModel):
@@ -181,7 +194,10 @@ class AdapterStatus(ApiModel):
     uri: str | None = Field(default=None, max_length=MAX_URI, description="Where it is loaded from.")
     sha256: str | None = Field(default=None, max_length=64, description="Digest of the adapter weights.")
     loaded_replicas: int | None = Field(default=None, description="Ready replicas that have it loaded.")
-    state: AdapterState = Field(description="Pending, Loading, Loaded, Failed or Unloading.")
+    state: AdapterState = Field(
+        description="Pending, Loading, Loaded, Failed, Unloading, or Rejected (its job's evaluation fails a "
+        "require rule)."
+    )
     message: str | None = Field(default=None, max_length=32768, description="Why, when Failed or Pending.")
 
 

@@ -19,6 +19,7 @@ from .common import (
     conditions_field,
     section,
 )
+from .evaluation import EvaluationResult
 from .uris import uri_rules
 
 MethodType = Literal["full", "lora", "qlora", "dora", "ia3", "prefixTuning", "promptTuning", "adalora"]
@@ -385,9 +386,42 @@ class CheckpointingSpec(ApiModel):
 
 
 class EvaluationSpec(ApiModel):
-    """When the validation split is evaluated."""
+    """The validation loss during training, and after training the tuned model against the base model.
 
-    every_steps: int = Field(default=100, ge=0, description="Evaluate every N steps; 0 evaluates only at the end.")
+    After training (on by default, `enabled: false` to skip it), rank 0 measures the base model and
+    the tuned one on the same held-out examples: greedy answers scored with exact match, token F1 and
+    ROUGE-L (preference data: preference accuracy and reward margin), and perplexity on a reference
+    text that is not training data (the forgetting check). Results go to status.evaluation and
+    report.json; an AdapterDeployment can gate on them (`require`). The default is cheap: at most 32
+    examples, 64 new tokens each, and a reference text of a few thousand tokens.
+    """
+
+    every_steps: int = Field(
+        default=100, ge=0, description="Validation loss every N steps; 0 evaluates only at the end."
+    )
+    enabled: bool = Field(
+        default=True, description="Compare with the base model after training; false keeps only the validation loss."
+    )
+    max_examples: int = Field(
+        default=32, ge=1, le=10000, description="Held-out examples scored after training (the first N)."
+    )
+    max_new_tokens: int = Field(default=64, ge=1, le=4096, description="Tokens generated per answer, at most.")
+    uri: str | None = Field(
+        default=None,
+        max_length=MAX_URI,
+        description="A separate evaluation file in the dataset's format; default: the validation split.",
+    )
+    reference_uri: str | None = Field(
+        default=None,
+        max_length=MAX_URI,
+        description="Plain text for the forgetting check (perplexity, base against tuned); default: a short "
+        "general-English text shipped with the trainer.",
+    )
+
+    cel_rules: ClassVar = (
+        *uri_rules("uri", "uri", optional=True),
+        *uri_rules("referenceUri", "reference_uri", optional=True),
+    )
 
 
 class OutputSpec(ApiModel):
@@ -592,6 +626,9 @@ class FineTuneJobStatus(ApiModel):
     start_time: datetime | None = Field(default=None, description="When the first pod started.")
     completion_time: datetime | None = Field(default=None, description="When the job finished.")
     adapter: AdapterArtifact | None = Field(default=None, description="The result, once Succeeded.")
+    evaluation: EvaluationResult | None = Field(
+        default=None, description="The tuned model against the base model, measured after training."
+    )
 
 
 class ObjectMeta(ApiModel):
