@@ -228,7 +228,8 @@ class ResultEvaluation(_Result):
         return [note for note in value if isinstance(note, str)][:8] if isinstance(value, list) else []
 
     def to_status(self) -> dict[str, Any]:
-        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+        wire = self.model_dump(by_alias=True, exclude_none=True, mode="json")
+        return {key: value for key, value in wire.items() if value not in ([], {})}
 
 
 def json_depth_problem(text: str, limit: int = MAX_DEPTH) -> str | None:

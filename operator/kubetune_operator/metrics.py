@@ -75,6 +75,14 @@ STATUS_WRITES = Counter(
     registry=REGISTRY,
 )
 
+EVALUATION = Gauge(
+    "kubetune_operator_finetunejob_evaluation",
+    "What each succeeded FineTuneJob's evaluation measured (status.evaluation), by the metric names "
+    "promotion rules use: rougeL.delta, exactMatch.tuned, forgettingRatio, ...",
+    ["namespace", "name", "metric"],
+    registry=REGISTRY,
+)
+
 PHASES = ("Pending", "Admitted", "Running", "Suspended", "Succeeded", "Failed")
 
 
@@ -82,6 +90,14 @@ def set_phase_counts(phases: Iterable[str]) -> None:
     counts = Tally(phases)
     for phase in set(PHASES) | set(counts):
         JOBS_BY_PHASE.labels(phase=phase).set(counts.get(phase, 0))
+
+
+def set_evaluations(readings: Iterable[tuple[tuple[str, str], Iterable[tuple[str, float]]]]) -> None:
+    """One series per (job, metric) of the jobs that exist now: deleted jobs' series go."""
+    EVALUATION.clear()
+    for (namespace, name), values in readings:
+        for metric, value in values:
+            EVALUATION.labels(namespace=namespace, name=name, metric=metric).set(value)
 
 
 def serve(port: int, address: str = "0.0.0.0") -> None:

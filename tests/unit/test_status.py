@@ -207,6 +207,53 @@ def test_success_reads_rank_zero_termination_message():
     assert st["completionTime"] == "2026-01-02T04:00:00Z" and st["startTime"] == "2026-01-02T03:00:00Z"
 
 
+EVALUATION = {
+    "examples": 32,
+    "seconds": 4.5,
+    "tokensGenerated": 3100,
+    "metrics": {
+        "rougeL": {"base": 0.12, "tuned": 0.41, "delta": 0.29},
+        "perplexity": {"base": 20.0, "tuned": 21.0, "delta": 1.0},
+        "madeUp": {"base": 1.0},
+    },
+    "forgettingRatio": 1.05,
+}
+
+
+def test_the_evaluation_goes_into_status_the_condition_and_the_gauge_readings():
+    st = complete(json.dumps({**RESULT, "evaluation": EVALUATION}))
+    assert st["evaluation"] == {k: v for k, v in EVALUATION.items() if k != "metrics"} | {
+        "metrics": {"rougeL": EVALUATION["metrics"]["rougeL"], "perplexity": EVALUATION["metrics"]["perplexity"]}
+    }  # only the metrics the API knows
+    assert cond(st, c.SUCCEEDED)["message"].endswith(
+        "evaluated: rougeL 0.12 -> 0.41, forgetting ratio 1.05, on 32 held-out examples"
+    )
+    entry = s.tracked({}, st)
+    assert dict(entry.evaluation) == {
+        "rougeL.base": 0.12,
+        "rougeL.tuned": 0.41,
+        "rougeL.delta": 0.29,
+        "perplexity.base": 20.0,
+        "perplexity.tuned": 21.0,
+        "perplexity.delta": 1.0,
+        "forgettingRatio": 1.05,
+    }
+    assert "evaluation" not in complete(json.dumps(RESULT))  # no evaluation reported: none in status
+
+
+def test_the_evaluation_gauge_keeps_only_the_jobs_that_exist():
+    from prometheus_client import generate_latest
+
+    from kubetune_operator import metrics
+
+    metrics.set_evaluations([(("ml", "a"), [("rougeL.delta", 0.29)]), (("ml", "b"), [("forgettingRatio", 1.1)])])
+    text = generate_latest(metrics.REGISTRY).decode()
+    assert 'kubetune_operator_finetunejob_evaluation{metric="rougeL.delta",name="a",namespace="ml"} 0.29' in text
+    metrics.set_evaluations([(("ml", "b"), [("forgettingRatio", 1.1)])])  # job a was deleted
+    text = generate_latest(metrics.REGISTRY).decode()
+    assert 'name="a"' not in text and 'name="b"' in text
+
+
 @pytest.mark.parametrize("message", ["", "not json {", "[1, 2]", '{"adapter": "nope", "metrics": {"trainLoss": "x"}}'])
 def test_a_malformed_termination_message_still_succeeds_with_the_known_adapter_path(message):
     st = complete(message)

@@ -131,9 +131,11 @@ def needs_poll(index: Mapping[Key, Any], key: Key) -> bool:
 
 
 def tick(state: OperatorState, index: Mapping[Key, Any], seconds: float) -> None:
-    """Jobs by phase, and the GPU-hours the running ones held since the last round."""
+    """Jobs by phase, the GPU-hours the running ones held since the last round, and what the
+    succeeded ones' evaluations measured."""
     entries = [entry for _, entry in _entries(index)]
     metrics.set_phase_counts(entry.phase for entry in entries)
+    metrics.set_evaluations((key, entry.evaluation) for key, entry in _entries(index) if entry.evaluation)
     running_gpus = sum(entry.gpus for entry in entries if entry.phase == "Running")
     metrics.GPU_HOURS.inc(running_gpus * seconds / 3600)
 

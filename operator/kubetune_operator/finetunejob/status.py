@@ -185,6 +185,11 @@ class ReportedResult:
     def steps(self) -> int | None:
         return self.result.steps if self.result else None
 
+    @property
+    def evaluation(self) -> dict[str, Any]:
+        evaluation = self.result.evaluation if self.result else None
+        return evaluation.to_status() if evaluation else {}
+
 
 def parse_result(message: str) -> ReportedResult:
     """The trainer's termination message, tolerating anything: a missing, truncated, oversized or
@@ -378,6 +383,10 @@ def apply_success(status: Status, ctx: Context) -> Status:
     message = f"adapter written to {adapter['uri']}"
     if result.error:
         message += f" (assumed: {result.error})"
+    if result.evaluation:
+        status["evaluation"] = result.evaluation
+        summary = evaluation_summary(result.evaluation)
+        message += f"; {summary}" if summary else ""
     status["conditions"] = c.set_condition(
         status.get("conditions"), c.SUCCEEDED, c.TRUE, "Completed", message, ctx.generation, ctx.now
     )
@@ -390,6 +399,36 @@ def apply_success(status: Status, ctx: Context) -> Status:
     progress["percent"] = 100
     status["progress"] = progress
     return status
+
+
+def evaluation_readings(evaluation: dict[str, Any] | None) -> dict[str, float]:
+    """status.evaluation flattened to the names promotion rules use ("rougeL.delta", "forgettingRatio")."""
+    evaluation = evaluation or {}
+    readings = {
+        f"{name}.{side}": value
+        for name, compared in (evaluation.get("metrics") or {}).items()
+        if isinstance(compared, dict)
+        for side, value in compared.items()
+    }
+    readings["forgettingRatio"] = evaluation.get("forgettingRatio")
+    return {
+        name: float(value)
+        for name, value in readings.items()
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    }
+
+
+def evaluation_summary(evaluation: dict[str, Any]) -> str:
+    """One line for the Succeeded condition (and its Event): each compared metric base -> tuned."""
+    parts = []
+    for name, compared in (evaluation.get("metrics") or {}).items():
+        if name != "perplexity" and {"base", "tuned"} <= set(compared):
+            parts.append(f"{name} {compared['base']:.3g} -> {compared['tuned']:.3g}")
+    if evaluation.get("forgettingRatio") is not None:
+        parts.append(f"forgetting ratio {evaluation['forgettingRatio']:.3g}")
+    if parts:
+        parts.append(f"on {evaluation.get('examples', 0)} held-out examples" if evaluation.get("examples") else "")
+    return ("evaluated: " + ", ".join(p for p in parts if p)) if parts else ""
 
 
 def times(status: Status, workload: dict[str, Any], outcome: str | None) -> Status:
@@ -539,6 +578,7 @@ class Tracked:
 
     phase: str
     gpus: int
+    evaluation: tuple[tuple[str, float], ...] = ()  # a succeeded job's readings, for the operator's gauge
 
     @property
     def finished(self) -> bool:
@@ -546,7 +586,9 @@ class Tracked:
 
 
 def tracked(spec: dict[str, Any], status: dict[str, Any]) -> Tracked:
-    """Its phase (Pending until the operator wrote one) and the GPUs it holds while it runs."""
+    """Its phase (Pending until the operator wrote one), the GPUs it holds while it runs, and what
+    its evaluation measured."""
     resources = spec.get("resources") or {}
     gpus = int(resources.get("nodes") or 1) * int(resources.get("gpusPerNode", 1) or 0)
-    return Tracked((status or {}).get("phase") or c.PENDING, gpus)
+    readings = tuple(sorted(evaluation_readings((status or {}).get("evaluation")).items()))
+    return Tracked((status or {}).get("phase") or c.PENDING, gpus, readings)
