@@ -65,8 +65,17 @@ build_wheels() {
     t0=$(date +%s)
     mkdir -p "$wheels"
     say "wheelhouse: pip download of every pin in requirements/lock.txt into $wheels (pip's cache is reused)"
-    # Files already in the folder are not downloaded again.
-    "$pip" download -q --no-deps --only-binary=:all: --find-links "$wheels" -r requirements/lock.txt -d "$wheels"
+    # Files already in the folder are not downloaded again. A pin published only as an sdist (a few
+    # pure-Python packages lm-eval needs: rouge-score, sqlitedict, word2number) is downloaded as
+    # one, hash-checked like the rest, and built into a wheel here, so the images install wheels only.
+    "$pip" download -q --no-deps --prefer-binary --find-links "$wheels" -r requirements/lock.txt -d "$wheels"
+    local sdist
+    for sdist in "$wheels"/*.tar.gz "$wheels"/*.zip; do
+        [ -e "$sdist" ] || continue
+        say "wheelhouse: building a wheel of $(basename "$sdist") (no wheel published)"
+        "$pip" wheel -q --no-deps -w "$wheels" "$sdist" || die "building a wheel of $(basename "$sdist") failed"
+        rm -f "$sdist"
+    done
     # deepspeed is an sdist whose setup.py imports torch: built once here (DS_BUILD_OPS=0: ops are
     # JIT-built at run time), so the images need no compiler.
     if ! ls "$wheels"/deepspeed-"$(deepspeed_version)"-*.whl >/dev/null 2>&1; then
