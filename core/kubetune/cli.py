@@ -5,6 +5,7 @@ install, `kubetune train` needs the [trainer] extra, `kubetune operator` the [op
 """
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ EXTRA_OF = {
     "train": "trainer",
     "plan": "trainer",
     "generate": "trainer",
+    "eval": "trainer",
     "tiny-model": "trainer",
     "serve": "serve",
     "operator": "operator",
@@ -136,6 +138,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from kubetune_trainer.evaluation import evaluate_local, render_table
+
+    from .storage import local_cache
+
+    quiet_libraries()
+    result = evaluate_local(
+        model=args.model,
+        adapter=args.adapter,
+        data=args.data,
+        data_format=args.format,
+        max_examples=args.max_examples,
+        max_new_tokens=args.max_new_tokens,
+        reference=args.reference,
+        cache_dir=local_cache() / "inputs",
+    )
+    print(json.dumps(result, indent=1) if args.json else render_table(result))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from kubetune_serve.server import run
 
@@ -235,6 +257,33 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=int, default=64, help="default 64")
     generate.add_argument("prompt", help="the user message")
     generate.set_defaults(func=cmd_generate)
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="compare a base model with an adapter: task metrics on held-out data, perplexity (forgetting)",
+        description="What a FineTuneJob measures after training, on this machine: greedy answers of the base "
+        "model and of the tuned one (base + --adapter, or a fine-tuned model folder) to the first rows of --data, "
+        "scored with exact match, token F1 and ROUGE-L (preference data: preference accuracy and reward margin), "
+        "and the perplexity of both on a reference text (the forgetting ratio, tuned / base).",
+    )
+    evaluate.add_argument("--model", required=True, help="base model URI (file://, pvc://, hf://, s3://) or path")
+    evaluate.add_argument("--adapter", help="adapter (a job's output/adapter) or fine-tuned model, URI or path")
+    evaluate.add_argument("--data", metavar="FILE", help="held-out examples (.jsonl, .json, .csv, .parquet)")
+    evaluate.add_argument(
+        "--format",
+        default="chat",
+        choices=["chat", "instruction", "completion", "text", "preference"],
+        help="format of --data, as a FineTuneJob's dataset.format (default chat)",
+    )
+    evaluate.add_argument(
+        "--max-examples", type=int, default=32, help="rows of --data scored, the first N (default 32)"
+    )
+    evaluate.add_argument("--max-new-tokens", type=int, default=64, help="tokens per answer, at most (default 64)")
+    evaluate.add_argument(
+        "--reference", metavar="FILE", help="plain text for perplexity (default: the general-English text shipped)"
+    )
+    evaluate.add_argument("--json", action="store_true", help="print the result as JSON (status.evaluation's shape)")
+    evaluate.set_defaults(func=cmd_eval)
 
     serve = sub.add_parser(
         "serve",

@@ -20,13 +20,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from .api.common import MAX_NAME, ApiModel
-from .api.evaluation import COMPARED
+from .api.evaluation import BENCHMARK_METRIC, BENCHMARK_NAME, COMPARED
 from .api.finetunejob import FineTuneJobSpec
 
 # --- exit codes (the Job's podFailurePolicy) ------------------------------------------------------
@@ -215,7 +216,27 @@ class ResultEvaluation(_Result):
     tokens_generated: Count | None = Field(default=None, alias="tokensGenerated")
     metrics: dict[str, ResultComparison] = Field(default_factory=dict)
     forgetting_ratio: Reading = Field(default=None, alias="forgettingRatio")
+    benchmarks: dict[str, dict[str, float]] = Field(default_factory=dict)
     notes: list[Annotated[str, _clipper(300)]] = Field(default_factory=list)
+
+    @field_validator("benchmarks", mode="before")
+    @classmethod
+    def _scores(cls, value: Any) -> Any:
+        """At most 20 tasks of 16 finite scores, under names a promotion rule could name."""
+        if not isinstance(value, dict):
+            return {}
+        task_name, metric_name = re.compile(f"^{BENCHMARK_NAME}$"), re.compile(f"^{BENCHMARK_METRIC}$")
+        kept: dict[str, dict[str, float]] = {}
+        for task, scores in list(value.items())[:20]:
+            if not (isinstance(task, str) and task_name.match(task) and isinstance(scores, dict)):
+                continue
+            kept[task] = {
+                metric: float(score)
+                for metric, score in list(scores.items())[:16]
+                if isinstance(metric, str) and metric_name.match(metric) and _finite(score) is not None
+                and isinstance(score, int | float)
+            }  # fmt: skip
+        return kept
 
     @field_validator("metrics", mode="before")
     @classmethod

@@ -12,10 +12,13 @@ names no metric):
 * `perplexity` on a reference text that is not training data, `{base, tuned, delta}`, and
   `forgettingRatio` = tuned / base perplexity there (above 1: the tuned model forgot some of what the
   base knew);
-* `evalLoss` and `trainLoss`, the job's final losses (status.metrics).
+* `evalLoss` and `trainLoss`, the job's final losses (status.metrics);
+* `benchmarks`: lm-evaluation-harness scores of the tuned model, task -> metric -> value.
 
 A rule names one of them as `rougeL.delta`, `exactMatch.tuned`, `perplexity.tuned`,
-`forgettingRatio`, `evalLoss` or `trainLoss`, with a `min` and/or a `max`.
+`forgettingRatio`, `evalLoss`, `trainLoss` or `benchmarks.TASK.METRIC` (`benchmarks.arc_easy.acc,none`),
+with a `min` and/or a `max`. A task name holding a dot cannot be named in a rule (the metric is
+what follows the last dot).
 """
 
 from __future__ import annotations
@@ -32,8 +35,18 @@ from .common import ApiModel, Rule
 COMPARED = ("exactMatch", "tokenF1", "rougeL", "preferenceAccuracy", "rewardMargin", "perplexity")
 SIDES = ("base", "tuned", "delta")
 SCALARS = ("forgettingRatio", "evalLoss", "trainLoss")
+BENCHMARK_NAME = "[A-Za-z0-9_.-]{1,100}"  # an lm-eval task name (BenchmarksSpec.tasks)
+BENCHMARK_METRIC = "[A-Za-z0-9_,-]{1,64}"  # an lm-eval metric key, with its filter: "acc,none"
 # "[.]", not "\.": the same text is a Python regex and a CEL string literal (where "\." is no escape).
-METRIC_PATTERN = "^((" + "|".join(COMPARED) + ")[.](" + "|".join(SIDES) + ")|" + "|".join(SCALARS) + ")$"
+METRIC_PATTERN = (
+    "^(("
+    + "|".join(COMPARED)
+    + ")[.]("
+    + "|".join(SIDES)
+    + ")|"
+    + "|".join(SCALARS)
+    + f"|benchmarks[.]{BENCHMARK_NAME}[.]{BENCHMARK_METRIC})$"
+)
 _METRIC = re.compile(METRIC_PATTERN)
 
 
@@ -60,6 +73,11 @@ class EvaluationResult(ApiModel):
     forgetting_ratio: float | None = Field(
         default=None, description="Perplexity on the reference text, tuned / base: above 1, something was forgotten."
     )
+    benchmarks: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        max_length=20,
+        description="lm-evaluation-harness scores of the tuned model: task -> metric -> value.",
+    )
     notes: list[str] = Field(
         default_factory=list, max_length=8, description="What was not measured, and why (no validation split, ...)."
     )
@@ -74,6 +92,7 @@ def metric_problem(name: str) -> str | None:
         + ", ".join(f"{m}.base|tuned|delta" for m in COMPARED)
         + ", "
         + ", ".join(SCALARS)
+        + ", benchmarks.TASK.METRIC"
     )
 
 
@@ -88,7 +107,7 @@ class Requirement(ApiModel):
         Rule(
             cel=f"self.metric.matches('{METRIC_PATTERN}')",
             message="unknown metric: use exactMatch, tokenF1, rougeL, preferenceAccuracy, rewardMargin or perplexity "
-            "with .base, .tuned or .delta, or forgettingRatio, evalLoss, trainLoss",
+            "with .base, .tuned or .delta, or forgettingRatio, evalLoss, trainLoss, benchmarks.TASK.METRIC",
             check=lambda r: metric_problem(r.metric) is None,
         ),
         Rule(
@@ -106,6 +125,10 @@ def metric_value(name: str, evaluation: Mapping[str, Any] | None, metrics: Mappi
         value = evaluation.get("forgettingRatio")
     elif name in ("evalLoss", "trainLoss"):
         value = metrics.get(name)
+    elif name.startswith("benchmarks."):
+        task, _, metric = name.removeprefix("benchmarks.").rpartition(".")
+        scores = (evaluation.get("benchmarks") or {}).get(task)
+        value = scores.get(metric) if isinstance(scores, Mapping) else None
     else:
         family, _, side = name.partition(".")
         compared = (evaluation.get("metrics") or {}).get(family)

@@ -1,7 +1,8 @@
 """FineTuneJob: one fine-tuning run of a base model on a dataset, producing an adapter."""
 
+import re
 from datetime import datetime
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
@@ -16,6 +17,7 @@ from .common import (
     Placement,
     Quantity,
     Rule,
+    SecretRef,
     conditions_field,
     section,
 )
@@ -385,6 +387,36 @@ class CheckpointingSpec(ApiModel):
     keep: int = Field(default=2, ge=1, le=100, description="How many of the newest checkpoints to keep.")
 
 
+class BenchmarksSpec(ApiModel):
+    """Standard benchmarks with lm-evaluation-harness (PyPI lm-eval), on the tuned model (the adapter applied).
+
+    Task definitions and their data come from `taskUri` (a folder of lm-eval task YAML files and the
+    local data they name: a PVC, a bucket) or are lm-eval's own tasks (which download their data
+    from the Hugging Face Hub: the pod needs to reach it). Scores go to status.evaluation.benchmarks
+    as task -> metric -> value, and promotion rules can name them (benchmarks.TASK.METRIC).
+    """
+
+    tasks: list[Annotated[str, Field(max_length=100)]] = Field(
+        min_length=1,
+        max_length=20,
+        description="lm-eval task names (from taskUri's YAML files, or lm-eval's own).",
+    )
+    task_uri: str | None = Field(
+        default=None, max_length=MAX_URI, description="A folder of lm-eval task YAML files and their data."
+    )
+    limit: int = Field(default=100, ge=1, le=100000, description="Examples per task, at most.")
+    num_fewshot: int | None = Field(default=None, ge=0, le=64, description="Few-shot examples (default: the task's).")
+
+    cel_rules: ClassVar = (
+        Rule(
+            cel="self.tasks.all(t, t.matches('^[A-Za-z0-9_.-]{1,100}$'))",
+            message="benchmark task names are letters, digits, '_', '.' and '-' (at most 100)",
+            check=lambda b: all(re.match(r"^[A-Za-z0-9_.-]{1,100}$", t) for t in b.tasks),
+        ),
+        *uri_rules("taskUri", "task_uri", optional=True),
+    )
+
+
 class EvaluationSpec(ApiModel):
     """The validation loss during training, and after training the tuned model against the base model.
 
@@ -417,11 +449,57 @@ class EvaluationSpec(ApiModel):
         description="Plain text for the forgetting check (perplexity, base against tuned); default: a short "
         "general-English text shipped with the trainer.",
     )
+    benchmarks: BenchmarksSpec | None = Field(
+        default=None, description="lm-evaluation-harness tasks run on the tuned model after training."
+    )
 
     cel_rules: ClassVar = (
         *uri_rules("uri", "uri", optional=True),
         *uri_rules("referenceUri", "reference_uri", optional=True),
     )
+
+
+class MlflowTracking(ApiModel):
+    """An MLflow tracking server: params at the start, metrics every logged step, the evaluation and
+    the adapter (as an artifact) at the end. Rank 0 logs; the run is named after the FineTuneJob."""
+
+    tracking_uri: str = Field(max_length=MAX_URI, description="http(s)://HOST[:PORT] of the MLflow tracking server.")
+    experiment: str | None = Field(
+        default=None, max_length=MAX_NAME, description="Experiment name (default: the FineTuneJob's namespace)."
+    )
+    secret_ref: SecretRef | None = Field(
+        default=None,
+        description="A Secret whose keys become the trainer's environment: MLFLOW_TRACKING_TOKEN, or "
+        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD.",
+    )
+    log_artifacts: bool = Field(default=True, description="Upload the adapter to the run's artifacts.")
+
+    cel_rules: ClassVar = (
+        Rule(
+            cel="self.trackingUri.startsWith('http://') || self.trackingUri.startsWith('https://')",
+            message="mlflow.trackingUri must be an http:// or https:// URL",
+            check=lambda m: m.tracking_uri.startswith(("http://", "https://")),
+        ),
+    )
+
+
+class WandbTracking(ApiModel):
+    """Weights & Biases: the same as MLflow gets. `offline` writes the run under the job's output
+    (`wandb/`) without any network, to `wandb sync` later."""
+
+    project: str = Field(max_length=MAX_NAME, description="W&B project.")
+    entity: str | None = Field(default=None, max_length=MAX_NAME, description="W&B entity (team or user).")
+    mode: Literal["online", "offline"] = Field(default="online", description="online, or offline (no network).")
+    secret_ref: SecretRef | None = Field(
+        default=None, description="A Secret whose keys become the trainer's environment: WANDB_API_KEY (online)."
+    )
+
+
+class TrackingSpec(ApiModel):
+    """Experiment trackers the trainer reports to (none by default)."""
+
+    mlflow: MlflowTracking | None = Field(default=None, description="An MLflow tracking server.")
+    wandb: WandbTracking | None = Field(default=None, description="Weights & Biases.")
 
 
 class OutputSpec(ApiModel):
@@ -495,7 +573,10 @@ class FineTuneJobSpec(ApiModel):
     distributed: DistributedSpec = section(DistributedSpec, "Parallelism strategy.")
     resources: ResourcesSpec = section(ResourcesSpec, "Pods, GPUs and placement.")
     checkpointing: CheckpointingSpec = section(CheckpointingSpec, "Checkpoint frequency and retention.")
-    evaluation: EvaluationSpec = section(EvaluationSpec, "Evaluation frequency.")
+    evaluation: EvaluationSpec = section(
+        EvaluationSpec, "Validation loss during training; the tuned model against the base after it."
+    )
+    tracking: TrackingSpec | None = Field(default=None, description="Experiment trackers (MLflow, W&B).")
     output: OutputSpec = Field(description="Where the trained adapter goes.")
     run_policy: RunPolicy = section(RunPolicy, "Retries, deadlines, suspension, queueing.")
     image: str | None = Field(
