@@ -9,7 +9,8 @@ Access (see `access`, `sources`, `loads`): `--admin-key-file` protects loading a
 loads are refused unless `--allow-unauthenticated-admin`. A runtime load must name a URI below an
 `--allow-source` prefix (none: every runtime load is refused); it runs in a pool of
 `--max-concurrent-loads` with a deadline of `--load-timeout` seconds and a cap of
-`--max-adapter-bytes`. Requests are capped by `--max-request-bytes`, `--max-sequences-per-request`
+`--max-adapter-bytes`. Up to `--max-num-seqs` requests are generated together (continuous
+batching, see `batching`). Requests are capped by `--max-request-bytes`, `--max-sequences-per-request`
 and `--max-queued-requests` (waiting generations; 429 past it); /health answers 503 when
 generation makes no progress for `--stall-timeout` seconds."""
 
