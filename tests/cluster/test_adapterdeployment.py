@@ -3,13 +3,15 @@ admin-key Secret, NetworkPolicy, adapters ConfigMap, Deployment and Service crea
 accepted by the API server, and adapters hot-loaded onto the replica at its pod IP (kwok's address,
 added to the loopback interface, where a small http.server plays the runtime:
 tests/cluster/pod_address.py) with the derived admin key; an adapter URI in a FineTuneJob's status
-that is not under its output never reaches the replica or the Deployment."""
+that is not under its output never reaches the replica or the Deployment; an adapter whose job's
+evaluation fails a `require` rule is Rejected, with an Event, and never reaches the replica."""
 
 from __future__ import annotations
 
 import base64
 import json
 import threading
+import time
 from contextlib import ExitStack
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -288,3 +290,94 @@ def test_adapterdeployment_serves_and_hot_swaps_adapters(cluster, namespace, ope
     assert get(cluster, dep_path)["spec"]["template"] == template_before["spec"]["template"]
     replica_sets = get(cluster, f"/apis/apps/v1/namespaces/{ns}/replicasets")["items"]
     assert len(replica_sets) == 1  # no rollout for any adapter change
+
+
+def test_promotion_gate_loads_the_adapter_whose_evaluation_passes_and_rejects_the_other(
+    cluster, namespace, operator, replica_at_pod_ip
+):
+    """One FineTuneJob, two adapters from it: `{rougeL.delta min 0.05}` holds and loads; the
+    impossible `{rougeL.delta min 10}` is Rejected with the value and the rule, reaches neither the
+    replica nor its adapters file, and says so in a Warning Event."""
+    ns = namespace
+    ftj = {
+        "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "evaluated"},
+        "spec": {"model": {"uri": "hf://org/base"}, "dataset": {"uri": "s3://datasets/chat.jsonl", "format": "chat"},
+                 "method": {"type": "lora"}, "hyperparameters": {"maxSteps": 1}, "runPolicy": {"suspend": True},
+                 "resources": {"gpusPerNode": 0, "cpu": "1", "memory": "1Gi"},
+                 "output": {"uri": "s3://outputs/evaluated"}},
+    }  # fmt: skip
+    code, body = cluster.api("POST", f"{API}/namespaces/{ns}/finetunejobs", ftj)
+    assert code == 201, body
+    ad = {
+        "apiVersion": "kubetune.io/v1alpha1", "kind": "AdapterDeployment", "metadata": {"name": "gated"},
+        "spec": {"baseModel": {"uri": "hf://org/base"}, "runtime": "builtin", "replicas": 1,
+                 "resources": {"gpusPerReplica": 0, "cpu": "1", "memory": "1Gi"},
+                 "adapters": [
+                     {"name": "passes", "fromJob": "evaluated", "require": [{"metric": "rougeL.delta", "min": 0.05},
+                                                                           {"metric": "forgettingRatio", "max": 1.15}]},
+                     {"name": "impossible", "fromJob": "evaluated", "require": [{"metric": "rougeL.delta", "min": 10}]},
+                 ]},
+    }  # fmt: skip
+    code, body = cluster.api("POST", f"{API}/namespaces/{ns}/adapterdeployments", ad)
+    assert code == 201, body
+    ad_path = f"{API}/namespaces/{ns}/adapterdeployments/gated"
+    replica = replica_at_pod_ip(ns, "gated")
+
+    def status_where(pred, what):
+        def check():
+            obj = get(cluster, ad_path)
+            return obj if obj and pred(obj.get("status") or {}) else None
+
+        try:
+            return cluster.wait_for(check, what, timeout=WAIT)["status"]
+        except Exception:
+            print(json.dumps((get(cluster, ad_path) or {}).get("status"), indent=1))
+            raise
+
+    # Not finished: both wait, whatever a rule says.
+    st = status_where(lambda s: (adapter(s, "impossible") or {}).get("state") == "Pending", "both waiting")
+    assert adapter(st, "passes")["state"] == "Pending"
+
+    adapter_uri = "s3://outputs/evaluated/adapter"
+    evaluation = {"examples": 20, "seconds": 3.5, "tokensGenerated": 1200, "forgettingRatio": 1.04,
+                  "metrics": {"rougeL": {"base": 0.18, "tuned": 0.31, "delta": 0.13}}}  # fmt: skip
+    succeeded = {"type": "Succeeded", "status": "True", "reason": "Completed", "message": "done",
+                 "lastTransitionTime": "2026-01-01T00:00:00Z"}  # fmt: skip
+    patch(
+        cluster,
+        f"{API}/namespaces/{ns}/finetunejobs/evaluated/status",
+        {"status": {"conditions": [succeeded], "adapter": {"uri": adapter_uri}, "evaluation": evaluation}},
+    )
+    st = status_where(
+        lambda s: (
+            (adapter(s, "passes") or {}).get("state") == "Loaded"
+            and (adapter(s, "impossible") or {}).get("state") == "Rejected"
+        ),
+        "passes Loaded, impossible Rejected",
+    )
+    message = adapter(st, "impossible")["message"]
+    assert message == (
+        "FineTuneJob evaluated fails require: rougeL.delta is 0.13, required min 10; "
+        "not loaded: retrain, or relax the rule"
+    )
+    assert adapter(st, "impossible")["loadedReplicas"] == 0 and "uri" not in adapter(st, "impossible")
+    ready = next(c for c in st["conditions"] if c["type"] == "AdaptersReady")
+    assert (ready["status"], ready["reason"]) == ("False", "AdapterRejected")
+    assert next(c for c in st["conditions"] if c["type"] == "Degraded")["status"] == "False"
+    assert st["adaptersReady"] == "1/2"
+    assert replica.adapters == {"passes": adapter_uri}
+    assert ("load", "impossible") not in replica.calls and replica.calls.count(("load", "passes")) == 1
+    cm = get(cluster, f"/api/v1/namespaces/{ns}/configmaps/gated-adapters")
+    assert parse_adapters_file(cm["data"]["adapters.json"]) == {"passes": adapter_uri}
+
+    def rejection_events():
+        events = get(cluster, f"/api/v1/namespaces/{ns}/events")["items"]
+        return [e for e in events if e["involvedObject"].get("name") == "gated" and e["reason"] == "AdapterRejected"
+                and e["message"].startswith("adapter impossible:")]  # fmt: skip
+
+    [event] = cluster.wait_for(rejection_events, "an AdapterRejected Event", timeout=WAIT)
+    assert event["type"] == "Warning" and event["message"] == f"adapter impossible: {message}"
+    # The resync passes on (every 0.5 s): the adapter stays out, and is not announced again.
+    time.sleep(3)
+    assert len(rejection_events()) == 1 and ("load", "impossible") not in replica.calls
+    assert adapter(get(cluster, ad_path)["status"], "impossible")["state"] == "Rejected"

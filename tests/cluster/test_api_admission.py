@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from kubetune.api import AdapterDeploymentSpec, FineTuneJobSpec, check_file, parse
+from kubetune.api.evaluation import COMPARED, SCALARS, SIDES
 from tests.examples import invalid_examples, valid_examples
 
 pytestmark = pytest.mark.cluster
@@ -546,6 +547,47 @@ def test_adapterdeployment_base_model_is_immutable_and_adapters_are_not(cluster,
     assert (
         r := merge_patch(cluster, "AdapterDeployment", "immutable-base", ns, {"spec": {"adapters": adapters}})
     ).returncode == 0, r.stderr
+
+
+REQUIRE_REFUSED = [
+    ({"fromJob": "support-bot", "require": [{"metric": "bleu.delta", "min": 0.1}]}, "unknown metric: use exactMatch"),
+    ({"fromJob": "support-bot", "require": [{"metric": "rougeL.gain", "min": 0.1}]}, "unknown metric: use exactMatch"),
+    ({"fromJob": "support-bot", "require": [{"metric": "rougeL", "min": 0.1}]}, "unknown metric: use exactMatch"),
+    ({"uri": "pvc://adapters/a", "require": [{"metric": "rougeL.delta", "min": 0.1}]}, "require applies to fromJob"),
+    ({"fromJob": "support-bot", "require": [{"metric": "rougeL.delta"}]}, "a requirement needs min, max or both"),
+]
+
+
+@pytest.mark.parametrize(
+    ("adapter", "words"), REQUIRE_REFUSED, ids=["unknown-family", "unknown-side", "no-side", "on-a-uri", "no-bound"]
+)
+def test_promotion_rules_the_api_server_refuses_with_the_offline_words(cluster, ns, adapter, words):
+    """`require`: only metrics the trainer reports, only on fromJob adapters, each with a bound."""
+    obj = json.loads(json.dumps(MINIMAL_ADEP))
+    obj["metadata"]["name"] = f"gate-{uuid.uuid4().hex[:8]}"
+    obj["spec"]["adapters"] = [{"name": "v1", **adapter}]
+    offline = [p.message for p in parse(obj).problems]
+    assert len(offline) == 1 and offline[0].startswith(words), offline
+    r = cluster.kubectl("create", "--dry-run=server", "-n", ns, "-f", "-", input=json.dumps(obj), check=False)
+    assert r.returncode != 0
+    assert offline[0] in [message for _, message in server_errors(r.stderr)], r.stderr
+    assert not cel_runtime_errors(r.stderr), r.stderr
+
+
+def test_promotion_rules_on_every_metric_are_admitted(cluster, ns):
+    obj = json.loads(json.dumps(MINIMAL_ADEP))
+    obj["metadata"]["name"] = "gates"
+    metrics = [f"{m}.{side}" for m in COMPARED for side in SIDES] + list(SCALARS)
+    obj["spec"]["adapters"] = [
+        {"name": "v1", "fromJob": "support-bot", "require": [{"metric": m, "min": -1} for m in metrics[:16]]},
+        {"name": "v2", "fromJob": "support-bot", "require": [{"metric": m, "max": 5} for m in metrics[16:]]},
+        {"name": "v3", "fromJob": "support-bot", "require": [{"metric": "rougeL.delta", "min": 0.05, "max": 1}]},
+    ]
+    assert parse(obj).ok, parse(obj).problems
+    r = create(cluster, ns, obj)
+    assert r.returncode == 0, r.stderr
+    stored = get_obj(cluster, "AdapterDeployment", "gates", ns)["spec"]["adapters"]
+    assert stored[2]["require"] == [{"metric": "rougeL.delta", "min": 0.05, "max": 1}]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 AdapterDeployment status; runtime.py: the runtime's answers; reconcile.py against a stand-in API
 server and replicas on 127.0.0.1: URIs from a FineTuneJob's status that are not its own never
 reach a replica or a mount, calls to replicas are bounded, and a load the runtime keeps failing
-ends Failed."""
+ends Failed; a `require` rule the FineTuneJob's evaluation fails unloads the adapter, keeps it
+out of the replicas' adapters file and says so in one Event."""
 
 import base64
 import copy
@@ -303,6 +304,7 @@ class FakeApi:
             self.objects[k8s.kubetune_path("FineTuneJob", NS, job["metadata"]["name"])] = job
         self.pods = list(pods)
         self.applied: dict[str, dict] = {}
+        self.events: list[tuple[str, str, str]] = []  # (type, reason, message)
 
     @property
     def ad(self):
@@ -328,8 +330,8 @@ class FakeApi:
         self.ad["status"] = {**(self.ad.get("status") or {}), **{k: v for k, v in status.items() if v is not None}}
         return self.ad
 
-    def post_event(self, *args):
-        pass
+    def post_event(self, involved, type_, reason, message):
+        self.events.append((type_, reason, message))
 
 
 def ad_body(adapters, url, generation=1):
@@ -572,3 +574,46 @@ def test_what_replicas_said_is_forgotten_with_the_adapterdeployment(replicas, lo
     assert state.refused_loads[(NS, AD)] == rec.memories(state)[(NS, AD)].refused
     handlers.tick(state, {}, 1.0)
     assert rec.memories(state) == {} and state.refused_loads == {}
+
+
+def test_a_rule_added_after_the_load_unloads_the_adapter_keeps_it_out_and_says_so_once(replicas, loopback_only):
+    replica = replicas()
+    job = succeeded_job("pvc://outputs/job/adapter")
+    job["status"]["evaluation"] = {"metrics": {"rougeL": {"base": 0.2, "tuned": 0.3, "delta": 0.1}}}
+    api = FakeApi(ad_body([{"name": "tuned", "fromJob": "job", "require": [
+        {"metric": "rougeL.delta", "min": 0.05}]}], replica.url), jobs=[job])  # fmt: skip
+    state = run(api)
+    assert replica.adapters == {"tuned": "pvc://outputs/job/adapter"}
+    assert not [e for e in api.events if e[1] == "AdapterRejected"]
+    assert adapter_status(api, "tuned")["state"] == "Loaded"
+
+    api.ad["spec"]["adapters"][0]["require"].append({"metric": "forgettingRatio", "max": 1.15})  # not measured
+    api.ad["metadata"]["generation"] = 2
+    rec.reconcile(state, (NS, AD))
+    assert replica.adapters == {} and replica.calls[-1] == ("unload", "tuned", "")
+    tuned = adapter_status(api, "tuned")
+    assert tuned == {
+        "name": "tuned",
+        "state": "Rejected",
+        "loadedReplicas": 0,
+        "message": "FineTuneJob job fails require: forgettingRatio was not measured by the job (required: max "
+        "1.15); not loaded: enable the job's spec.evaluation and retrain, or relax the rule",
+    }
+    assert "tuned" not in api.applied["ConfigMap"]["data"]["adapters.json"]  # a restarted replica does not load it
+    ready = cond(api.ad["status"], "AdaptersReady")
+    assert (ready["status"], ready["reason"]) == ("False", "AdapterRejected")
+    # One Event for the adapter, with the failed rule (beside the one for the AdaptersReady flip).
+    rejections = [e for e in api.events if e[1] == "AdapterRejected" and e[2].startswith("adapter ")]
+    assert rejections == [("Warning", "AdapterRejected", f"adapter tuned: {tuned['message']}")]
+
+    asked, calls = len(replica.auth), list(replica.calls)
+    for _ in range(2):  # later passes: not loaded again, not announced again
+        rec.reconcile(state, (NS, AD))
+    assert replica.calls == calls and len(replica.auth) == asked + 2  # asked what it has, told nothing
+    assert [e for e in api.events if e[1] == "AdapterRejected" and e[2].startswith("adapter ")] == rejections
+
+    api.ad["spec"]["adapters"][0]["require"] = [{"metric": "rougeL.delta", "min": 0.05}]  # relaxed: served again
+    api.ad["metadata"]["generation"] = 3
+    rec.reconcile(state, (NS, AD))
+    assert replica.adapters == {"tuned": "pvc://outputs/job/adapter"}
+    assert adapter_status(api, "tuned")["state"] == "Loaded"

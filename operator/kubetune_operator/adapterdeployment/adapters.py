@@ -12,6 +12,13 @@ lies under where that job publishes (`contract.adapter_uri(spec.output.uri)`); o
 adapter is Failed with reason UNTRUSTED and nothing of it reaches a replica, a mount or the
 allow-list. A spec URI failing the rules (admission should have refused it) is treated alike.
 
+Promotion gates: a `fromJob` adapter may carry `require` rules on what its FineTuneJob measured
+(status.evaluation and status.metrics; kubetune.api.evaluation). Once the job has Succeeded, an
+adapter failing one is Rejected (`promotion_problem`): never loaded, unloaded where it was (a rule
+added after the load), left out of the replicas' adapters file, and its status says which rule
+failed, with the value and the bound. A job still running is waited for as without rules: its
+measurements are not final until it has Succeeded.
+
 Testing hook: with the operator's --allow-metrics-url-annotation switch
 (KUBETUNE_OPERATOR_ALLOW_METRICS_URL_ANNOTATION=1), the annotation `kubetune.io/replica-urls`
 (comma-separated base URLs) replaces the pod IPs of the ready replicas, in pod-name order.
@@ -23,6 +30,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
+
+from kubetune.api.evaluation import Requirement, unmet
 from kubetune.contract import adapter_uri
 
 from .. import conditions as c
@@ -33,18 +43,23 @@ REPLICA_URLS_ANNOTATION = "kubetune.io/replica-urls"
 
 # An adapter's state in status.adapters.
 PENDING, LOADING, LOADED, FAILED, UNLOADING = "Pending", "Loading", "Loaded", "Failed", "Unloading"
+REJECTED = "Rejected"
 
 # Why a `fromJob` adapter has no URI yet (the AdaptersReady reason while it is so).
 WAITING_FOR_JOB, JOB_FAILED = "WaitingForJob", "JobFailed"
 # Why an adapter is Failed without asking any replica: its URI breaks the rules or lies outside its job's output.
 UNTRUSTED = "UntrustedAdapterSource"
+# Why an adapter is not loaded although its job Succeeded: the job's evaluation fails a `require` rule.
+ADAPTER_REJECTED = "AdapterRejected"
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
 class Wanted:
     """An adapter of the spec: its URI once known, else why not (`reason`, `pending` in words).
-    `problem`: why it will not be loaded at all (reason UNTRUSTED); its `uri` is then None."""
+    `problem`: why it will not be loaded at all (reason UNTRUSTED); its `uri` is then None.
+    `rejected`: why its job's measurements keep it out (reason ADAPTER_REJECTED): its `uri` is then
+    None and wherever it is loaded it is unloaded."""
 
     name: str
     uri: str | None = None
@@ -53,6 +68,7 @@ class Wanted:
     reason: str = ""
     path: str | None = None  # what the runtime is given and reports as `root` (vLLM: a local path); None: the URI
     problem: str = ""
+    rejected: str = ""
 
     @property
     def root(self) -> str | None:
@@ -156,6 +172,39 @@ def untrusted_result(job_name: str, job: Mapping[str, Any], uri: Any) -> str:
     return ""
 
 
+def requirements(adapter: Mapping[str, Any]) -> tuple[list[Requirement], list[str]]:
+    """An adapter's `require` rules (wire form) as Requirements, and a line for each that does not
+    parse (admission refuses those; one that slipped through fails closed: it counts as unmet)."""
+    rules, broken = [], []
+    raw = adapter.get("require") or []
+    for index, rule in enumerate(raw if isinstance(raw, list) else [raw]):
+        try:
+            rules.append(Requirement.model_validate(rule))
+        except ValidationError as error:
+            first = error.errors()[0].get("msg", "invalid") if error.errors() else "invalid"
+            broken.append(f"require[{index}] is not a valid rule ({str(first)[:200]})")
+    return rules, broken
+
+
+def promotion_problem(job_name: str, adapter: Mapping[str, Any], job_status: Mapping[str, Any]) -> str:
+    """Why a Succeeded FineTuneJob's adapter may not be served under `adapter`'s `require` rules, as
+    one actionable line ("" when every rule holds, or there are none): each failed rule with the
+    metric, the job's value and the bound (`evaluation.unmet`)."""
+    rules, broken = requirements(adapter)
+    evaluation, metrics = job_status.get("evaluation"), job_status.get("metrics")
+    failures = broken + unmet(
+        rules,
+        evaluation if isinstance(evaluation, Mapping) else None,
+        metrics if isinstance(metrics, Mapping) else None,
+    )
+    if not failures:
+        return ""
+    advice = "retrain, or relax the rule"
+    if any("was not measured" in line for line in failures):
+        advice = "enable the job's spec.evaluation and retrain, or relax the rule"
+    return f"FineTuneJob {job_name} fails require: " + "; ".join(failures) + f"; not loaded: {advice}"
+
+
 def resolve(spec_adapters: Iterable[Mapping[str, Any]], jobs: Mapping[str, Mapping[str, Any] | None]) -> list[Wanted]:
     """spec.adapters (wire form) → Wanted; `jobs`: FineTuneJob name → the object (None: absent)."""
     out = []
@@ -182,8 +231,11 @@ def resolve(spec_adapters: Iterable[Mapping[str, Any]], jobs: Mapping[str, Mappi
         if c.is_true(status.get("conditions"), c.SUCCEEDED) and result.get("uri"):
             problem = untrusted_result(job_name, job, result["uri"])
             digest = result.get("sha256")
+            rejected = "" if problem else promotion_problem(job_name, adapter, status)
             if problem:
                 out.append(Wanted(name, reason=UNTRUSTED, problem=problem))
+            elif rejected:
+                out.append(Wanted(name, reason=ADAPTER_REJECTED, rejected=rejected))
             else:
                 out.append(Wanted(name, result["uri"], valid_sha256(digest)))
         elif c.is_true(status.get("conditions"), c.FAILED):
@@ -202,8 +254,8 @@ def resolve(spec_adapters: Iterable[Mapping[str, Any]], jobs: Mapping[str, Mappi
 
 def plan_actions(wanted: list[Wanted], replicas: list[Replica]) -> list[Action]:
     """Per replica that answered: unloads first (free slots), then loads. An adapter loaded from
-    another URI than wanted is unloaded and loaded again; a load the replica refused for this URI
-    is not retried there."""
+    another URI than wanted is unloaded and loaded again; a Rejected one is unloaded; a load the
+    replica refused for this URI is not retried there."""
     by_name = {w.name: w for w in wanted}
     actions: list[Action] = []
     for replica in replicas:
@@ -211,7 +263,7 @@ def plan_actions(wanted: list[Wanted], replicas: list[Replica]) -> list[Action]:
             continue
         for name, root in sorted(replica.loaded.items()):
             want = by_name.get(name)
-            if want is None or (want.uri is not None and root is not None and root != want.root):
+            if want is None or want.rejected or (want.uri is not None and root is not None and root != want.root):
                 actions.append(Action(replica.name, "unload", name))
         for want in wanted:
             if want.uri is None:

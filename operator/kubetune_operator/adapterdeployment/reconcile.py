@@ -5,7 +5,10 @@ the admin-key Secret, the NetworkPolicy, the adapters ConfigMap, the Service and
 (server-side apply: an unchanged object is left as it is, so the replicas do not restart), the
 HorizontalPodAutoscaler and PodDisruptionBudget where they apply (deleted where they no longer do),
 ask every ready replica what it has loaded, load what is missing and unload what is no longer
-wanted, and write the status when it changed, with an Event per condition that flipped.
+wanted, and write the status when it changed, with an Event per condition that flipped and a
+Warning Event (reason AdapterRejected) per adapter that became Rejected (its FineTuneJob's
+evaluation fails a `require` rule; `status.newly_rejected`): posted once the status saying so is
+written, so a later pass, reading it back, posts none for the same reason.
 
 A load a replica refused (see runtime.py: a 4xx that cannot change, a 404 that lasted, 5xx that
 repeat) is not retried there for the same URI until the AdapterDeployment's spec changes (its
@@ -38,6 +41,7 @@ from ..state import Key, OperatorState
 from ..writes import ensure_child, write_status
 from . import runtime
 from .adapters import (
+    ADAPTER_REJECTED,
     Action,
     Replica,
     Retry,
@@ -58,7 +62,7 @@ from .render import (
     render_adapterdeployment,
 )
 from .runtime import ReplicaClient, ReplicaError
-from .status import Observed, derive_status, is_warning, refused_status
+from .status import Observed, derive_status, is_warning, newly_rejected, refused_status
 
 KIND = ADAPTERDEPLOYMENT.kind
 log = logging.getLogger("kubetune.operator")
@@ -170,11 +174,23 @@ def reconcile(state: OperatorState, key: Key) -> None:
         deployment_observed=int(dep_status.get("observedGeneration") or 0) >= int(dep_meta.get("generation") or 0),
         wanted=wanted, replica_views=replicas, now=datetime.now(UTC),
     )  # fmt: skip
+    desired = derive_status(body.get("status"), observed)
     try:
-        write_status(client, body, derive_status(body.get("status"), observed), is_warning)
+        write_status(client, body, desired, is_warning)
     except k8s.ApiError as error:
         if error.status != 409:
             raise  # 409: changed meanwhile; the next pass derives it again
+        return
+    post_rejections(client, body, newly_rejected((body.get("status") or {}).get("adapters"), desired["adapters"]))
+
+
+def post_rejections(client: k8s.Client, body: dict[str, Any], rejected: list[dict[str, Any]]) -> None:
+    """A Warning Event per adapter that became Rejected, with its status message (the failed rules)."""
+    for entry in rejected:
+        try:
+            client.post_event(body, "Warning", ADAPTER_REJECTED, f"adapter {entry['name']}: {entry.get('message', '')}")
+        except k8s.ApiError as error:  # an Event is a courtesy; never fail a reconcile over it
+            log.warning("could not post an Event for %s: %s", body["metadata"]["name"], error)
 
 
 def write_refusal(client: k8s.Client, body: dict[str, Any], error: RenderError) -> None:

@@ -6,6 +6,13 @@ refused, the replicas serve different weights than the FineTuneJob reported, or 
 answer). `status.adapters` lists each adapter's state; sha256 comes from the FineTuneJob or from
 the replicas, and a mismatch fails the adapter.
 
+A Rejected adapter (its FineTuneJob's evaluation fails a `require` rule) is not ready: AdaptersReady
+is False with reason AdapterRejected (after an untrusted source and a refused load, which point at
+something broken). It does not make the AdapterDeployment Degraded: keeping it out is the gate
+working, and what is served is what the spec allows. While replicas still have it loaded (a rule
+added after the load) it is being unloaded: Progressing. `newly_rejected` says which adapters
+became Rejected since the status as read, for one Warning Event each (reason AdapterRejected).
+
 For the scale subresource (`kubectl scale`, HorizontalPodAutoscalers): `replicas` is the number of
 serving pods that exist, ready or not (the Deployment's status.replicas, what a Deployment's own
 scale reports as current), and `selector` the label selector of those pods. `readyReplicas` counts
@@ -20,11 +27,13 @@ from typing import Any
 
 from .. import conditions as c
 from .adapters import (
+    ADAPTER_REJECTED,
     FAILED,
     JOB_FAILED,
     LOADED,
     LOADING,
     PENDING,
+    REJECTED,
     UNLOADING,
     UNTRUSTED,
     WAITING_FOR_JOB,
@@ -56,6 +65,11 @@ def adapter_statuses(wanted: list[Wanted], replicas: list[Replica]) -> list[dict
         entry: dict[str, Any] = {"name": want.name}
         if want.problem:  # never sent to a replica: its URI breaks the rules or its job's bounds
             entry.update(state=FAILED, loadedReplicas=0, message=want.problem)
+            out.append(entry)
+            continue
+        if want.rejected:  # its job's evaluation fails a rule: never loaded; unloaded where it still is
+            still = sum(1 for r in answering if want.name in (r.loaded or {}))
+            entry.update(state=REJECTED, loadedReplicas=still, message=want.rejected)
             out.append(entry)
             continue
         if want.uri is None:
@@ -101,11 +115,14 @@ def adapter_statuses(wanted: list[Wanted], replicas: list[Replica]) -> list[dict
 
 def adapters_ready_reason(states: list[str], waiting_reasons: list[str]) -> str:
     """Why AdaptersReady is False, the most actionable first: an untrusted source, a refused load,
-    a failed job, a job still running, no replica to load on, loads under way."""
+    an adapter its job's evaluation keeps out, a failed job, a job still running, no replica to load
+    on, loads under way."""
     if UNTRUSTED in waiting_reasons:
         return UNTRUSTED
     if FAILED in states:
         return "AdapterFailed"
+    if REJECTED in states:
+        return ADAPTER_REJECTED
     for reason in (JOB_FAILED, WAITING_FOR_JOB):
         if reason in waiting_reasons:
             return reason
@@ -158,7 +175,8 @@ def derive_status(current: Mapping[str, Any] | None, obs: Observed) -> dict[str,
         or obs.existing > obs.replicas
         or obs.ready < obs.replicas
     )
-    busy = [a["name"] for a in adapters if a["state"] in (LOADING, UNLOADING)]
+    busy = [a["name"] for a in adapters if a["state"] in (LOADING, UNLOADING)
+            or (a["state"] == REJECTED and a.get("loadedReplicas"))]  # fmt: skip
     if rolling:
         put(
             PROGRESSING,
@@ -171,12 +189,16 @@ def derive_status(current: Mapping[str, Any] | None, obs: Observed) -> dict[str,
     else:
         put(PROGRESSING, False, "Stable", "replicas and adapters are as the spec says")
 
-    waiting = [a["name"] for a in adapters[:wanted_count] if a["state"] != LOADED]
-    if not waiting:
+    waiting = [a["name"] for a in adapters[:wanted_count] if a["state"] not in (LOADED, REJECTED)]
+    rejected = [a["name"] for a in adapters[:wanted_count] if a["state"] == REJECTED]
+    if not waiting and not rejected:
         put(ADAPTERS_READY, True, "AllLoaded", f"{loaded_count}/{wanted_count} adapters loaded on every ready replica")
     else:
         reason = adapters_ready_reason(states, [w.reason for w in obs.wanted if w.uri is None])
-        put(ADAPTERS_READY, False, reason, f"{loaded_count}/{wanted_count} loaded; not yet: " + ", ".join(waiting))
+        parts = [f"not yet: {', '.join(waiting)}"] if waiting else []
+        if rejected:
+            parts.append(f"rejected by require rules: {', '.join(rejected)} (see status.adapters)")
+        put(ADAPTERS_READY, False, reason, f"{loaded_count}/{wanted_count} loaded; " + "; ".join(parts))
 
     failed = [f"{a['name']}: {a.get('message', '')}" for a in adapters if a["state"] == FAILED]
     unreachable = [f"{r.name}: {r.error}" for r in obs.replica_views if r.loaded is None]
@@ -200,6 +222,18 @@ def derive_status(current: Mapping[str, Any] | None, obs: Observed) -> dict[str,
         status["observedGeneration"] = gen
     # Keep fields we do not own (none today) as they are.
     return {**{k: v for k, v in current.items() if k not in status}, **status}
+
+
+def newly_rejected(before: Any, after: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The entries of `after` (status.adapters) that are Rejected and were not, or were for another
+    reason (the job measured again, the rules changed), in `before` (the status as read): what gets
+    a Warning Event. An adapter that stays Rejected for the same reason gets none on later passes."""
+    previous = {
+        a.get("name"): (a.get("state"), a.get("message"))
+        for a in (before if isinstance(before, list) else [])
+        if isinstance(a, Mapping)
+    }
+    return [a for a in after if a["state"] == REJECTED and previous.get(a["name"]) != (REJECTED, a.get("message"))]
 
 
 def refused_status(
