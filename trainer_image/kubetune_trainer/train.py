@@ -35,7 +35,7 @@ from kubetune.contract import (
 from kubetune.logs import log
 from kubetune.planning import ModelShape, Plan, plan_for_spec
 
-from . import acceleration, checkpoint, data, dpo, methods, strategies
+from . import acceleration, checkpoint, data, dpo, evaluation, methods, strategies
 from .distributed import DistEnv
 from .metrics import MetricsExporter
 from .outcome import first_line, record_failure
@@ -530,7 +530,26 @@ def _merged_model(run: Run, adapter_dir: Path):
     return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
 
-def build_result(run: Run, artifact: dict) -> TrainerResult:
+def evaluate_published(run: Run) -> dict | None:
+    """Rank 0, once the adapter is published: the tuned model against the base (evaluation.py), or
+    None when spec.evaluation.enabled is false. Never raises: a failure is a note in the result.
+    The training copy of the model (weights, gradients, optimizer state) goes first: the evaluation
+    loads the published weights on the same device."""
+    run.model = run.optimizer = run.scheduler = run.strategy = None  # type: ignore[assignment]
+    cache = Path(run.config.runtime.cache_dir)
+    return evaluation.evaluate_after_training(
+        run.config.spec,
+        model_dir=run.model_dir,
+        tuned_dir=lambda: run.output.fetch_dir(ADAPTER_DIR, cache / "evaluation" / ADAPTER_DIR),
+        tokenizer=run.tokenizer,
+        eval_set=run.eval_set,
+        device=run.device,
+        cache_dir=cache,
+        local=run.config.runtime.local,
+    )
+
+
+def build_result(run: Run, artifact: dict, evaluated: dict | None = None) -> TrainerResult:
     last = run.state.history[-1] if run.state.history else {}
     return TrainerResult.model_validate(
         {
@@ -551,6 +570,7 @@ def build_result(run: Run, artifact: dict) -> TrainerResult:
                 "gradAccumulation": run.plan.grad_accumulation,
             },
             "data": {"fingerprint": run.data_report.fingerprint, "badRows": run.data_report.bad_rows},
+            "evaluation": evaluated,
         }
     )
 
@@ -583,7 +603,7 @@ def run_training(config: TrainerConfig) -> int:
         artifact = save_outputs(run)
         if not env.is_main:
             return 0
-        result = build_result(run, artifact)
+        result = build_result(run, artifact, evaluate_published(run))
         _write_report(run, result)
         result.write(config.runtime.termination_message_path)
         log("done", **result.to_wire())
