@@ -256,6 +256,21 @@ def test_input_claims_are_read_only_and_the_output_claim_writable():
     assert claims == {"models": False, "datasets": True}  # one volume per claim, validation file included
 
 
+def test_what_the_evaluation_reads_is_mounted_too():
+    def edit(doc):
+        doc["spec"]["evaluation"] = {
+            "uri": "pvc://heldout/eval.jsonl",
+            "referenceUri": "configmap://reference-text/general.txt",
+            "benchmarks": {"tasks": ["support_qa"], "taskUri": "pvc://benchmarks/tasks"},
+        }
+
+    objects = render(edited("full-fsdp-2x8.yaml", edit))
+    paths = mounts(objects)
+    assert paths["/mnt/pvc/heldout"]["readOnly"] is True and paths["/mnt/pvc/benchmarks"]["readOnly"] is True
+    config_maps = [v["configMap"]["name"] for v in volumes(objects).values() if "configMap" in v]
+    assert "reference-text" in config_maps
+
+
 def test_shared_memory_from_the_spec():
     shm = volumes(render("full-fsdp-2x8.yaml"))["dshm"]["emptyDir"]
     assert shm == {"medium": "Memory", "sizeLimit": "64Gi"}
@@ -300,6 +315,50 @@ def test_qlora_on_one_gpu_downloads_from_the_hub_with_the_secret_and_writes_to_s
 
 def test_no_secret_no_env_from():
     assert "envFrom" not in container(render("cpu-one-pod.yaml"))
+
+
+def ref(secret):
+    return {"name": secret} if secret else None
+
+
+def with_trackers(mlflow_secret=None, wandb_secret=None, model_secret=None):
+    def edit(doc):
+        doc["spec"]["tracking"] = {
+            "mlflow": {"trackingUri": "https://mlflow.example.com", "secretRef": ref(mlflow_secret)},
+            "wandb": {"project": "p", "mode": "offline", "secretRef": ref(wandb_secret)},
+        }
+        if model_secret:
+            doc["spec"]["model"]["secretRef"] = {"name": model_secret}
+
+    return edit
+
+
+def test_the_trackers_secrets_become_the_trainers_environment_with_the_models_last():
+    """Kubernetes lets the last envFrom source win a key: the model's Secret (the job's storage
+    credentials) comes last, so a tracker's Secret holding AWS_* cannot replace them."""
+    objects = render(edited("cpu-one-pod.yaml", with_trackers("mlflow-token", "wandb-key", "hf-token")))
+    assert container(objects)["envFrom"] == [
+        {"secretRef": {"name": "mlflow-token"}},
+        {"secretRef": {"name": "wandb-key"}},
+        {"secretRef": {"name": "hf-token"}},
+    ]
+    assert "HOME" in env(objects)  # the container's own env still wins over every Secret
+
+
+@pytest.mark.parametrize(
+    ("secrets", "expected"),
+    [
+        (("shared", "shared", "shared"), ["shared"]),
+        (("hf-token", None, "hf-token"), ["hf-token"]),
+        (("shared", "shared", None), ["shared"]),
+        ((None, "wandb-key", None), ["wandb-key"]),
+        ((None, None, None), None),
+    ],
+)
+def test_each_secret_is_named_once_and_trackers_without_secrets_add_nothing(secrets, expected):
+    objects = render(edited("cpu-one-pod.yaml", with_trackers(*secrets)))
+    names = [source["secretRef"]["name"] for source in container(objects).get("envFrom", [])] or None
+    assert names == expected
 
 
 QUEUE = "kueue.x-k8s.io/queue-name"

@@ -52,6 +52,19 @@ def test_file_uris_are_fine_locally():
     assert problems(local=True, **{"model.uri": "file:///models/tiny", "output.uri": "file:///tmp/out"}) == []
 
 
+def test_what_the_evaluation_reads_and_the_tracking_server_are_checked():
+    metadata = "http://169.254.169.254/"
+    found = problems(**{"tracking.mlflow.trackingUri": metadata, "evaluation.referenceUri": "file:///ref.txt"})
+    assert any(p.startswith("spec.tracking.mlflow.trackingUri: ") and "metadata service" in p for p in found)
+    assert any(p.startswith("spec.evaluation.referenceUri: ") and "file:// only works" in p for p in found)
+    assert problems(**{"evaluation.benchmarks": {"tasks": ["qa"], "taskUri": "file:///tasks"}})[0].startswith(
+        "spec.evaluation.benchmarks.taskUri: 'file:///tasks': file:// only works"
+    )
+    # `kubetune train` on this machine may report to a tracking server on this machine.
+    assert problems(local=True, **{"tracking.mlflow.trackingUri": "http://127.0.0.1:5000"}) == []
+    assert problems(**{"tracking.mlflow.trackingUri": "https://mlflow.ml.svc:5000"}) == []
+
+
 def test_target_module_typos_get_a_suggestion():
     (problem,) = check_target_modules("p", ["q_proj", "gate_prj"])
     assert "unknown module 'gate_prj'; did you mean 'gate_proj'?" in str(problem)

@@ -35,7 +35,7 @@ from kubetune.contract import (
 from kubetune.logs import log
 from kubetune.planning import ModelShape, Plan, plan_for_spec
 
-from . import acceleration, checkpoint, data, dpo, evaluation, methods, strategies
+from . import acceleration, checkpoint, data, dpo, evaluation, methods, strategies, tracking
 from .distributed import DistEnv
 from .metrics import MetricsExporter
 from .outcome import first_line, record_failure
@@ -71,6 +71,7 @@ class Run:
     accelerated: acceleration.Acceleration | None = None
     stop_requested: bool = False
     timings: dict = field(default_factory=dict)
+    trackers: tracking.Trackers = field(default_factory=tracking.Trackers)  # MLflow, W&B: rank 0 only
 
 
 # --- set-up ------------------------------------------------------------------------------------
@@ -388,6 +389,7 @@ def fit(run: Run) -> None:
             entry["eval_loss"] = evaluate(run)
         run.state.history.append(entry)
         _publish_metrics(run, entry, tokens_seen / elapsed, (step - first_step) / elapsed)
+        run.trackers.metrics(step, tracking.step_metrics(entry, tokens_seen / elapsed))
         if run.env.is_main:
             log("step", **entry, tokens_per_second=round(tokens_seen / elapsed, 1), total_steps=run.total_steps)
         if _stop_agreed(run):
@@ -399,6 +401,7 @@ def fit(run: Run) -> None:
     if final_eval is not None:
         run.state.history[-1]["eval_loss"] = final_eval
         run.metrics.set(eval_loss=final_eval)
+        run.trackers.metrics(run.state.step, {"eval_loss": final_eval})
     run.timings["train_seconds"] = round(time.monotonic() - started, 2)
     run.timings["tokens_per_second"] = round(tokens_seen / max(1e-9, time.monotonic() - started), 1)
 
@@ -506,6 +509,7 @@ def save_outputs(run: Run) -> dict | None:
     weights = next(iter(sorted(staging.glob("*.safetensors"))))
     artifact = {"uri": None, "sizeBytes": weights.stat().st_size, "sha256": storage.sha256_of(weights)}
     artifact["uri"] = run.output.publish_dir(staging, ADAPTER_DIR)
+    run.trackers.artifacts(staging)  # before the staging folder goes
     if spec.output.merge_weights and spec.method.is_adapter:
         merged_dir = Path(tempfile.mkdtemp(prefix="merged-", dir=run.config.runtime.cache_dir))
         _merged_model(run, staging).save_pretrained(merged_dir, safe_serialization=True)
@@ -587,6 +591,16 @@ def run_training(config: TrainerConfig) -> int:
     try:
         env.init()
         run = setup(config, env)
+        run.trackers = tracking.open_trackers(
+            config.spec,
+            job_name=config.runtime.job_name,
+            namespace=config.runtime.namespace,
+            work_dir=Path(config.runtime.cache_dir) / "tracking",
+            publish=run.output.publish_dir,
+            main=env.is_main,
+            allow_node_local=config.runtime.local,
+        )
+        run.trackers.params(tracking.job_params(config.spec, _plan_params(run)))
         _handle_sigterm(run)
         if env.is_main:
             run.metrics.set(
@@ -603,9 +617,12 @@ def run_training(config: TrainerConfig) -> int:
         artifact = save_outputs(run)
         if not env.is_main:
             return 0
-        result = build_result(run, artifact, evaluate_published(run))
+        evaluated = evaluate_published(run)
+        run.trackers.evaluation(evaluated)
+        result = build_result(run, artifact, evaluated)
         _write_report(run, result)
         result.write(config.runtime.termination_message_path)
+        run.trackers.finish(ok=True)
         log("done", **result.to_wire())
         return 0
     except Preempted:
@@ -619,8 +636,22 @@ def run_training(config: TrainerConfig) -> int:
         return _fail(config, env, reason, message, code)
     finally:
         if run is not None:
+            run.trackers.finish(ok=False)  # after a failure or a preemption; nothing once finished
             run.metrics.stop()
         env.shutdown()
+
+
+def _plan_params(run: Run) -> dict:
+    plan = run.plan
+    return {
+        "worldSize": plan.world_size,
+        "strategy": plan.strategy,
+        "microBatch": plan.micro_batch,
+        "gradAccumulation": plan.grad_accumulation,
+        "trainableParams": plan.trainable_params,
+        "totalParams": plan.total_params,
+        "totalSteps": run.total_steps,
+    }
 
 
 def failure(error: Exception, stage: str) -> tuple[str, str, int]:

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 from .adapterdeployment import AdapterDeployment
 from .finetunejob import FineTuneJob, FineTuneJobSpec
 from .names import name_problems
-from .uris import uri_problem
+from .uris import node_local_host, uri_problem
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,7 @@ def validate_finetunejob(spec: FineTuneJobSpec, local: bool = False) -> list[Pro
     ]
     if spec.dataset.validation and spec.dataset.validation.uri:
         problems += check_uri("spec.dataset.validation.uri", spec.dataset.validation.uri, DATASET_SCHEMES, local)
+    problems += check_evaluation(spec, local)
     method = spec.method
     if method.type in ("lora", "qlora", "dora"):
         problems += check_target_modules("spec.method.lora.targetModules", method.effective_lora().target_modules)
@@ -187,6 +188,27 @@ def check_strategy(spec: FineTuneJobSpec) -> list[Problem]:
             )
         ]
     return []
+
+
+def check_evaluation(spec: FineTuneJobSpec, local: bool) -> list[Problem]:
+    """What the evaluation after training reads, and where the trackers report: the same URI rules
+    as the dataset; an MLflow server on this node (loopback, metadata names) only for local runs."""
+    evaluation, problems = spec.evaluation, []
+    benchmarks = evaluation.benchmarks
+    for path, uri in (
+        ("spec.evaluation.uri", evaluation.uri),
+        ("spec.evaluation.referenceUri", evaluation.reference_uri),
+        ("spec.evaluation.benchmarks.taskUri", benchmarks.task_uri if benchmarks else None),
+    ):
+        if uri:
+            problems += check_uri(path, uri, DATASET_SCHEMES, local)
+    mlflow = spec.tracking.mlflow if spec.tracking else None
+    if mlflow is not None:
+        problem = uri_problem(mlflow.tracking_uri, ("http", "https"))
+        host = urlsplit(mlflow.tracking_uri).hostname or ""
+        if problem and not (local and node_local_host(host)):  # a tracking server on this machine
+            problems.append(Problem("spec.tracking.mlflow.trackingUri", problem))
+    return problems
 
 
 def check_uri(path: str, uri: str, schemes: tuple[str, ...], local: bool) -> list[Problem]:

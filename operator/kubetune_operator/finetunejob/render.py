@@ -368,10 +368,27 @@ def trainer_container(job: FineTuneJob, config: OperatorConfig, mounts: list[dic
         # The trainer writes a JSON result on success; a crash before that leaves the log tail.
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    if spec.model.secret_ref:
+    secrets = env_secrets(spec)
+    if secrets:
         # Keys such as HF_TOKEN and AWS_* become variables; a missing Secret keeps the pod pending, visibly.
-        container["envFrom"] = [{"secretRef": {"name": spec.model.secret_ref.name}}]
+        container["envFrom"] = [{"secretRef": {"name": secret}} for secret in secrets]
     return container
+
+
+def env_secrets(spec: FineTuneJobSpec) -> list[str]:
+    """The Secrets whose keys become the trainer's environment, each once: the experiment trackers'
+    (MLFLOW_TRACKING_TOKEN, WANDB_API_KEY, ...) and the model's (HF_TOKEN, AWS_*). The model's comes
+    last because Kubernetes lets the last envFrom source win a key several hold: a tracker's Secret
+    can then never replace the credentials the job reads its data and writes its output with. The
+    container's own `env` (HOME, MASTER_ADDR, ...) wins over every Secret."""
+    tracking = spec.tracking
+    refs = [
+        tracking.mlflow.secret_ref if tracking and tracking.mlflow else None,
+        tracking.wandb.secret_ref if tracking and tracking.wandb else None,
+        spec.model.secret_ref,
+    ]
+    names = [ref.name for ref in refs if ref is not None]
+    return [name for index, name in enumerate(names) if name not in names[index + 1 :]]
 
 
 def uses_torchrun(resources: ResourcesSpec) -> bool:
@@ -429,9 +446,15 @@ def container_ports(config: OperatorConfig) -> list[dict[str, Any]]:
 
 
 def input_uris(spec: FineTuneJobSpec) -> list[str]:
+    """What the pods read: the model, the data, and what the evaluation after training reads (its
+    file, its reference text, its benchmark task folder) — their claims and ConfigMaps are mounted."""
     uris = [spec.model.uri, spec.dataset.uri]
     if spec.dataset.validation and spec.dataset.validation.uri:
         uris.append(spec.dataset.validation.uri)
+    evaluation = spec.evaluation
+    benchmarks = evaluation.benchmarks
+    extra = (evaluation.uri, evaluation.reference_uri, benchmarks.task_uri if benchmarks else None)
+    uris.extend(uri for uri in extra if uri)
     return uris
 
 
