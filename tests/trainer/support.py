@@ -35,7 +35,10 @@ METHODS = {
 }
 
 
-def make_config(tiny_model, out, *, steps=30, method=None, every_save=10, metrics_port=0, **hyper):
+def make_config(tiny_model, out, *, steps=30, method=None, every_save=10, metrics_port=0, evaluate=False, **hyper):
+    """A local job on the tiny model. The comparison with the base after training (on by default for
+    a FineTuneJob) is off unless `evaluate`: tests/trainer/test_evaluation.py measures it; the other
+    tests train dozens of times and need only the validation loss."""
     spec = {
         "model": {"uri": f"file://{tiny_model}"},
         "dataset": {"uri": f"file://{DATA}", "format": "chat", "validation": {"fraction": 0.1}, "maxSeqLength": 96},
@@ -52,7 +55,7 @@ def make_config(tiny_model, out, *, steps=30, method=None, every_save=10, metric
         },
         "resources": {"gpusPerNode": 0},
         "checkpointing": {"everySteps": every_save, "keep": 2},
-        "evaluation": {"everySteps": 10},
+        "evaluation": {"everySteps": 10, "enabled": evaluate},
         "output": {"uri": f"file://{out}/output"},
     }
     runtime = RuntimeSettings(

@@ -24,7 +24,7 @@ STEPS = 80  # enough for the tiny model to start answering the support questions
 
 def configured(tiny_model, out, steps, **spec):
     """make_config's job with parts of the spec replaced (camelCase, as in a manifest)."""
-    wire = make_config(tiny_model, out, steps=steps, every_save=1000).to_wire()
+    wire = make_config(tiny_model, out, steps=steps, every_save=1000, evaluate=True).to_wire()
     wire["spec"].update(spec)
     return TrainerConfig.model_validate(wire)
 
@@ -39,7 +39,7 @@ def outcome(out):
 def tuned(tiny_model, tmp_path_factory):
     """A LoRA adapter trained on the support chat set, with the default evaluation."""
     out = tmp_path_factory.mktemp("evaluated")
-    assert train.run_training(make_config(tiny_model, out, steps=STEPS, every_save=1000)) == 0
+    assert train.run_training(make_config(tiny_model, out, steps=STEPS, every_save=1000, evaluate=True)) == 0
     return out
 
 
