@@ -22,6 +22,16 @@ TYPES = (ADMITTED, RUNNING, SUSPENDED, SUCCEEDED, FAILED)
 
 TRUE, FALSE, UNKNOWN = "True", "False", "Unknown"
 
+# The kstatus conditions (sigs.k8s.io/cli-utils/pkg/kstatus), on both kinds, beside their own: what
+# Flux, kpt and other kstatus readers look at. Ready: the object does what its spec asks;
+# Reconciling: work is in flight and will end without anyone's help; Stalled: it will not get
+# further until a person changes something. Each only restates the kind's own conditions, so a flip
+# of one of them is no news of its own: no Event is posted for them (`writes.write_status`).
+READY = "Ready"
+RECONCILING = "Reconciling"
+STALLED = "Stalled"
+KSTATUS_TYPES = (READY, RECONCILING, STALLED)
+
 # Phases (the CRD's enum), in the order the summary checks them.
 PENDING = "Pending"
 

@@ -79,8 +79,9 @@ def write_status(
     is_warning: Callable[[c.Transition], bool],
 ) -> bool:
     """Patch the status of `body` (a FineTuneJob or AdapterDeployment as read) to `desired` if it
-    differs; post an Event per condition that flipped. The patch names the resourceVersion the
-    status was derived from: k8s.ApiError 409 when the object changed meanwhile."""
+    differs; post an Event per condition that flipped (none for Ready, Reconciling and Stalled, which
+    restate the others). The patch names the resourceVersion the status was derived from:
+    k8s.ApiError 409 when the object changed meanwhile."""
     current = body.get("status") or {}
     patch = merge_patch(current, desired)
     if patch is None:
@@ -90,6 +91,8 @@ def write_status(
     client.merge_patch(k8s.kubetune_path(body["kind"], meta["namespace"], meta["name"]) + "/status", request)
     metrics.STATUS_WRITES.inc()
     for change in c.transitions(current.get("conditions"), desired.get("conditions")):
+        if change.type in c.KSTATUS_TYPES:
+            continue
         try:
             message = f"{change.type}={change.status}: {change.message}"
             kind = "Warning" if is_warning(change) else "Normal"

@@ -6,10 +6,15 @@ refused, the replicas serve different weights than the FineTuneJob reported, or 
 answer). `status.adapters` lists each adapter's state; sha256 comes from the FineTuneJob or from
 the replicas, and a mismatch fails the adapter.
 
+Beside them, restating them for kstatus readers (Flux, kpt): Ready (Available, every adapter
+Loaded), Reconciling (work in flight that ends by itself) and Stalled (a refused spec, a Failed or
+Rejected adapter, a failed FineTuneJob: nothing changes until a person acts); `kstatus_conditions`.
+
 A Rejected adapter (its FineTuneJob's evaluation fails a `require` rule) is not ready: AdaptersReady
 is False with reason AdapterRejected (after an untrusted source and a refused load, which point at
 something broken). It does not make the AdapterDeployment Degraded: keeping it out is the gate
-working, and what is served is what the spec allows. While replicas still have it loaded (a rule
+working, and what is served is what the spec allows; it does make it Stalled (retraining or
+changing the rules is a person's call). While replicas still have it loaded (a rule
 added after the load) it is being unloaded: Progressing. `newly_rejected` says which adapters
 became Rejected since the status as read, for one Warning Event each (reason AdapterRejected).
 
@@ -209,6 +214,7 @@ def derive_status(current: Mapping[str, Any] | None, obs: Observed) -> dict[str,
     else:
         put(DEGRADED, False, "Healthy", "no adapter failed and every ready replica answers")
 
+    conds = kstatus_conditions(conds, adapters, gen, now, obs.deployment_observed)
     status: dict[str, Any] = {
         "conditions": conds,
         "replicas": obs.existing,
@@ -222,6 +228,102 @@ def derive_status(current: Mapping[str, Any] | None, obs: Observed) -> dict[str,
         status["observedGeneration"] = gen
     # Keep fields we do not own (none today) as they are.
     return {**{k: v for k, v in current.items() if k not in status}, **status}
+
+
+# Why an AdapterDeployment waits on a person: the operator refused its spec (Degraded), an adapter
+# cannot be served as named (Failed, untrusted) or its FineTuneJob failed or was rejected by a rule.
+REFUSALS = ("NotAllowed", "InvalidSpec")
+STALLED_ADAPTER_REASONS = ("AdapterFailed", UNTRUSTED, ADAPTER_REJECTED, JOB_FAILED)
+
+
+def said(condition: Mapping[str, Any], key: str, default: str) -> str:
+    """A condition's reason or message as stored, or `default`: the status may have been edited."""
+    value = condition.get(key)
+    return value if isinstance(value, str) and value else default
+
+
+def stalled_reason(conds: c.Conditions, adapters: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """(reason, message) when nothing changes until a person acts, else None. A replica that does
+    not answer (Degraded, reason ReplicaUnreachable) is not that: it may come back by itself."""
+    degraded = c.find(conds, DEGRADED) or {}
+    if degraded.get("status") == c.TRUE and degraded.get("reason") in REFUSALS:
+        return said(degraded, "reason", "Degraded"), said(degraded, "message", "refused")
+    stuck = [a for a in adapters if isinstance(a, Mapping) and a.get("state") in (FAILED, REJECTED)]
+    if stuck:
+        reason = ADAPTER_REJECTED if all(a.get("state") == REJECTED for a in stuck) else "AdapterFailed"
+        if degraded.get("status") == c.TRUE and degraded.get("reason") == UNTRUSTED:
+            reason = UNTRUSTED
+        message = "; ".join(f"adapter {a.get('name')} is {a.get('state')}: {a.get('message', '')}" for a in stuck)
+        return reason, message
+    ready = c.find(conds, ADAPTERS_READY) or {}
+    if ready.get("status") == c.FALSE and ready.get("reason") in STALLED_ADAPTER_REASONS:
+        return said(ready, "reason", ADAPTERS_READY), said(ready, "message", "adapters wait on a person")
+    return None
+
+
+def not_ready_reason(conds: c.Conditions, deployment_observed: bool) -> tuple[str, str] | None:
+    """(reason, message) while the AdapterDeployment does not serve everything its spec names; None
+    when it does: a replica ready, every adapter loaded, the Deployment at the latest spec."""
+    available = c.find(conds, AVAILABLE) or {}
+    if available.get("status") != c.TRUE:
+        reason = said(available, "reason", "") if available.get("reason") in REFUSALS else "Unavailable"
+        return reason, said(available, "message", "no replica is ready")
+    ready = c.find(conds, ADAPTERS_READY) or {}
+    if ready.get("status") != c.TRUE:
+        return said(ready, "reason", "AdaptersNotReady"), said(ready, "message", "adapters are not loaded yet")
+    if not deployment_observed:
+        return "ReplicasUpdating", "the Deployment controller has not yet seen the latest spec"
+    return None
+
+
+def kstatus_conditions(
+    conds: c.Conditions | None,
+    adapters: list[dict[str, Any]],
+    generation: int | None,
+    now: datetime,
+    deployment_observed: bool = True,
+) -> c.Conditions:
+    """Ready, Reconciling and Stalled from the other conditions and status.adapters.
+
+    Ready: serving every adapter the spec names, at the Deployment's latest spec (also while
+    replicas are added or rolled: Reconciling says so then, and kstatus reads InProgress until they
+    are done); else False with what to act on first. Stalled: `stalled_reason`. Reconciling:
+    replicas rolling, adapters loading or unloading on ready replicas, or waiting for a FineTuneJob
+    still on its way. Stalled and Reconciling are never both True: kstatus takes whichever comes
+    first in the list."""
+    missing = not_ready_reason(conds or [], deployment_observed)
+    stalled = stalled_reason(conds or [], adapters)
+    progressing = c.find(conds, PROGRESSING) or {}
+    ready_adapters = c.find(conds, ADAPTERS_READY) or {}
+    waiting_for_job = ready_adapters.get("reason") == WAITING_FOR_JOB  # even with no replica (scaled to 0)
+
+    def put(type_: str, ok: bool, reason: str, message: str) -> None:
+        nonlocal conds
+        conds = c.set_condition(conds, type_, c.TRUE if ok else c.FALSE, reason, message, generation, now)
+
+    if missing is None:
+        put(c.READY, True, "Ready", "every adapter is loaded on every ready replica")
+    else:  # what needs a person first: it is what to act on
+        put(c.READY, False, *(stalled or missing))
+    if stalled is not None:
+        put(c.RECONCILING, False, "Stalled", "waiting on a person: see Stalled")
+        put(c.STALLED, True, *stalled)
+        return conds or []
+    if progressing.get("status") == c.TRUE:
+        put(c.RECONCILING, True, said(progressing, "reason", PROGRESSING), said(progressing, "message", "rolling"))
+    elif ready_adapters.get("status") == c.FALSE and (c.is_true(conds, AVAILABLE) or waiting_for_job):
+        put(
+            c.RECONCILING,
+            True,
+            said(ready_adapters, "reason", "AdaptersPending"),
+            said(ready_adapters, "message", "loading"),
+        )
+    elif not deployment_observed:
+        put(c.RECONCILING, True, "ReplicasUpdating", "the Deployment controller has not yet seen the latest spec")
+    else:
+        put(c.RECONCILING, False, "Stable", "replicas and adapters are as the spec says")
+    put(c.STALLED, False, "AsExpected", "nothing waits on a person")
+    return conds or []
 
 
 def newly_rejected(before: Any, after: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -247,6 +349,8 @@ def refused_status(
     conditions = status.get("conditions")
     conditions = c.set_condition(conditions, AVAILABLE, c.FALSE, reason, error, generation, now)
     conditions = c.set_condition(conditions, DEGRADED, c.TRUE, reason, error, generation, now)
-    status["conditions"] = conditions
+    stored = status.get("adapters")
+    adapters = [a for a in stored if isinstance(a, dict)] if isinstance(stored, list) else []
+    status["conditions"] = kstatus_conditions(conditions, adapters, generation, now)
     status["observedGeneration"] = generation
     return status

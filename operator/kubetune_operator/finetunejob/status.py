@@ -10,6 +10,8 @@ Where the facts come from, the Kubernetes way:
   BackoffLimitExceeded, PodFailurePolicy, DeadlineExceeded, ...).
 * The result: rank 0's termination message, `kubetune.contract.TrainerResult` as JSON, parsed with
   the same model (and its limits) the trainer wrote it with.
+* Ready / Reconciling / Stalled, for kstatus readers (Flux, kpt): restated from the conditions
+  above by `kstatus_conditions`, in every status this module derives.
 * restarts: the Job's failed count, without pod disruptions (preemption, drain, eviction), or the
   trainer's resumes from a checkpoint as rank 0 reports them, whichever is higher; never lowered.
 
@@ -468,9 +470,87 @@ def derive_status(current: Status | None, ctx: Context) -> Status:
     # pod the Job controller has since deleted no longer shows in what is read here
     status["restarts"] = max(restarts(ctx.workload, ctx.pods), int(status.get("restarts") or 0))
     status["phase"] = c.phase_of(status["conditions"])
+    status["conditions"] = kstatus_conditions(status["conditions"], ctx.generation, ctx.now)
     if ctx.generation is not None:
         status["observedGeneration"] = ctx.generation
     return status
+
+
+# --- the kstatus conditions ----------------------------------------------------------------------
+
+# Running reasons that mean the job waits on a person (a missing PVC, an image that cannot be
+# pulled, ...): they make it Stalled as well as not Running. None of today's Running reasons do.
+STALLED_RUNNING_REASONS: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Ready, Reconciling and Stalled as one decision: (status, reason, message) each."""
+
+    ready: tuple[str, str, str]
+    reconciling: tuple[str, str, str]
+    stalled: tuple[str, str, str]
+
+
+def said(condition: dict[str, Any], key: str, default: str) -> str:
+    """A condition's reason or message as stored, or `default`: the status may have been edited."""
+    value = condition.get(key)
+    return value if isinstance(value, str) and value else default
+
+
+def kstatus_summary(conds: c.Conditions) -> Summary:
+    """Ready, Reconciling and Stalled from the job's own conditions. Ready: it Succeeded. Stalled:
+    it Failed, for any reason (refused at admission, out of retries, an untrusted result): nothing
+    changes without a person. Reconciling: on its way (Pending, Admitted, Running, or queued in
+    Kueue). A job suspended by its spec is neither: it waits, as asked, for the spec to change.
+    Stalled and Reconciling are never both True: kstatus takes whichever comes first in the list."""
+    phase = c.phase_of(conds)
+    failed = c.find(conds, c.FAILED) or {}
+    running = c.find(conds, c.RUNNING) or {}
+    if phase == c.FAILED:
+        reason, message = said(failed, "reason", "Failed"), said(failed, "message", "the job failed")
+        return Summary(
+            (c.FALSE, reason, message),
+            (c.FALSE, "Failed", "nothing more will happen until the spec changes"),
+            (c.TRUE, reason, message),
+        )
+    if phase == c.SUCCEEDED:
+        message = said(c.find(conds, c.SUCCEEDED) or {}, "message", "training finished")
+        return Summary(
+            (c.TRUE, c.SUCCEEDED, message),
+            (c.FALSE, c.SUCCEEDED, "training finished"),
+            (c.FALSE, c.SUCCEEDED, "training finished"),
+        )
+    running_reason = said(running, "reason", "")
+    if phase != c.SUSPENDED and running.get("status") != c.TRUE and running_reason in STALLED_RUNNING_REASONS:
+        message = said(running, "message", running_reason)
+        return Summary(
+            (c.FALSE, running_reason, message),
+            (c.FALSE, "Stalled", "the job waits on a person: see Stalled"),
+            (c.TRUE, running_reason, message),
+        )
+    if phase == c.SUSPENDED:
+        suspended = c.find(conds, c.SUSPENDED) or {}
+        message = said(suspended, "message", "the job is suspended")
+        queued = said(suspended, "reason", "") == "Queued"  # Kueue admits it without anyone's help
+        return Summary(
+            (c.FALSE, "Queued" if queued else c.SUSPENDED, message),
+            (c.TRUE, "Queued", message) if queued else (c.FALSE, c.SUSPENDED, message),
+            (c.FALSE, c.SUSPENDED, message),
+        )
+    message = said(running, "message", said(c.find(conds, c.ADMITTED) or {}, "message", "not yet admitted"))
+    return Summary((c.FALSE, phase, message), (c.TRUE, phase, message), (c.FALSE, phase, message))
+
+
+def kstatus_conditions(conds: c.Conditions, generation: int | None, now: datetime) -> c.Conditions:
+    """The job's conditions with Ready, Reconciling and Stalled set from the others (appended once,
+    then kept in place; lastTransitionTime moves only when one flips)."""
+    summary = kstatus_summary(conds)
+    for type_, (status, reason, message) in zip(
+        c.KSTATUS_TYPES, (summary.ready, summary.reconciling, summary.stalled), strict=True
+    ):
+        conds = c.set_condition(conds, type_, status, reason, message, generation, now)
+    return conds
 
 
 # --- the stored status, read back ----------------------------------------------------------------
@@ -558,7 +638,7 @@ def apply_admission(
     else:
         conds = c.set_condition(conds, c.ADMITTED, c.FALSE, reason, message.split("\n")[0], generation, now)
         conds = c.set_condition(conds, c.FAILED, c.TRUE, reason, message, generation, now)
-    status["conditions"] = conds
+    status["conditions"] = kstatus_conditions(conds, generation, now)
     if plan:
         status["plan"] = plan
     status["phase"] = c.phase_of(conds)
