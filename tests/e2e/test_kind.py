@@ -11,8 +11,9 @@ too (`pytest -s` or the captured output of a failure).
    and cluster DNS) shows progress, loss and tokens/s while it runs (the operator scrapes rank 0
    over the pod network); a training pod is evicted after a checkpoint (the Job recreates it
    without spending backoffLimit, the trainer resumes from the checkpoint, status.restarts counts
-   it); the operator pod is deleted mid-run (the new one converges, no duplicates); it succeeds
-   with status.adapter;
+   it); the operator's leader (of two replicas) is killed mid-run while another FineTuneJob is
+   being admitted: the standby takes the Lease, converges with no duplicates and admits (here:
+   refuses) the new job; the training job succeeds with status.adapter;
 3. an AdapterDeployment (`fromJob`) becomes Available; a client pod asks through the Service and
    gets the trained answer; a second adapter is hot-loaded (no pod restarts) and then removed;
 4. a FineTuneJob whose dataset is malformed fails fast with the trainer's reason, no retries;
@@ -43,6 +44,9 @@ QUESTION = "How long are backups kept?"
 TRAINED_ANSWER = "Backups are kept for thirty days."
 OPERATOR = "app.kubernetes.io/name=kubetune,app.kubernetes.io/component=operator"  # the chart's labels
 TIMINGS = REPO / ".cache" / "kind" / "e2e-timings.txt"
+OPERATOR_REPLICAS = 2  # the chart's default: a leader and a standby (Lease-based leader election)
+LEASE = "kubetune-operator"
+REFUSED, REFUSED_IMAGE = "not-our-image", "registry.invalid/someone-else/trainer:1"  # not in allowedImages
 
 
 class Stages:
@@ -120,6 +124,37 @@ def _kube_env() -> dict[str, str]:
 
 def ftj(namespace: str, name: str = JOB) -> dict:
     return get("finetunejob", name, namespace) or {}
+
+
+def cond(obj: dict, type_: str) -> dict | None:
+    return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == type_), None)
+
+
+def operator_pods() -> list[dict]:
+    """The chart's operator pods that are Running and not being deleted."""
+    pods = get("pods", namespace=None, label=OPERATOR)
+    return [p for p in pods if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")]
+
+
+def lease_holder() -> str:
+    """Who holds the operator's Lease (its identity starts with the pod's name)."""
+    pods = operator_pods()
+    namespace = pods[0]["metadata"]["namespace"] if pods else "kubetune-system"
+    lease = get("lease", LEASE, namespace) or {}
+    return (lease.get("spec") or {}).get("holderIdentity") or ""
+
+
+def operator_leader() -> tuple[dict, str]:
+    """The leading operator pod, and the standby's name, once both run and one holds the Lease."""
+
+    def both():
+        pods, holder = operator_pods(), lease_holder()
+        leaders = [p for p in pods if holder.startswith(p["metadata"]["name"])]
+        return len(pods) == OPERATOR_REPLICAS and len(leaders) == 1 and (pods, leaders[0])
+
+    pods, leader = wait_for(f"{OPERATOR_REPLICAS} operator pods, one holding the Lease", both, 180, 2)
+    (standby,) = [p["metadata"]["name"] for p in pods if p is not leader]
+    return leader, standby
 
 
 def phase(obj: dict) -> str | None:
@@ -231,20 +266,25 @@ def trained(data, stages):
             reasons = {c["type"]: c.get("reason") for c in evicted["status"].get("conditions") or []}
             assert "DisruptionTarget" in reasons, reasons
 
-        operator = get("pods", namespace=None, label=OPERATOR)
-        operator = [pod for pod in operator if pod["status"].get("phase") == "Running"]
-        assert len(operator) == 1, [pod["metadata"]["name"] for pod in operator]
-        old = operator[0]
-        stages.say(f"   deleting the operator pod {old['metadata']['name']} while the job runs")
-        kubectl("delete", "pod", "-n", old["metadata"]["namespace"], old["metadata"]["name"], "--wait=false")
+        leader, standby = operator_leader()
+        name, operator_ns = leader["metadata"]["name"], leader["metadata"]["namespace"]
+        stages.say(f"   killing the operator's leader {name} (no grace: its Lease is not released)")
+        kubectl("delete", "pod", "-n", operator_ns, name, "--grace-period=0", "--force", "--wait=false")
+        refused = {**doc, "metadata": {**doc["metadata"], "name": REFUSED}}
+        refused["spec"] = {**doc["spec"], "image": REFUSED_IMAGE}
+        apply(refused, namespace)  # admitted (here: refused) by whichever operator leads next
+        took_over = wait_for(
+            "the standby to take the Lease", lambda: (h := lease_holder()) and h.startswith(standby) and h, 120, 1
+        )
+        stages.say(f"   {took_over} leads; {REFUSED} is being admitted during the failover")
 
         final = wait_for(
             "the FineTuneJob to succeed", lambda: watch(lambda obj: obj if phase(obj) == "Succeeded" else None), 900, 2
         )
-        new_operator = [
-            pod for pod in get("pods", namespace=None, label=OPERATOR) if pod["status"].get("phase") == "Running"
-        ]
-        assert [pod["metadata"]["uid"] for pod in new_operator] != [old["metadata"]["uid"]]
+        running = [pod["metadata"]["uid"] for pod in operator_pods()]
+        assert leader["metadata"]["uid"] not in running and len(running) == OPERATOR_REPLICAS, running
+        refusal = wait_for("the refusal", lambda: (cond(ftj(namespace, REFUSED), "Admitted") or {}).get("reason"), 120)
+        assert phase(ftj(namespace, REFUSED)) == "Failed" and refusal == "NotAllowed", ftj(namespace, REFUSED)
     return namespace, final, seen, checkpoint[-1]["step"]
 
 
