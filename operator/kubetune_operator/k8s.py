@@ -15,7 +15,7 @@ import socket
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import kubernetes
 from kubernetes.client.exceptions import ApiException
@@ -85,6 +85,16 @@ def kubetune_path(kind: str, namespace: str, name: str = "") -> str:
 
 def pods_path(namespace: str) -> str:
     return resource_path("v1", "Pod", namespace)
+
+
+EVENTS_LIMIT = 100  # Events read about one object: the API aggregates repeats, and keeps them an hour
+
+
+def events_path(namespace: str, kind: str, name: str, limit: int = EVENTS_LIMIT) -> str:
+    """The REST path, query included, of the core/v1 Events about one object (what `kubectl
+    events --for kind/name` shows), at most `limit` of them; `Client.list` sends it as it is."""
+    selector = f"involvedObject.kind={kind},involvedObject.name={name}"
+    return f"{resource_path('v1', 'Event', namespace)}?{urlencode({'fieldSelector': selector, 'limit': limit})}"
 
 
 # --- the client ----------------------------------------------------------------------------------

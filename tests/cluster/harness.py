@@ -19,6 +19,12 @@ Pods on the fake nodes go Running on their own and stay Running until a test dec
 * ``succeed_pod`` / ``fail_pod`` (or the annotations ``ANN_RESULT`` = Succeeded|Failed with optional
   ``ANN_RESULT_AFTER`` e.g. "2s", ``ANN_EXIT_CODE``, ``ANN_REASON``, ``ANN_MESSAGE``, set on a pod or
   on a Job's pod template) - kwok stages below then terminate the containers and set the phase.
+* ``hold_pod`` (or the annotations ``ANN_WAITING_REASON`` + ``ANN_WAITING_MESSAGE`` on a Running,
+  Ready pod) - its containers wait with that reason, as the kubelet reports an image it cannot pull
+  (ErrImagePull, ImagePullBackOff, InvalidImageName; phase Pending), a missing Secret or ConfigMap
+  key (CreateContainerConfigError) or a crash loop (CrashLoopBackOff, phase Running, with the last
+  termination from ``ANN_EXIT_CODE``, ``ANN_REASON``, ``ANN_MESSAGE``). Out of memory is ``fail_pod``
+  with reason OOMKilled and exit code 137.
 * ``evict_pod`` - the Eviction API: the API server adds the DisruptionTarget condition and deletes
   the pod; kwok then plays the kubelet (containers killed, phase Failed) and removes the pod once its
   finalizers (e.g. the Job controller's) are gone.
@@ -78,6 +84,10 @@ ANN_RESULT_AFTER = "kubetune.test/pod-result-after"  # Go duration, e.g. "2s" (d
 ANN_EXIT_CODE = "kubetune.test/exit-code"  # Failed only; default 1
 ANN_REASON = "kubetune.test/reason"  # Failed only; default "Error"
 ANN_MESSAGE = "kubetune.test/message"  # Failed only; default "container failed"
+ANN_WAITING_REASON = "kubetune.test/waiting-reason"  # ErrImagePull, CrashLoopBackOff, ... (hold_pod)
+ANN_WAITING_MESSAGE = "kubetune.test/waiting-message"  # the waiting state's message
+# The stage the waiting annotations need: a cluster started before it was added lacks it.
+WAITING_STAGE = "kubetune-pod-waiting"
 
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"  # informative: kwokctl's kwok manages every node
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -172,6 +182,8 @@ def kwok_pod_stages() -> str:
         ("ANN_EXIT_CODE", ANN_EXIT_CODE),
         ("ANN_REASON", ANN_REASON),
         ("ANN_MESSAGE", ANN_MESSAGE),
+        ("ANN_WAITING_REASON", ANN_WAITING_REASON),
+        ("ANN_WAITING_MESSAGE", ANN_WAITING_MESSAGE),
     ):
         text = text.replace(f'"{name}"', f'"{value}"')
     return text
@@ -179,6 +191,20 @@ def kwok_pod_stages() -> str:
 
 # ------------------------------------------------------------------------------------------------
 # Helpers.
+
+
+def _ready(pod: dict) -> bool:
+    status = pod.get("status") or {}
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+    return status.get("phase") == "Running" and ready
+
+
+def _waiting_reason(pod: dict) -> str | None:
+    for container in (pod.get("status") or {}).get("containerStatuses") or []:
+        reason = ((container.get("state") or {}).get("waiting") or {}).get("reason")
+        if reason:
+            return reason
+    return None
 
 
 def read_versions(path: Path = VERSIONS_FILE) -> dict[str, str]:
@@ -285,6 +311,8 @@ class LocalCluster:
     ANN_EXIT_CODE = ANN_EXIT_CODE
     ANN_REASON = ANN_REASON
     ANN_MESSAGE = ANN_MESSAGE
+    ANN_WAITING_REASON = ANN_WAITING_REASON
+    ANN_WAITING_MESSAGE = ANN_WAITING_MESSAGE
     GPU_RESOURCE = GPU_RESOURCE
     GPU_TOLERATION = GPU_TOLERATION
 
@@ -822,6 +850,36 @@ class LocalCluster:
             {ANN_RESULT: "Failed", ANN_EXIT_CODE: str(exit_code), ANN_REASON: reason, ANN_MESSAGE: message},
         )
         return self.wait_pod_phase(namespace, name, "Failed", timeout=timeout) if wait else None
+
+    def has_stage(self, name: str) -> bool:
+        """Whether the running cluster's kwok was started with pod stage `name` (the stages are read
+        at start: a cluster started before a stage was added needs a restart to have it)."""
+        try:
+            return f"name: {name}\n" in self.config_file.read_text()
+        except OSError:
+            return False
+
+    def hold_pod(
+        self,
+        namespace: str,
+        name: str,
+        reason: str,
+        message: str = "",
+        last: tuple[int, str, str] | None = None,
+        wait: bool = True,
+        timeout: float = 30,
+    ) -> dict | None:
+        """Make a Running pod's containers wait with `reason` and `message` (the kubelet's words for
+        an image it cannot pull, a missing Secret key, a crash loop); `last`: (exit code, reason,
+        message) of the last termination, for CrashLoopBackOff."""
+        self.wait_pod(namespace, name, _ready, "Running and Ready", timeout)
+        annotations = {ANN_WAITING_REASON: reason, ANN_WAITING_MESSAGE: message}
+        if last is not None:
+            annotations.update({ANN_EXIT_CODE: str(last[0]), ANN_REASON: last[1], ANN_MESSAGE: last[2]})
+        self._annotate(namespace, name, annotations)
+        if not wait:
+            return None
+        return self.wait_pod(namespace, name, lambda p: _waiting_reason(p) == reason, f"waiting: {reason}", timeout)
 
     def evict_pod(self, namespace: str, name: str, grace_period_seconds: int | None = None) -> None:
         """The Eviction API (what `kubectl drain` and node-pressure/preemption tooling use): the API

@@ -89,8 +89,10 @@ def test_pods_pending_then_running():
     unschedulable = pod(phase="Pending", scheduled="0/3 nodes: Insufficient nvidia.com/gpu")
     pending = derive(admitted(), wl=workload(), pods=[unschedulable])
     running = cond(pending, c.RUNNING)
-    assert running["status"] == "False" and running["reason"] == "PodsPending"
+    # the scheduler's reason, and the GPUs may free up: not a person's to act on
+    assert running["status"] == "False" and running["reason"] == "Unschedulable"
     assert "Insufficient nvidia.com/gpu" in running["message"] and pending["phase"] == "Admitted"
+    assert cond(pending, c.STALLED)["status"] == "False" and cond(pending, c.RECONCILING)["status"] == "True"
 
     now_running = derive(pending, wl=workload(active=1), pods=[pod()])
     assert cond(now_running, c.RUNNING)["status"] == "True" and now_running["phase"] == "Running"

@@ -5,10 +5,13 @@ the admin-key Secret, the NetworkPolicy, the adapters ConfigMap, the Service and
 (server-side apply: an unchanged object is left as it is, so the replicas do not restart), the
 HorizontalPodAutoscaler and PodDisruptionBudget where they apply (deleted where they no longer do),
 ask every ready replica what it has loaded, load what is missing and unload what is no longer
-wanted, and write the status when it changed, with an Event per condition that flipped and a
-Warning Event (reason AdapterRejected) per adapter that became Rejected (its FineTuneJob's
-evaluation fails a `require` rule; `status.newly_rejected`): posted once the status saying so is
-written, so a later pass, reading it back, posts none for the same reason.
+wanted, tell why serving pods do not run (`stuck.diagnose`: from the pods as listed and the
+Deployment's ReplicaFailure condition, plus the Events of a pending pod or two whose status
+cannot say; with every pod ready, no extra API call), and write the status when it changed,
+with an Event per condition that flipped and a Warning Event (reason AdapterRejected) per adapter
+that became Rejected (its FineTuneJob's evaluation fails a `require` rule;
+`status.newly_rejected`): posted once the status saying so is written, so a later pass, reading
+it back, posts none for the same reason.
 
 A load a replica refused (see runtime.py: a 4xx that cannot change, a 404 that lasted, 5xx that
 repeat) is not retried there for the same URI until the AdapterDeployment's spec changes (its
@@ -35,7 +38,7 @@ from pydantic import ValidationError
 from kubetune.api.adapterdeployment import AdapterDeployment
 from kubetune.api.kinds import ADAPTERDEPLOYMENT, FINETUNEJOB
 
-from .. import k8s, keys, metrics
+from .. import k8s, keys, metrics, stuck
 from ..render_common import RenderError, is_terminating, owned_by
 from ..state import Key, OperatorState
 from ..writes import ensure_child, write_status
@@ -173,6 +176,7 @@ def reconcile(state: OperatorState, key: Key) -> None:
         ready=int(dep_status.get("readyReplicas") or 0), updated=int(dep_status.get("updatedReplicas") or 0),
         deployment_observed=int(dep_status.get("observedGeneration") or 0) >= int(dep_meta.get("generation") or 0),
         wanted=wanted, replica_views=replicas, now=datetime.now(UTC),
+        stuck=replicas_stuck(client, deployment, pods),
     )  # fmt: skip
     desired = derive_status(body.get("status"), observed)
     try:
@@ -182,6 +186,26 @@ def reconcile(state: OperatorState, key: Key) -> None:
             raise  # 409: changed meanwhile; the next pass derives it again
         return
     post_rejections(client, body, newly_rejected((body.get("status") or {}).get("adapters"), desired["adapters"]))
+
+
+def replicas_stuck(
+    client: k8s.Client, deployment: dict[str, Any], pods: list[dict[str, Any]]
+) -> stuck.Diagnosis | None:
+    """Why serving pods do not run, if Kubernetes says: their statuses, the Deployment's
+    ReplicaFailure condition, and the Events of the pending pods whose status cannot say (read
+    only for those, so a Deployment whose pods all run costs no call). Events the operator may not
+    list are left out."""
+    events = stuck.replica_failure_events(deployment)
+    namespace = (deployment.get("metadata") or {}).get("namespace", "")
+    for pod in stuck.pods_worth_events(pods):
+        try:
+            events += client.list(k8s.events_path(namespace, "Pod", pod))
+        except k8s.ApiError as error:
+            if error.status != 403:
+                raise
+            log.info("may not list Events in %s: %s", namespace, error)
+            break
+    return stuck.diagnose(deployment, pods, events)
 
 
 def post_rejections(client: k8s.Client, body: dict[str, Any], rejected: list[dict[str, Any]]) -> None:

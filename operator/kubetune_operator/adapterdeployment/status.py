@@ -6,6 +6,13 @@ refused, the replicas serve different weights than the FineTuneJob reported, or 
 answer). `status.adapters` lists each adapter's state; sha256 comes from the FineTuneJob or from
 the replicas, and a mismatch fails the adapter.
 
+While replicas are not ready, what Kubernetes says holds them (`stuck.diagnose` over the serving
+pods, the Deployment's ReplicaFailure condition and the pods' FailedMount Events) is told: on
+Available=False as its reason (FailedCreate, Unschedulable, ErrImagePull, CrashLoopBackOff,
+OOMKilled, ...) and message, and, when only a person can clear it, on Degraded=True as well (also
+while other replicas serve: a rollout stuck on a bad image), which makes the AdapterDeployment
+Stalled. A replica waiting for capacity (Unschedulable for insufficient GPUs) is not Degraded.
+
 Beside them, restating them for kstatus readers (Flux, kpt): Ready (Available, every adapter
 Loaded), Reconciling (work in flight that ends by itself) and Stalled (a refused spec, a Failed or
 Rejected adapter, a failed FineTuneJob: nothing changes until a person acts); `kstatus_conditions`.
@@ -31,6 +38,8 @@ from datetime import datetime
 from typing import Any
 
 from .. import conditions as c
+from ..stuck import REASONS as STUCK_REASONS
+from ..stuck import Diagnosis
 from .adapters import (
     ADAPTER_REJECTED,
     FAILED,
@@ -150,6 +159,7 @@ class Observed:
     wanted: list[Wanted]
     replica_views: list[Replica]
     now: datetime
+    stuck: Diagnosis | None = None  # why serving pods do not run (`stuck.diagnose`), if Kubernetes says
 
 
 def derive_status(current: Mapping[str, Any] | None, obs: Observed) -> dict[str, Any]:
@@ -171,6 +181,8 @@ def derive_status(current: Mapping[str, Any] | None, obs: Observed) -> dict[str,
 
     if obs.ready >= 1:
         put(AVAILABLE, True, "ReplicasReady", f"{obs.ready} of {obs.replicas} replicas ready")
+    elif obs.stuck is not None:
+        put(AVAILABLE, False, obs.stuck.reason, f"0 of {obs.replicas} replicas ready; {obs.stuck.message}")
     else:
         put(AVAILABLE, False, "NoReadyReplicas", f"0 of {obs.replicas} replicas ready")
 
@@ -207,10 +219,13 @@ def derive_status(current: Mapping[str, Any] | None, obs: Observed) -> dict[str,
 
     failed = [f"{a['name']}: {a.get('message', '')}" for a in adapters if a["state"] == FAILED]
     unreachable = [f"{r.name}: {r.error}" for r in obs.replica_views if r.loaded is None]
-    if failed or unreachable:
+    if failed:
         untrusted = any(w.problem for w in obs.wanted)
-        reason = (UNTRUSTED if untrusted else "AdapterFailed") if failed else "ReplicaUnreachable"
-        put(DEGRADED, True, reason, "; ".join(failed + unreachable))
+        put(DEGRADED, True, UNTRUSTED if untrusted else "AdapterFailed", "; ".join(failed + unreachable))
+    elif obs.stuck is not None and obs.stuck.needs_person:
+        put(DEGRADED, True, obs.stuck.reason, obs.stuck.message)
+    elif unreachable:
+        put(DEGRADED, True, "ReplicaUnreachable", "; ".join(unreachable))
     else:
         put(DEGRADED, False, "Healthy", "no adapter failed and every ready replica answers")
 
@@ -244,10 +259,14 @@ def said(condition: Mapping[str, Any], key: str, default: str) -> str:
 
 def stalled_reason(conds: c.Conditions, adapters: list[dict[str, Any]]) -> tuple[str, str] | None:
     """(reason, message) when nothing changes until a person acts, else None. A replica that does
-    not answer (Degraded, reason ReplicaUnreachable) is not that: it may come back by itself."""
+    not answer (Degraded, reason ReplicaUnreachable) is not that: it may come back by itself; a
+    replica Kubernetes cannot run (Degraded with a `stuck` reason, set only when it needs a
+    person: an image that cannot be pulled, a crash loop, a missing claim) is."""
     degraded = c.find(conds, DEGRADED) or {}
     if degraded.get("status") == c.TRUE and degraded.get("reason") in REFUSALS:
         return said(degraded, "reason", "Degraded"), said(degraded, "message", "refused")
+    if degraded.get("status") == c.TRUE and degraded.get("reason") in STUCK_REASONS:
+        return said(degraded, "reason", "Degraded"), said(degraded, "message", "a replica cannot run")
     stuck = [a for a in adapters if isinstance(a, Mapping) and a.get("state") in (FAILED, REJECTED)]
     if stuck:
         reason = ADAPTER_REJECTED if all(a.get("state") == REJECTED for a in stuck) else "AdapterFailed"

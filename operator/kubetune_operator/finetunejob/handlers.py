@@ -125,9 +125,10 @@ def due(index: Mapping[Key, Any]) -> list[Key]:
 
 
 def needs_poll(index: Mapping[Key, Any], key: Key) -> bool:
-    """A running job's metrics are seen only by polling rank 0; every other phase changes only
-    through events of the job and its children."""
-    return any(entry.phase == "Running" for entry in index.get(key) or ())
+    """A running job's metrics are seen only by polling rank 0, and why an admitted job's pods do
+    not run (a Job controller that cannot create them) may show only in Events, which are not
+    watched; every other phase changes only through events of the job and its children."""
+    return any(entry.phase == "Running" or entry.pods_pending for entry in index.get(key) or ())
 
 
 def tick(state: OperatorState, index: Mapping[Key, Any], seconds: float) -> None:

@@ -6,7 +6,10 @@
   this pass created the Job (its own events and its pods' bring that refresh). Idempotent: a
   re-run after an operator crash changes nothing that is already as it should be.
 * `reconcile_status`: the status from the Job and its pods (and, when asked, rank 0's metrics),
-  written only when it changed, with a Kubernetes Event for each condition that flipped.
+  written only when it changed, with a Kubernetes Event for each condition that flipped. While the
+  Job's pods do not all run, the Events about the Job (and about a stuck pod or two, when its
+  status cannot say: `stuck.pods_worth_events`) are read too: why the Job controller cannot create
+  pods is said only there. A job whose pods all run costs no such read.
 
 Both run under the FineTuneJob's lock and retry a write that lost a race (409 Conflict: the
 status patch carries the resourceVersion it was derived from).
@@ -26,7 +29,7 @@ from kubetune.api.finetunejob import FineTuneJob, TrainingPlan
 from kubetune.api.kinds import FINETUNEJOB
 
 from .. import conditions as c
-from .. import k8s, metrics, scrape
+from .. import k8s, metrics, scrape, stuck
 from ..render_common import RenderError, is_terminating, owned_by
 from ..state import Key, OperatorState, ScrapeFailures
 from ..writes import apply_child, existing_child, write_status
@@ -40,6 +43,7 @@ from .status import (
     derive_status,
     job_outcome,
     job_suspended,
+    pods_wanting,
     running_rank0,
 )
 
@@ -135,6 +139,34 @@ def workload_of(state: OperatorState, job: FineTuneJob) -> tuple[dict[str, Any] 
     uid = workload["metadata"]["uid"]
     selector = f"{JOB_LABEL}={meta.name},batch.kubernetes.io/controller-uid={uid}"
     return workload, state.client.list(k8s.pods_path(meta.namespace), selector)
+
+
+EVENTS_REFUSED: set[str] = set()  # namespaces where the operator may not list Events (said once)
+
+
+def events_about(state: OperatorState, namespace: str, kind: str, name: str) -> list[dict[str, Any]]:
+    """The Events about one object; none when the operator may not list them (a chart whose RBAC
+    predates this: the status then says less, and the reconcile goes on)."""
+    try:
+        return state.client.list(k8s.events_path(namespace, kind, name))
+    except k8s.ApiError as error:
+        if error.status != 403:
+            raise
+        if namespace not in EVENTS_REFUSED:
+            EVENTS_REFUSED.add(namespace)
+            log.warning("the operator may not list Events in %s (%s); update the chart's RBAC", namespace, error)
+        return []
+
+
+def workload_events(state: OperatorState, workload: dict[str, Any], pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The Events that may say why the Job's pods do not run; no API call while they all run."""
+    if not pods_wanting(workload, pods):
+        return []
+    meta = workload["metadata"]
+    events = events_about(state, meta["namespace"], "Job", meta["name"])
+    for pod in stuck.pods_worth_events(pods):
+        events += events_about(state, meta["namespace"], "Pod", pod)
+    return events
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -306,7 +338,8 @@ def refresh_status(state: OperatorState, key: Key, scrape_metrics: bool) -> bool
     if workload is None:
         return True
     failures = state.scrapes.get(key)
-    ctx = Context(job, workload, pods, utcnow(), failures.note() if failures else "")
+    events = workload_events(state, workload, pods)
+    ctx = Context(job, workload, pods, utcnow(), failures.note() if failures else "", events)
     desired = derive_status(current, ctx)
     if scrape_metrics and desired.get("phase") == "Running":
         desired = with_metrics(state, key, current, ctx)

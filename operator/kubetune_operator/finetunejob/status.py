@@ -5,13 +5,19 @@ the result only when it differs from what is stored. Admission (the Admitted con
 `status.plan`) is decided in `admission.py` and recorded by `apply_admission`; this module keeps it as it finds it.
 
 Where the facts come from, the Kubernetes way:
-* Running: the Job's pods (all of them Running), Suspended: the Job's `spec.suspend`.
+* Running: the Job's pods (all of them Running), Suspended: the Job's `spec.suspend`. While they
+  do not all run, the reason is what Kubernetes says holds them (`stuck.diagnose`: the Job
+  controller's FailedCreate Events, the scheduler's PodScheduled message, the kubelet's container
+  states and FailedMount Events): Running=False with reason FailedCreate, Unschedulable,
+  ErrImagePull, OOMKilled, ..., or PodsPending while nothing explains the wait (pods starting).
 * Succeeded / Failed: the Job's terminal conditions (Complete, or Failed with the Job's reason:
   BackoffLimitExceeded, PodFailurePolicy, DeadlineExceeded, ...).
 * The result: rank 0's termination message, `kubetune.contract.TrainerResult` as JSON, parsed with
   the same model (and its limits) the trainer wrote it with.
 * Ready / Reconciling / Stalled, for kstatus readers (Flux, kpt): restated from the conditions
-  above by `kstatus_conditions`, in every status this module derives.
+  above by `kstatus_conditions`, in every status this module derives; a Running reason that only a
+  person can clear (a missing PriorityClass, PVC or Secret, an image that cannot be pulled, a crash,
+  out of memory: `stuck.Diagnosis.needs_person`) makes the job Stalled.
 * restarts: the Job's failed count, without pod disruptions (preemption, drain, eviction), or the
   trainer's resumes from a checkpoint as rank 0 reports them, whichever is higher; never lowered.
 
@@ -24,6 +30,7 @@ whoever may edit the status subresource could have put anything the CRD's types 
 
 import copy
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -33,6 +40,7 @@ from kubetune.api.uris import uri_problem
 from kubetune.contract import MAX_COUNT, TRAINER_CONTAINER, TrainerResult, adapter_uri
 
 from .. import conditions as c
+from .. import stuck
 from .render import COMPLETION_INDEX_ANNOTATION as COMPLETION_INDEX
 
 DISRUPTION_TARGET = "DisruptionTarget"
@@ -246,6 +254,7 @@ class Context:
     pods: list[dict[str, Any]]
     now: datetime
     scrape_note: str = ""  # appended to the Running message while metrics cannot be read
+    events: Sequence[dict[str, Any]] = ()  # core/v1 Events about the Job and its stuck pods (read only then)
 
     @property
     def generation(self) -> int | None:
@@ -287,7 +296,31 @@ def waiting_detail(pods: list[dict[str, Any]]) -> str:
     return "waiting for the Job controller to create pods"
 
 
-def running_condition(conds: c.Conditions, ctx: Context, outcome: str | None) -> c.Conditions:
+def live_pods(ctx: Context) -> list[dict[str, Any]]:
+    return [p for p in ctx.pods if not is_deleting(p)]
+
+
+def pods_wanting(workload: dict[str, Any], pods: list[dict[str, Any]]) -> bool:
+    """Whether the Job, unfinished and not suspended, has fewer pods Running than it asks for:
+    when what holds them is worth reading (its Events) and telling (`stuck_diagnosis`)."""
+    if job_outcome(workload) is not None or job_suspended(workload):
+        return False
+    running = sum(1 for p in pods if pod_phase(p) == "Running" and not is_deleting(p))
+    return running < expected_pods(workload)
+
+
+def stuck_diagnosis(ctx: Context) -> stuck.Diagnosis | None:
+    """What Kubernetes says holds the Job's pods, while they do not all run."""
+    if ctx.workload is None or not pods_wanting(ctx.workload, ctx.pods):
+        return None
+    return stuck.diagnose(ctx.workload, live_pods(ctx), ctx.events)
+
+
+def running_condition(
+    conds: c.Conditions, ctx: Context, outcome: str | None, diagnosis: stuck.Diagnosis | None = None
+) -> c.Conditions:
+    """Running from the Job and its pods; `diagnosis` (`stuck_diagnosis`) gives the reason and
+    message while the pods do not all run."""
     assert ctx.workload is not None
 
     def set_running(status: str, reason: str, message: str) -> c.Conditions:
@@ -300,7 +333,7 @@ def running_condition(conds: c.Conditions, ctx: Context, outcome: str | None) ->
     if job_suspended(ctx.workload):
         return set_running(c.FALSE, "Suspended", "the Job is suspended")
     expected = expected_pods(ctx.workload)
-    live = [p for p in ctx.pods if not is_deleting(p)]
+    live = live_pods(ctx)
     running = sum(1 for p in live if pod_phase(p) == "Running")
     if running >= expected:
         message = f"{running}/{expected} pods running"
@@ -308,6 +341,8 @@ def running_condition(conds: c.Conditions, ctx: Context, outcome: str | None) ->
     finished = sum(1 for p in live if pod_phase(p) == "Succeeded")
     if finished and running + finished >= expected:  # the Job controller has not marked it Complete yet
         return set_running(c.TRUE, "Finishing", f"{finished}/{expected} pods finished, {running} running")
+    if diagnosis is not None:
+        return set_running(c.FALSE, diagnosis.reason, f"{running}/{expected} pods running; {diagnosis.message}")
     return set_running(c.FALSE, "PodsPending", f"{running}/{expected} pods running; {waiting_detail(live)}")
 
 
@@ -458,8 +493,9 @@ def derive_status(current: Status | None, ctx: Context) -> Status:
     if not c.is_true(conds, c.ADMITTED) or ctx.workload is None or c.is_finished(conds):
         return status
     outcome = job_outcome(ctx.workload)
+    diagnosis = stuck_diagnosis(ctx)
     conds = suspended_condition(conds, ctx)
-    conds = running_condition(conds, ctx, outcome)
+    conds = running_condition(conds, ctx, outcome, diagnosis)
     status["conditions"] = conds
     if outcome == "Failed":
         status["conditions"] = failed_condition(conds, ctx)
@@ -470,7 +506,8 @@ def derive_status(current: Status | None, ctx: Context) -> Status:
     # pod the Job controller has since deleted no longer shows in what is read here
     status["restarts"] = max(restarts(ctx.workload, ctx.pods), int(status.get("restarts") or 0))
     status["phase"] = c.phase_of(status["conditions"])
-    status["conditions"] = kstatus_conditions(status["conditions"], ctx.generation, ctx.now)
+    needs_person = diagnosis.needs_person if diagnosis is not None else None
+    status["conditions"] = kstatus_conditions(status["conditions"], ctx.generation, ctx.now, needs_person)
     if ctx.generation is not None:
         status["observedGeneration"] = ctx.generation
     return status
@@ -478,9 +515,9 @@ def derive_status(current: Status | None, ctx: Context) -> Status:
 
 # --- the kstatus conditions ----------------------------------------------------------------------
 
-# Running reasons that mean the job waits on a person (a missing PVC, an image that cannot be
-# pulled, ...): they make it Stalled as well as not Running. None of today's Running reasons do.
-STALLED_RUNNING_REASONS: frozenset[str] = frozenset()
+# Running reasons that may mean the job waits on a person (a missing PVC, an image that cannot be
+# pulled, ...): they make it Stalled as well as not Running when `waits_on_person` says so.
+STALLED_RUNNING_REASONS: frozenset[str] = stuck.REASONS
 
 
 @dataclass(frozen=True)
@@ -498,12 +535,29 @@ def said(condition: dict[str, Any], key: str, default: str) -> str:
     return value if isinstance(value, str) and value else default
 
 
-def kstatus_summary(conds: c.Conditions) -> Summary:
+def waits_on_person(conds: c.Conditions, reason: str, needs_person: bool | None) -> bool:
+    """Whether the Running reason `reason` (the job's pods do not run) needs a person. Some reasons
+    always do (an image that cannot be pulled, OOMKilled, ...); for the others (Unschedulable,
+    FailedCreate, FailedMount) the words decide (`stuck`), so `needs_person` comes from the
+    diagnosis just made; without one (admission restating the stored conditions) the stored
+    Stalled stands while it names the same reason."""
+    if reason not in STALLED_RUNNING_REASONS:
+        return False
+    if needs_person is not None:
+        return needs_person
+    if reason in stuck.ALWAYS_STALLED:
+        return True
+    stalled = c.find(conds, c.STALLED) or {}
+    return stalled.get("status") == c.TRUE and stalled.get("reason") == reason
+
+
+def kstatus_summary(conds: c.Conditions, needs_person: bool | None = None) -> Summary:
     """Ready, Reconciling and Stalled from the job's own conditions. Ready: it Succeeded. Stalled:
-    it Failed, for any reason (refused at admission, out of retries, an untrusted result): nothing
-    changes without a person. Reconciling: on its way (Pending, Admitted, Running, or queued in
-    Kueue). A job suspended by its spec is neither: it waits, as asked, for the spec to change.
-    Stalled and Reconciling are never both True: kstatus takes whichever comes first in the list."""
+    it Failed, for any reason (refused at admission, out of retries, an untrusted result), or its
+    pods wait on something only a person can change (`waits_on_person`): nothing changes without a
+    person. Reconciling: on its way (Pending, Admitted, Running, or queued in Kueue). A job
+    suspended by its spec is neither: it waits, as asked, for the spec to change. Stalled and
+    Reconciling are never both True: kstatus takes whichever comes first in the list."""
     phase = c.phase_of(conds)
     failed = c.find(conds, c.FAILED) or {}
     running = c.find(conds, c.RUNNING) or {}
@@ -522,7 +576,11 @@ def kstatus_summary(conds: c.Conditions) -> Summary:
             (c.FALSE, c.SUCCEEDED, "training finished"),
         )
     running_reason = said(running, "reason", "")
-    if phase != c.SUSPENDED and running.get("status") != c.TRUE and running_reason in STALLED_RUNNING_REASONS:
+    if (
+        phase != c.SUSPENDED
+        and running.get("status") != c.TRUE
+        and waits_on_person(conds, running_reason, needs_person)
+    ):
         message = said(running, "message", running_reason)
         return Summary(
             (c.FALSE, running_reason, message),
@@ -542,10 +600,13 @@ def kstatus_summary(conds: c.Conditions) -> Summary:
     return Summary((c.FALSE, phase, message), (c.TRUE, phase, message), (c.FALSE, phase, message))
 
 
-def kstatus_conditions(conds: c.Conditions, generation: int | None, now: datetime) -> c.Conditions:
+def kstatus_conditions(
+    conds: c.Conditions, generation: int | None, now: datetime, needs_person: bool | None = None
+) -> c.Conditions:
     """The job's conditions with Ready, Reconciling and Stalled set from the others (appended once,
-    then kept in place; lastTransitionTime moves only when one flips)."""
-    summary = kstatus_summary(conds)
+    then kept in place; lastTransitionTime moves only when one flips). `needs_person`: the
+    diagnosis of stuck pods just made, if any (`waits_on_person`)."""
+    summary = kstatus_summary(conds, needs_person)
     for type_, (status, reason, message) in zip(
         c.KSTATUS_TYPES, (summary.ready, summary.reconciling, summary.stalled), strict=True
     ):
@@ -659,6 +720,7 @@ class Tracked:
     phase: str
     gpus: int
     evaluation: tuple[tuple[str, float], ...] = ()  # a succeeded job's readings, for the operator's gauge
+    pods_pending: bool = False  # admitted, its pods not all running: what holds them shows in Events
 
     @property
     def finished(self) -> bool:
@@ -666,9 +728,13 @@ class Tracked:
 
 
 def tracked(spec: dict[str, Any], status: dict[str, Any]) -> Tracked:
-    """Its phase (Pending until the operator wrote one), the GPUs it holds while it runs, and what
-    its evaluation measured."""
+    """Its phase (Pending until the operator wrote one), the GPUs it holds while it runs, what its
+    evaluation measured, and whether it is admitted with pods that do not all run (Running=False:
+    a Job controller that cannot create them says so only in Events, which nothing watches)."""
     resources = spec.get("resources") or {}
     gpus = int(resources.get("nodes") or 1) * int(resources.get("gpusPerNode", 1) or 0)
     readings = tuple(sorted(evaluation_readings((status or {}).get("evaluation")).items()))
-    return Tracked((status or {}).get("phase") or c.PENDING, gpus, readings)
+    phase = (status or {}).get("phase") or c.PENDING
+    running = c.find((status or {}).get("conditions"), c.RUNNING) or {}
+    pending = phase == c.ADMITTED and running.get("status") == c.FALSE
+    return Tracked(phase, gpus, readings, pending)
