@@ -163,6 +163,14 @@ def ftj_queued() -> dict[str, Any]:
     return derive(admitted(), job=ftj(queue="gpus"), wl=workload(suspend=True), pods=[])
 
 
+def ftj_stuck() -> dict[str, Any]:
+    """A pod the kubelet cannot start: the image cannot be pulled (Running reason, Stalled=True)."""
+    stuck = pod("sb-0", phase="Pending")
+    waiting = {"reason": "ImagePullBackOff", "message": 'Back-off pulling image "registry.local/trainer:typo"'}
+    stuck["status"]["containerStatuses"] = [{"name": "trainer", "state": {"waiting": waiting}}]
+    return derive(admitted(), wl=workload(), pods=[stuck])
+
+
 def ftj_generation_behind() -> dict[str, Any]:
     return ftj_running()  # observedGeneration 1, the object below is at generation 2
 
@@ -182,6 +190,7 @@ FINETUNEJOB_CASES = [
      refused("InsufficientGpuMemory", "needs 61.2 GiB per GPU, nvidia.com/gpu nodes have 40 GiB"), 1,
      "Degraded", "InsufficientGpuMemory: needs 61.2 GiB per GPU", "Failed"),
     ("failed: BackoffLimitExceeded", ftj_backoff_limit(), 1, "Degraded", "BackoffLimitExceeded:", "Failed"),
+    ("stuck: image pull", ftj_stuck(), 1, "Degraded", "ImagePullBackOff: 0/2 pods running; pod sb-0", "Failed"),
     ("generation behind", ftj_generation_behind(), 2, "Progressing", "observe generation 2 (status is for 1)",
      "InProgress"),
 ]  # fmt: skip

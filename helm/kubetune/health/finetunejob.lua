@@ -4,6 +4,8 @@
 --   Succeeded=True -> Healthy; Failed=True -> Degraded ("Reason: message"). A finished job stays so
 --   whatever its generation: the operator keeps a finished job's status as it is.
 --   status.observedGeneration behind metadata.generation -> Progressing (the operator has not seen the edit).
+--   Stalled=True (not finished: pods that cannot start until a person acts, e.g. a missing PVC or
+--   PriorityClass, an image that cannot be pulled, a crash loop) -> Degraded with the Running reason.
 --   Suspended=True -> Suspended, except reason Queued (waiting in a Kueue queue) -> Progressing.
 --   Anything else (Pending, Admitted, Running) -> Progressing: phase, percent done, the Running message.
 local MAX_MESSAGE = 256
@@ -92,6 +94,11 @@ if generation ~= nil and observed ~= nil and observed < generation then
   hs.status = "Progressing"
   hs.message = "waiting for the operator to observe generation " .. whole(generation) ..
     " (status is for " .. whole(observed) .. ")"
+  return hs
+end
+if is_true("Stalled") then
+  hs.status = "Degraded"
+  hs.message = explain(condition("Running") or condition("Stalled"))
   return hs
 end
 local suspended = condition("Suspended")
