@@ -4,16 +4,25 @@ pydantic writes JSON Schema with `$ref`s, nullable unions and titles; the API se
 structural schema: every node typed, everything inlined, optional fields simply not required.
 `structural()` does that translation; `crd()` wraps a kind's schema in its CRD. The output is
 deterministic so `crds/` can be checked for drift.
+
+Which API versions a CRD serves, and which one etcd stores, is the table `VERSIONS`
+(helm/kubetune/UPGRADING.md is the policy: how v1beta1 is added beside v1alpha1, stored, and
+v1alpha1 retired). Every version is generated from the same models, so the conversion between them
+is the API server's own (strategy None: only apiVersion changes); a renamed field will need a
+conversion webhook, which `crd()` refuses until the operator has one.
 """
 
+import copy
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel
 
-from .common import GROUP, VERSION
+from .common import API_VERSION, GROUP, VERSION
 from .kinds import KINDS, KindInfo
 from .names import name_rules
 from .subresources import ScaleSubresource
@@ -139,7 +148,92 @@ def subresources(info: KindInfo) -> dict[str, Any]:
     return out
 
 
-def crd(info: KindInfo) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ApiVersion:
+    """One entry of a CRD's spec.versions. `served`: clients can read and write through it;
+    `storage`: the form objects are kept in etcd (exactly one version); `deprecated` with a
+    `deprecation_warning`: the API server answers every request through it with that warning."""
+
+    name: str
+    served: bool = True
+    storage: bool = False
+    deprecated: bool = False
+    deprecation_warning: str | None = None
+
+
+# Served and stored today. Adding v1beta1: a second row, served, storage still on v1alpha1 for at
+# least one release; then storage moves (UPGRADING.md). VERSION (what the operator reads and writes
+# through) stays served as long as the operator uses it.
+VERSIONS: tuple[ApiVersion, ...] = (ApiVersion(VERSION, served=True, storage=True),)
+
+# spec.conversion.strategy: "None" is right only while every version has the same schema, which
+# holds by construction here (one set of models). "Webhook" waits for the operator to serve one.
+CONVERSION = "None"
+CONVERSION_STRATEGIES = ("None",)
+
+# Kubernetes version names (v1, v1beta2, v2alpha1): the API server sorts them by this form.
+_VERSION_NAME = re.compile(r"^v[1-9][0-9]*((alpha|beta)[1-9][0-9]*)?$")
+# The API server's limit on a version's deprecationWarning.
+MAX_DEPRECATION_WARNING = 256
+
+
+class VersionTableError(ValueError):
+    """The version table cannot become a CRD the API server (or the operator) accepts."""
+
+
+def check_versions(versions: Sequence[ApiVersion], conversion: str = CONVERSION) -> None:
+    """Refuse, with one sentence, a version table the API server would reject or that would strand
+    stored objects: one storage version, served; the operator's own version served; names unique
+    and in Kubernetes form; warnings only on deprecated versions; a conversion we can honour."""
+    if not versions:
+        raise VersionTableError("a CRD needs at least one version")
+    names = [v.name for v in versions]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise VersionTableError(f"version {', '.join(duplicates)} is listed twice")
+    for v in versions:
+        if not _VERSION_NAME.match(v.name):
+            raise VersionTableError(f"version {v.name!r} is not a Kubernetes version name (v1, v1beta1, v2alpha1)")
+        if v.deprecation_warning is not None and not v.deprecated:
+            raise VersionTableError(f"version {v.name} has a deprecationWarning but is not deprecated")
+        if v.deprecation_warning is not None and len(v.deprecation_warning) > MAX_DEPRECATION_WARNING:
+            raise VersionTableError(f"the deprecationWarning of {v.name} is over {MAX_DEPRECATION_WARNING} characters")
+    stored = [v.name for v in versions if v.storage]
+    if len(stored) != 1:
+        found = ", ".join(stored) if stored else "none"
+        raise VersionTableError(f"exactly one version must be the storage version; found {len(stored)} ({found})")
+    storage = next(v for v in versions if v.storage)
+    if not storage.served:
+        raise VersionTableError(f"the storage version {storage.name} must be served")
+    if not any(v.name == VERSION and v.served for v in versions):
+        raise VersionTableError(f"{VERSION} must stay served: the operator reads and writes through it")
+    if conversion not in CONVERSION_STRATEGIES:
+        raise VersionTableError(
+            f"conversion strategy {conversion!r} is not generated: the operator serves no conversion webhook "
+            f"(helm/kubetune/UPGRADING.md); use one of {', '.join(CONVERSION_STRATEGIES)}"
+        )
+
+
+def version_entry(info: KindInfo, version: ApiVersion, root: dict[str, Any]) -> dict[str, Any]:
+    """One spec.versions item: the flags, then what every version shares (subresources, columns,
+    schema), so a second version differs from the first only where the table says it does."""
+    entry: dict[str, Any] = {"name": version.name, "served": version.served, "storage": version.storage}
+    if version.deprecated:
+        entry["deprecated"] = True
+        if version.deprecation_warning is not None:
+            entry["deprecationWarning"] = version.deprecation_warning
+    schema = copy.deepcopy(root)  # its own copy: YAML would otherwise alias a shared schema (&id001)
+    schema["properties"]["apiVersion"]["description"] = f"{GROUP}/{version.name}"
+    entry["subresources"] = subresources(info)
+    entry["additionalPrinterColumns"] = [dict(c) for c in info.printer_columns]
+    entry["schema"] = {"openAPIV3Schema": schema}
+    return entry
+
+
+def crd(info: KindInfo, versions: Sequence[ApiVersion] = VERSIONS, conversion: str = CONVERSION) -> dict[str, Any]:
+    """The CRD of one kind, serving every version of `versions`. With more than one version the
+    conversion strategy is written out (the API server would default it to None silently)."""
+    check_versions(versions, conversion)
     spec_schema = schema_of(info.spec_model)
     status_schema = schema_of(info.status_model)
     root = {
@@ -147,7 +241,7 @@ def crd(info: KindInfo) -> dict[str, Any]:
         "description": (info.model.__doc__ or "").strip(),
         "required": ["spec"],
         "properties": {
-            "apiVersion": {"type": "string", "description": "kubetune.io/v1alpha1"},
+            "apiVersion": {"type": "string", "description": API_VERSION},
             "kind": {"type": "string", "description": info.kind},
             "metadata": {"type": "object"},
             "spec": spec_schema,
@@ -157,6 +251,21 @@ def crd(info: KindInfo) -> dict[str, Any]:
         # could not give the object's children are refused here, as `kubetune validate` does.
         "x-kubernetes-validations": name_rules(info.kind),
     }
+    spec: dict[str, Any] = {
+        "group": GROUP,
+        "scope": "Namespaced",
+        "names": {
+            "kind": info.kind,
+            "listKind": f"{info.kind}List",
+            "plural": info.plural,
+            "singular": info.kind.lower(),
+            "shortNames": list(info.short_names),
+            "categories": ["kubetune"],
+        },
+    }
+    if len(versions) > 1:
+        spec["conversion"] = {"strategy": conversion}
+    spec["versions"] = [version_entry(info, v, root) for v in versions]
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -164,28 +273,7 @@ def crd(info: KindInfo) -> dict[str, Any]:
             "name": f"{info.plural}.{GROUP}",
             "labels": {"app.kubernetes.io/name": "kubetune", "app.kubernetes.io/part-of": "kubetune"},
         },
-        "spec": {
-            "group": GROUP,
-            "scope": "Namespaced",
-            "names": {
-                "kind": info.kind,
-                "listKind": f"{info.kind}List",
-                "plural": info.plural,
-                "singular": info.kind.lower(),
-                "shortNames": list(info.short_names),
-                "categories": ["kubetune"],
-            },
-            "versions": [
-                {
-                    "name": VERSION,
-                    "served": True,
-                    "storage": True,
-                    "subresources": subresources(info),
-                    "additionalPrinterColumns": [dict(c) for c in info.printer_columns],
-                    "schema": {"openAPIV3Schema": root},
-                }
-            ],
-        },
+        "spec": spec,
     }
 
 
@@ -207,8 +295,8 @@ _Dumper.add_representer(str, _represent_str)
 HEADER = "# Generated by `kubetune crds` from the pydantic models in kubetune.api. Do not edit.\n"
 
 
-def render(info: KindInfo) -> str:
-    return HEADER + yaml.dump(crd(info), Dumper=_Dumper, sort_keys=False, width=120)
+def render(info: KindInfo, versions: Sequence[ApiVersion] = VERSIONS, conversion: str = CONVERSION) -> str:
+    return HEADER + yaml.dump(crd(info, versions, conversion), Dumper=_Dumper, sort_keys=False, width=120)
 
 
 def render_all() -> str:
