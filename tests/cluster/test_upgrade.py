@@ -6,7 +6,7 @@ test, are never touched). An object written as v1alpha1 reads as v1beta1; with s
 v1beta1 it is rewritten and still reads as v1alpha1; status.storedVersions lists both until the
 objects are migrated and the list trimmed, and only then can v1alpha1 leave spec.versions.
 
-The chart: the previous release (packaged from git) is installed, a FineTuneJob is brought to
+The chart: the previous release (as packaged from git: tests/cluster/charts/) is installed, a FineTuneJob is brought to
 Running by the operator (in-process: kwok's pods of the chart's Deployment run no code), the
 operator is stopped as a rollout stops its pod, the CRDs are applied and the release upgraded to
 helm/kubetune, a new operator starts, and the job carries on with the same Job and pods and
@@ -59,6 +59,7 @@ BETA_STORED = (
 # at each chart release.
 PREVIOUS_CHART_COMMIT = "286bb17aa28434fca1e88b3a7352029477b71f11"
 PREVIOUS_CHART_VERSION = "0.1.0"
+PREVIOUS_CHARTS = Path(__file__).resolve().parent / "charts"
 HELM_TIMEOUT = "45s"  # under the helm fixture's own 60 s
 
 
@@ -186,23 +187,13 @@ def chart_version(chart_dir: Path) -> str:
 
 
 def previous_chart(helm, tmp_path: Path) -> Path:
-    """The previous release's chart, packaged from git as it was published."""
-    has_commit = subprocess.run(
-        ["git", "cat-file", "-e", f"{PREVIOUS_CHART_COMMIT}^{{commit}}"], cwd=REPO, capture_output=True
-    )
-    if has_commit.returncode != 0:
-        pytest.skip(f"cluster tier NOT RUN: commit {PREVIOUS_CHART_COMMIT[:7]} (chart {PREVIOUS_CHART_VERSION}) "
-                    "is not in this clone; fetch the full history")  # fmt: skip
-    source = tmp_path / "previous"
-    source.mkdir()
-    archive = subprocess.run(
-        ["git", "archive", PREVIOUS_CHART_COMMIT, "helm/kubetune"], cwd=REPO, capture_output=True, check=True
-    )
-    subprocess.run(["tar", "-x", "-C", str(source)], input=archive.stdout, check=True)
-    assert chart_version(source / "helm" / "kubetune") == PREVIOUS_CHART_VERSION
-    packaged = helm("package", str(source / "helm" / "kubetune"), "--destination", str(tmp_path))
-    assert packaged.returncode == 0, packaged.stderr
-    return tmp_path / f"kubetune-{PREVIOUS_CHART_VERSION}.tgz"
+    """The previous release's chart as it was published: `helm package` of helm/kubetune at
+    PREVIOUS_CHART_COMMIT, kept in tests/cluster/charts/ so a shallow clone can run this too."""
+    packaged = PREVIOUS_CHARTS / f"kubetune-{PREVIOUS_CHART_VERSION}.tgz"
+    assert packaged.is_file(), f"{packaged} is missing: helm package the chart of {PREVIOUS_CHART_COMMIT[:7]}"
+    shown = helm("show", "chart", str(packaged))
+    assert shown.returncode == 0 and yaml.safe_load(shown.stdout)["version"] == PREVIOUS_CHART_VERSION, shown.stderr
+    return packaged
 
 
 def release_row(helm, release: str, namespace: str) -> dict:
