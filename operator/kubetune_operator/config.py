@@ -8,7 +8,9 @@ variables listed in ENV_VARS are read; other KUBETUNE_* variables (KUBETUNE_PVC_
 Policy lives here too, because it is the cluster operator's, not a FineTuneJob author's: which images
 (`allowedImages`, prefixes; default: the repositories of the operator's own trainer and serving images)
 and which PriorityClasses (`allowedPriorityClasses`; default: any but the `system-` ones) a workload
-may use. The admin key (`KUBETUNE_OPERATOR_ADMIN_KEY`, from the chart's Secret) is kept out of reprs.
+may use, and under which extended resource names a workload may request GPUs (`gpuResources`;
+default `nvidia.com/gpu`; only names vendors' device plugins register, see KNOWN_GPU_RESOURCES).
+The admin key (`KUBETUNE_OPERATOR_ADMIN_KEY`, from the chart's Secret) is kept out of reprs.
 """
 
 import os
@@ -24,6 +26,30 @@ from pydantic.alias_generators import to_camel
 from kubetune import __version__
 
 CONFIG_FILE_ENV = "KUBETUNE_CONFIG"
+
+# Extended resource names that GPU and accelerator device plugins register. A name outside these is a
+# typo (`nvidia.com/gpus`) or a resource that is not an accelerator: a workload requesting it would
+# stay Pending with "Insufficient <name>" on every node, so the operator refuses it up front. The
+# chart's values.schema.json holds the same list (a unit test compares them).
+KNOWN_GPU_RESOURCES = (
+    "nvidia.com/gpu",
+    "amd.com/gpu",
+    "gpu.intel.com/i915",
+    "gpu.intel.com/xe",
+    "habana.ai/gaudi",
+    "aws.amazon.com/neuron",
+    "aws.amazon.com/neuroncore",
+    "google.com/tpu",
+)
+# NVIDIA's MIG slices under the mixed strategy: nvidia.com/mig-<compute>g.<memory>gb, optionally with
+# a media-extension suffix of the MIG user guide's profile tables (+me, +me.all, -me).
+MIG_RESOURCE_PATTERN = r"^nvidia\.com/mig-[1-8]g\.[0-9]{1,4}gb(\+me|\+me\.all|-me)?$"  # also in the chart's schema
+MIG_RESOURCE = re.compile(MIG_RESOURCE_PATTERN)
+
+
+def is_known_gpu_resource(name: str) -> bool:
+    """Whether `name` is an accelerator resource some vendor's device plugin registers."""
+    return name in KNOWN_GPU_RESOURCES or MIG_RESOURCE.fullmatch(name) is not None
 
 
 class OperatorConfig(BaseModel):
@@ -58,13 +84,33 @@ class OperatorConfig(BaseModel):
         default="", max_length=63, description="Where the operator runs (the chart's downward API); scrape policies."
     )
     network_policies: bool = Field(default=True, description="Render a NetworkPolicy for each workload.")
+    gpu_resources: tuple[str, ...] = Field(
+        default=("nvidia.com/gpu",),
+        min_length=1,
+        max_length=32,
+        description="Extended resource names workloads may request GPUs under (spec.resources.gpuResource).",
+    )
 
-    @field_validator("namespaces", "image_pull_secrets", "allowed_images", "allowed_priority_classes", mode="before")
+    @field_validator(
+        "namespaces", "image_pull_secrets", "allowed_images", "allowed_priority_classes", "gpu_resources", mode="before"
+    )
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         # An environment variable carries a list as "a,b"; a YAML file as a list.
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("gpu_resources")
+    @classmethod
+    def _known_gpu_resources(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        # A misspelt name would make every GPU workload unschedulable: stop at start-up instead.
+        unknown = [name for name in value if not is_known_gpu_resource(name)]
+        if unknown:
+            raise ValueError(
+                f"unknown GPU resource name(s) {unknown}: use names device plugins register, "
+                f"{list(KNOWN_GPU_RESOURCES)} or nvidia.com/mig-<profile> (e.g. nvidia.com/mig-1g.10gb)"
+            )
         return value
 
     @field_validator("default_cpu", "default_memory", mode="before")
@@ -107,6 +153,7 @@ _OPERATOR_ENV = {
     "admin_key_secret": "KUBETUNE_OPERATOR_ADMIN_KEY",
     "operator_namespace": "KUBETUNE_OPERATOR_NAMESPACE",
     "network_policies": "KUBETUNE_OPERATOR_NETWORK_POLICIES",
+    "gpu_resources": "KUBETUNE_OPERATOR_GPU_RESOURCES",
 }
 ENV_VARS = {field: _OPERATOR_ENV.get(field, f"KUBETUNE_{field.upper()}") for field in OperatorConfig.model_fields}
 

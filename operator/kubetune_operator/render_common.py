@@ -1,6 +1,6 @@
 """What the renderers of both kinds share: errors, owner references (made and read back), labels,
-names, quantities, the restricted security contexts, the operator's allow-lists for images and
-PriorityClasses, and the pieces of NetworkPolicies.
+names, quantities, the restricted security contexts, the operator's allow-lists for images,
+PriorityClasses and GPU resource names, and the pieces of NetworkPolicies.
 
 Renderers are pure: a parsed object and the operator's configuration in, plain dicts out, the same
 dicts for the same input. The reconcilers apply what comes out (`writes.apply_child`).
@@ -177,6 +177,7 @@ def container_security_context() -> dict[str, Any]:
 
 IMAGES_SETTING = "helm value config.allowedImages (KUBETUNE_OPERATOR_ALLOWED_IMAGES)"
 PRIORITY_SETTING = "helm value config.allowedPriorityClasses (KUBETUNE_OPERATOR_ALLOWED_PRIORITY_CLASSES)"
+GPU_RESOURCES_SETTING = "helm value config.gpuResources (KUBETUNE_OPERATOR_GPU_RESOURCES)"
 
 
 def image_allowed(image: str, prefixes: tuple[str, ...]) -> bool:
@@ -219,6 +220,22 @@ def priority_class_problem(name: str | None, config: OperatorConfig) -> str | No
             f"reserved for the cluster's own components unless listed in {PRIORITY_SETTING}"
         )
     return None
+
+
+def gpu_resource_problem(resource: str, gpus: int, config: OperatorConfig) -> str | None:
+    """Why a workload may not request `gpus` GPUs as extended resource `resource`, or None.
+
+    Only a workload that requests GPUs is checked: one with none requests no extended resource,
+    whatever its (defaulted) gpuResource says. A name outside `config.gpu_resources` would leave the
+    pods Pending with "Insufficient <name>" on every node, or take accelerators the cluster's owner
+    has not opened to workloads; the refusal names the setting that lists them."""
+    if gpus <= 0 or resource in config.gpu_resources:
+        return None
+    shown = repr(resource[:100])
+    return (
+        f"spec.resources.gpuResource {shown} is not allowed by the operator: request GPUs as one of "
+        f"{list(config.gpu_resources)} ({GPU_RESOURCES_SETTING})"
+    )
 
 
 # --- NetworkPolicy pieces ------------------------------------------------------------------------

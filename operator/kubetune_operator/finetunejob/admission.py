@@ -10,7 +10,8 @@ node selector, the annotation `kubetune.io/gpu-memory-gib`, or an 80 GiB default
 Annotations are anyone's text: a count that is not finite, not positive or beyond any model
 (`1e999`, `nan`, `-1`, 400 digits) is "not a parameter count" and the job is admitted without the
 memory check; a GPU memory that is not a finite, plausible number is ignored. The operator's
-allow-lists (images, PriorityClasses; `OperatorConfig`) refuse a job with reason NotAllowed.
+allow-lists (images, PriorityClasses, GPU resource names; `OperatorConfig`) refuse a job with
+reason NotAllowed.
 """
 
 import math
@@ -23,6 +24,7 @@ from kubetune.api.validation import validate
 from kubetune.planning import ModelShape, Plan, plan_for_spec
 
 from ..config import OperatorConfig
+from ..render_common import gpu_resource_problem
 from .render import name_problems, policy_problems
 
 MODEL_PARAMS_ANNOTATION = "kubetune.io/model-params"
@@ -257,6 +259,14 @@ def spec_problems(job: FineTuneJob) -> list[str]:
     return problems + [str(problem) for problem in validate(job, local=False)]
 
 
+def not_allowed_problems(job: FineTuneJob, config: OperatorConfig) -> list[str]:
+    """What the operator's allow-lists refuse in `job`: its image, its PriorityClass, and the
+    extended resource it requests its GPUs under."""
+    resources = job.spec.resources
+    gpu = gpu_resource_problem(resources.gpu_resource, resources.gpus_per_node, config)
+    return policy_problems(job, config) + ([gpu] if gpu else [])
+
+
 def refuse_invalid(problems: list[str]) -> Admission:
     return Admission(False, INVALID_SPEC, "the spec cannot run in a cluster:\n" + "\n".join(f"  {p}" for p in problems))
 
@@ -271,7 +281,7 @@ def admit(job: FineTuneJob, config: OperatorConfig | None = None) -> Admission:
     problems = spec_problems(job)
     if problems:
         return refuse_invalid(problems)
-    refused = policy_problems(job, config) if config is not None else []
+    refused = not_allowed_problems(job, config) if config is not None else []
     if refused:
         return refuse_not_allowed(refused)
     arch, model_note = model_architecture(job)
