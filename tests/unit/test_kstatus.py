@@ -384,3 +384,19 @@ def test_ready_reconciling_and_stalled_post_no_events_of_their_own():
     status = ads.derive_status({}, observed([A], [LOADED_A]))
     write_status(client, body("AdapterDeployment", {}), status, ads.is_warning)
     assert {e[2].split("=")[0] for e in client.events} == {ads.AVAILABLE, ads.ADAPTERS_READY}
+
+
+@pytest.mark.parametrize(("name", "reading"), [("succeeded", CURRENT), ("backoff limit", FAILED)])
+def test_a_finished_job_acknowledges_a_later_spec_edit(name, reading):
+    """Finished, then its spec edited (generation 2): the run is not revived and no reason
+    changes, but the edit is acknowledged, so kstatus does not read the job as InProgress forever."""
+    status, three_before, _ = ftj_cases()[name]
+    assert kstatus(2, status) == IN_PROGRESS  # what readers would see without the acknowledgement
+    acknowledged = s.acknowledge_generation(status, 2)
+    assert kstatus(2, acknowledged) == reading
+    assert three(acknowledged) == three(status) and acknowledged["phase"] == status["phase"]
+    assert_conventions(2, acknowledged)
+    before = {x["type"]: x["lastTransitionTime"] for x in status["conditions"]}
+    assert {x["type"]: x["lastTransitionTime"] for x in acknowledged["conditions"]} == before
+    assert s.acknowledge_generation(acknowledged, 2) == acknowledged  # nothing more to write
+    assert status["conditions"][0]["observedGeneration"] == 1  # the input is not modified

@@ -39,6 +39,7 @@ from .render import JOB_LABEL, render_finetunejob
 from .status import (
     ADMISSION_REASONS,
     Context,
+    acknowledge_generation,
     apply_admission,
     derive_status,
     job_outcome,
@@ -217,10 +218,13 @@ def admit_and_create(state: OperatorState, key: Key, seen: dict[str, Any] | None
     if body is None:
         return NOT_ADMITTED
     current = body.get("status") or {}
-    if is_done(current):
-        return NOT_ADMITTED  # never revive a finished job (its Job may be gone with its TTL)
-    job, parse_error = parse(body)
     generation = (body.get("metadata") or {}).get("generation")
+    if is_done(current):  # never revive a finished job (its Job may be gone with its TTL) ...
+        acknowledged = acknowledge_generation(current, generation)
+        if acknowledged != current:  # ... but say its spec edit was seen
+            write(state, body, acknowledged)
+        return NOT_ADMITTED
+    job, parse_error = parse(body)
     if job is None:
         refuse(state, body, "InvalidSpec", f"the spec cannot run in a cluster:\n{parse_error}", None, generation)
     admission = admit(job, state.config)

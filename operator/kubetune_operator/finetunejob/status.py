@@ -708,6 +708,29 @@ def apply_admission(
     return status
 
 
+def acknowledge_generation(current: Status, generation: int | None) -> Status:
+    """A finished job's status with the spec edit acknowledged. Nothing of a finished run changes
+    (its Job may be gone with its TTL; the edits left possible, runPolicy/resources/image, have
+    nothing to act on), but status.observedGeneration and every condition's move to `generation`:
+    kstatus readers (Flux, `kubectl wait`) read an older observedGeneration as InProgress, and would
+    wait forever on a job that has long Succeeded or Failed. Reasons, messages and transition times
+    stay as they are."""
+    if generation is None:
+        return current
+    status = dict(current)
+    conds = status.get("conditions")
+    if isinstance(conds, list):
+        status["conditions"] = [
+            {**cond, "observedGeneration": generation}
+            if isinstance(cond, dict) and "observedGeneration" in cond
+            else cond
+            for cond in conds
+        ]
+    if "observedGeneration" in status:
+        status["observedGeneration"] = generation
+    return status
+
+
 # --- what the resync loop tracks -----------------------------------------------------------------
 
 FINISHED = (c.SUCCEEDED, c.FAILED)
