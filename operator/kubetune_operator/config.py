@@ -13,6 +13,7 @@ default `nvidia.com/gpu`; only names vendors' device plugins register, see KNOWN
 The admin key (`KUBETUNE_OPERATOR_ADMIN_KEY`, from the chart's Secret) is kept out of reprs.
 """
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -45,6 +46,9 @@ KNOWN_GPU_RESOURCES = (
 # a media-extension suffix of the MIG user guide's profile tables (+me, +me.all, -me).
 MIG_RESOURCE_PATTERN = r"^nvidia\.com/mig-[1-8]g\.[0-9]{1,4}gb(\+me|\+me\.all|-me)?$"  # also in the chart's schema
 MIG_RESOURCE = re.compile(MIG_RESOURCE_PATTERN)
+
+
+PEER_KEYS = frozenset({"podSelector", "namespaceSelector", "ipBlock"})  # networking.k8s.io/v1 NetworkPolicyPeer
 
 
 def is_known_gpu_resource(name: str) -> bool:
@@ -90,6 +94,28 @@ class OperatorConfig(BaseModel):
         max_length=32,
         description="Extended resource names workloads may request GPUs under (spec.resources.gpuResource).",
     )
+
+    metrics_scrapers: tuple[dict[str, Any], ...] = Field(
+        default=(),
+        max_length=16,
+        description="NetworkPolicy peers (podSelector/namespaceSelector/ipBlock) let in to the workloads' metrics "
+        "ports beside the operator: your Prometheus.",
+    )
+
+    @field_validator("metrics_scrapers", mode="before")
+    @classmethod
+    def _peers(cls, value: Any) -> Any:
+        # A variable carries the list as JSON; each entry is a NetworkPolicyPeer, checked for its keys
+        # here and for the rest by the API server when the NetworkPolicy is applied.
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else []
+            except json.JSONDecodeError as error:
+                raise ValueError(f"not a JSON list of NetworkPolicy peers: {error}") from None
+        for peer in value if isinstance(value, list | tuple) else ():
+            if not isinstance(peer, dict) or not peer or not set(peer) <= PEER_KEYS:
+                raise ValueError(f"a NetworkPolicy peer has one or more of {sorted(PEER_KEYS)}, got {peer!r:.200}")
+        return value
 
     @field_validator(
         "namespaces", "image_pull_secrets", "allowed_images", "allowed_priority_classes", "gpu_resources", mode="before"
@@ -154,6 +180,7 @@ _OPERATOR_ENV = {
     "operator_namespace": "KUBETUNE_OPERATOR_NAMESPACE",
     "network_policies": "KUBETUNE_OPERATOR_NETWORK_POLICIES",
     "gpu_resources": "KUBETUNE_OPERATOR_GPU_RESOURCES",
+    "metrics_scrapers": "KUBETUNE_OPERATOR_METRICS_SCRAPERS",
 }
 ENV_VARS = {field: _OPERATOR_ENV.get(field, f"KUBETUNE_{field.upper()}") for field in OperatorConfig.model_fields}
 

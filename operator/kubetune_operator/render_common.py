@@ -241,6 +241,12 @@ def gpu_resource_problem(resource: str, gpus: int, config: OperatorConfig) -> st
 # --- NetworkPolicy pieces ------------------------------------------------------------------------
 
 
+def metrics_peers(config: OperatorConfig) -> list[dict[str, Any]]:
+    """Who may reach a workload's metrics: the operator (it scrapes rank 0 for status) and the
+    configured scrapers (`metricsScrapers`: the cluster's Prometheus, for the chart's PodMonitors)."""
+    return [operator_peer(config), *(dict(peer) for peer in config.metrics_scrapers)]
+
+
 def operator_peer(config: OperatorConfig) -> dict[str, Any]:
     """The operator's pods as a NetworkPolicy peer: by their labels, in the operator's namespace
     (`KUBETUNE_OPERATOR_NAMESPACE`, set by the chart), or in any namespace when that is unknown."""

@@ -3,6 +3,8 @@ extended resources workloads may request GPUs under, from the names vendors' dev
 register. A FineTuneJob outside it is refused at admission (Admitted=False, reason NotAllowed) in
 one line naming the setting; a misspelt name in the operator's own configuration stops it at start-up."""
 
+from datetime import UTC, datetime
+
 import pytest
 
 from kubetune.api import AdapterDeployment, FineTuneJob
@@ -113,3 +115,17 @@ def test_the_same_check_serves_adapter_deployments():
 def test_an_absurd_name_is_cut_short_in_the_message():
     problem = gpu_resource_problem("x" * 5000, 1, DEFAULT)
     assert problem is not None and len(problem) < 400
+
+
+def test_an_adapter_deployment_on_an_unlisted_resource_is_not_rendered_and_reads_not_allowed():
+    from kubetune_operator.adapterdeployment.render import RenderError, render_adapterdeployment
+    from kubetune_operator.adapterdeployment.status import refused_status
+
+    with pytest.raises(RenderError) as refused:
+        render_adapterdeployment(adapter_deployment("amd.com/gpu", gpus=1), DEFAULT)
+    assert "'amd.com/gpu' is not allowed by the operator" in str(refused.value)
+    status = refused_status({}, 1, str(refused.value), datetime(2026, 1, 2, tzinfo=UTC))
+    reasons = {cond["type"]: (cond["status"], cond["reason"]) for cond in status["conditions"]}
+    assert reasons["Available"] == ("False", "NotAllowed") and reasons["Stalled"] == ("True", "NotAllowed"), reasons
+    amd = OperatorConfig(gpu_resources=("amd.com/gpu",))
+    assert render_adapterdeployment(adapter_deployment("amd.com/gpu", gpus=1), amd).deployment

@@ -2,6 +2,7 @@
 accepts and that run the trainer correctly: owned by the FineTuneJob, restricted pod security, the
 env torchrun needs, GPUs and volumes as the spec asks, and a config the trainer parses unchanged."""
 
+import json
 import os
 import re
 import subprocess
@@ -18,7 +19,7 @@ from kubetune.planning import Plan
 from kubetune_operator.config import ENV_VARS, OperatorConfig
 from kubetune_operator.finetunejob import render as r
 from kubetune_operator.finetunejob.render import name_problems, render_finetunejob
-from kubetune_operator.render_common import RenderError, dns_label, owner_reference
+from kubetune_operator.render_common import RenderError, dns_label, operator_peer, owner_reference
 from tests.examples import EXAMPLES, REPO
 
 UID = "0b7c5d2e-1111-4c3e-9a6f-2d9d7f1e0a42"
@@ -746,6 +747,22 @@ def test_training_pods_accept_only_their_own_job_and_the_operators_scrape():
     assert source["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "kubetune-system"}}
     assert source["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "kubetune",
                                                      "app.kubernetes.io/component": "operator"}}  # fmt: skip
+
+
+def test_configured_metrics_scrapers_reach_the_metrics_port_too():
+    prometheus = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    config = OperatorConfig(operator_namespace="kubetune-system", metrics_scrapers=(prometheus,))
+    peers, scrape = render("cpu-one-pod.yaml", config).network_policy["spec"]["ingress"]
+    assert scrape["from"] == [operator_peer(config), prometheus]
+    assert scrape["ports"] == [{"port": config.trainer_metrics_port, "protocol": "TCP"}]
+    assert peers["from"] == [{"podSelector": {"matchLabels": r.selector("one-pod")}}]  # not the rendezvous
+
+
+@pytest.mark.parametrize("bad", [[{"nope": {}}], [{}], ["podSelector"], "[{"])
+def test_a_metrics_scraper_that_is_not_a_network_policy_peer_stops_the_operator(bad):
+    environ = {"KUBETUNE_OPERATOR_METRICS_SCRAPERS": bad if isinstance(bad, str) else json.dumps(bad)}
+    with pytest.raises(ValueError, match="KUBETUNE_OPERATOR_METRICS_SCRAPERS"):
+        OperatorConfig.from_env(environ)
 
 
 def test_without_metrics_the_policy_admits_only_the_jobs_own_pods():

@@ -319,6 +319,13 @@ def test_the_network_policy_admits_only_this_namespace_and_the_operator_on_the_s
     ]
 
 
+def test_configured_metrics_scrapers_reach_the_serving_port():
+    prometheus = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    config = CONFIG.model_copy(update={"metrics_scrapers": (prometheus,)})
+    [rule] = render_adapterdeployment(make(), config, operator_ns="").network_policy["spec"]["ingress"]
+    assert rule["from"] == [{"podSelector": {}}, prometheus]
+
+
 def test_without_the_operators_namespace_only_this_namespace_is_admitted():
     [rule] = render_adapterdeployment(make(), CONFIG, operator_ns="").network_policy["spec"]["ingress"]
     assert rule["from"] == [{"podSelector": {}}]

@@ -80,6 +80,7 @@ from ..render_common import (
     container_resources,
     container_security_context,
     dns_label,
+    gpu_resource_problem,
     identity,
     image_problem,
     object_meta,
@@ -497,13 +498,17 @@ def configured_namespace(config: OperatorConfig) -> str:
     return str(getattr(config, "operator_namespace", "") or "")
 
 
-def render_network_policy(ad: AdapterDeployment, operator_ns: str) -> dict[str, Any]:
+def render_network_policy(
+    ad: AdapterDeployment, operator_ns: str, scrapers: Sequence[Mapping[str, Any]] = ()
+) -> dict[str, Any]:
     """Ingress to the replicas, on the serving port only, from:
     - any pod of the same namespace: the Service's clients. NetworkPolicy selects pods, not the
       path a packet took, so "only through the Service" cannot be said: a pod of this namespace
       may also call a replica's IP directly (it is let through either way);
     - the operator's pods (`operator_ns` by its `kubernetes.io/metadata.name` label, and the
       operator's pod labels), which load and unload adapters; left out when `operator_ns` is "";
+    - the configured metrics scrapers (`metricsScrapers`: the cluster's Prometheus, for /metrics; the
+      serving port also carries /v1, which the API key guards when set);
     - anywhere, when the Service is a NodePort or LoadBalancer: the user asked for it to be
       reachable from outside the cluster (the API key is then what guards it).
     Other ports (none today) and other namespaces are refused. Kubelet probes come from the node,
@@ -519,6 +524,7 @@ def render_network_policy(ad: AdapterDeployment, operator_ns: str) -> dict[str, 
                 "podSelector": {"matchLabels": dict(OPERATOR_POD_LABELS)},
             }
         )
+    peers += [dict(peer) for peer in scrapers]
     rule: dict[str, Any] = {"ports": [{"protocol": "TCP", "port": spec.service.port}]}
     if spec.service.type == "ClusterIP":
         rule["from"] = peers
@@ -636,6 +642,9 @@ def render_adapterdeployment(
     refused = image_problem(ad.spec.image, config)
     if refused:
         raise RenderError(f"AdapterDeployment {ad.metadata.name!r} cannot be rendered: spec.image: {refused}")
+    refused = gpu_resource_problem(ad.spec.resources.gpu_resource, ad.spec.resources.gpus_per_replica, config)
+    if refused:
+        raise RenderError(f"AdapterDeployment {ad.metadata.name!r} cannot be rendered: {refused}")
     resolved = resolved_adapters(ad.spec, from_jobs or {}, job_sources)
     sources = allowed_sources(ad.spec, job_sources or {})
     # Mounted: the claims of what is allowed (a job's output claim is mounted before it finishes,
@@ -646,7 +655,9 @@ def render_adapterdeployment(
         render_deployment(ad, config, uris),
         render_service(ad),
         render_admin_key_secret(ad, config),
-        render_network_policy(ad, configured_namespace(config) if operator_ns is None else operator_ns)
+        render_network_policy(
+            ad, configured_namespace(config) if operator_ns is None else operator_ns, config.metrics_scrapers
+        )
         if config.network_policies
         else None,
         render_autoscaler(ad),

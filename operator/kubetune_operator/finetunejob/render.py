@@ -69,8 +69,8 @@ from ..render_common import (
     dns_label,
     identity,
     image_problem,
+    metrics_peers,
     object_meta,
-    operator_peer,
     owner_reference,
     pod_security_context,
     priority_class_problem,
@@ -240,14 +240,14 @@ def render_service(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:
 
 def render_network_policy(job: FineTuneJob, config: OperatorConfig) -> dict[str, Any]:
     """Ingress to the job's pods from the job's own pods (every port), and from the operator's pods
-    to the metrics port (none when metrics are off). Egress is not restricted: only Ingress is named
-    in policyTypes."""
+    and the configured metrics scrapers to the metrics port (none when metrics are off). Egress is
+    not restricted: only Ingress is named in policyTypes."""
     name, namespace = identity(job.metadata)
     own = {"matchLabels": selector(name)}
     ingress: list[dict[str, Any]] = [{"from": [{"podSelector": own}]}]
     if config.trainer_metrics_port:
         ports = [{"port": config.trainer_metrics_port, "protocol": "TCP"}]
-        ingress.append({"from": [operator_peer(config)], "ports": ports})
+        ingress.append({"from": metrics_peers(config), "ports": ports})
     owner = owner_reference(job.metadata, KIND)
     return {
         "apiVersion": "networking.k8s.io/v1",
