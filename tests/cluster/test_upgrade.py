@@ -243,10 +243,8 @@ def test_helm_upgrade_from_the_previous_chart_keeps_a_running_job_running(
         pods = pod_uids(cluster, namespace, "survivor")
         assert pods and set(pods.values()) == {0}
 
-    # The documented upgrade, with the operator down as during its rollout: the 0.1.0 operator
-    # scaled to 0 (it takes no part in leader election, so it must not overlap the new replicas),
-    # CRDs first (Helm never upgrades crds/), then the release.
-    cluster.kubectl("scale", "deployment", f"{release}-operator", "--namespace", namespace, "--replicas=0")
+    # The documented upgrade: CRDs first (Helm never upgrades crds/), then the release. The 0.1.0
+    # operator takes no part in leader election: the chart recreates it rather than rolling it.
     crds_applied = cluster.kubectl(
         "apply", "--server-side", "--force-conflicts", "-f", str(CHART / "crds"), check=False
     )
@@ -256,7 +254,8 @@ def test_helm_upgrade_from_the_previous_chart_keeps_a_running_job_running(
     after = release_row(helm, release, namespace)
     assert (after["revision"], after["status"], after["chart"]) == ("2", "deployed", f"kubetune-{chart_version(CHART)}")
     deployment = cluster.get("deployment", f"{release}-operator", namespace)
-    assert deployment["status"].get("readyReplicas") == deployment["spec"]["replicas"] >= 1  # scaled back up
+    assert deployment["spec"]["strategy"]["type"] == "Recreate", deployment["spec"]["strategy"]
+    assert deployment["status"].get("readyReplicas") == deployment["spec"]["replicas"] == 2
 
     # The new operator takes over the same Job and pods; nothing is recreated or restarted.
     with running_operator(namespace):
