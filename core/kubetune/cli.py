@@ -174,6 +174,12 @@ def cmd_operator(args: argparse.Namespace) -> int:
         allow_metrics_url_annotation=args.allow_metrics_url_annotation,
         verbose=args.verbose,
         debug=args.debug,
+        leader_elect=args.leader_elect,
+        leader_elect_lease=args.leader_elect_lease,
+        leader_elect_namespace=args.leader_elect_namespace,
+        leader_elect_lease_duration=args.leader_elect_lease_duration,
+        leader_elect_renew_deadline=args.leader_elect_renew_deadline,
+        leader_elect_retry_period=args.leader_elect_retry_period,
     )
     return int(run_operator(options))
 
@@ -485,6 +491,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     operator.add_argument("-v", "--verbose", action="store_true", help="log more")
     operator.add_argument("--debug", action="store_true", help="log everything kopf does")
+    election = operator.add_argument_group(
+        "leader election",
+        "Run several replicas, one reconciling: each holds off until it holds a coordination.k8s.io Lease "
+        "(client-go's rules and defaults); a leader that cannot renew in time exits with code 3.",
+    )
+    election.add_argument(
+        "--leader-elect", action="store_true", help="elect a leader with a Lease before reconciling (replicas > 1)"
+    )
+    election.add_argument(
+        "--leader-elect-lease", default="kubetune-operator", metavar="NAME", help="the Lease (default: %(default)s)"
+    )
+    election.add_argument(
+        "--leader-elect-namespace",
+        metavar="NS",
+        help="the Lease's namespace (default: $KUBETUNE_OPERATOR_NAMESPACE, else default)",
+    )
+    election.add_argument(
+        "--leader-elect-lease-duration",
+        type=int,
+        default=15,
+        metavar="SECONDS",
+        help="how long a standby waits on a Lease that is not renewed before taking it (default 15)",
+    )
+    election.add_argument(
+        "--leader-elect-renew-deadline",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long the leader keeps reconciling without a renewal before it exits (default 10)",
+    )
+    election.add_argument(
+        "--leader-elect-retry-period",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="how often candidates try to take, and the leader to renew, the Lease (default 2)",
+    )
     operator.set_defaults(func=cmd_operator)
 
     return parser

@@ -83,6 +83,13 @@ EVALUATION = Gauge(
     registry=REGISTRY,
 )
 
+LEADER = Gauge(
+    "kubetune_operator_leader",
+    "1 while this operator process reconciles (it holds the leader Lease, or runs without "
+    "--leader-elect), 0 while it stands by behind another replica.",
+    registry=REGISTRY,
+)
+
 PHASES = ("Pending", "Admitted", "Running", "Suspended", "Succeeded", "Failed")
 
 
