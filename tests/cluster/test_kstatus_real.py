@@ -79,5 +79,6 @@ def test_cli_utils_kstatus_reads_every_status_as_the_unit_tests_expect():
     assert ran.returncode == 0, ran.stderr
     got = ran.stdout.split()
     assert len(got) == len(cases), ran.stdout
-    wrong = [(kind, name, g, want, real) for (kind, name, g, _, want), real in zip(cases, got, strict=True) if want != real]
+    pairs = zip(cases, got, strict=True)
+    wrong = [(kind, name, g, want, real) for (kind, name, g, _, want), real in pairs if want != real]
     assert not wrong, wrong
