@@ -4,11 +4,12 @@ exactly one leads (the Lease says which), the standby answers its liveness URL m
 * the leader SIGKILLed while FineTuneJobs are being created: the standby takes the Lease once it
   expires and finishes the work, with every job's ConfigMap, Service and Job created once, every job
   Admitted and in the phase its spec leads to, and one more transition on the Lease;
-* the leader SIGTERMed: it releases the Lease on its way out and the standby leads within ~3 s;
+* the leader SIGTERMed: it releases the Lease on its way out and the standby leads at its next
+  retry, well inside the lease;
 * a leader that finds the Lease held by another exits at once (code 3), reconciling no more.
 
-Short election timings (lease 4 s, renew deadline 3 s, retry 1 s) keep the test quick; the
-defaults are client-go's 15/10/2. Every process is killed in teardown, every wait is bounded.
+Short election timings (lease 8 s, renew deadline 6 s, retry 1 s) keep the test quick while
+leaving a leader on two busy cores room to renew; the defaults are client-go's 15/10/2. Every process is killed in teardown, every wait is bounded.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from tests.cluster.test_operator import SCRAPE_INTERVAL, TOLERATION, cond, creat
 pytestmark = pytest.mark.cluster
 
 LEASE = "kubetune-operator"
-LEASE_S, RENEW_S, RETRY_S = 4, 3, 1
+LEASE_S, RENEW_S, RETRY_S = 8, 6, 1
 START = 180  # seconds for a process to import kopf and take part (a loaded 2-core machine is slow)
 WAIT = 90
 
@@ -253,7 +254,7 @@ def test_sigterm_releases_the_lease_and_the_standby_leads_at_once(cluster, names
     print(f"\nstandby led {took:.1f} s after the SIGTERM", file=sys.stderr)
     assert first.proc.wait(timeout=30) == 0, first.output()
     assert "released the lease" in first.output()
-    assert took < 3.0, first.output()  # not the 4 s lease: released, not waited out
+    assert took < LEASE_S / 2, first.output()  # released, not waited out
     spec = lease(cluster, namespace)["spec"]
     assert spec["leaseTransitions"] == 1 and spec["leaseDurationSeconds"] == LEASE_S
     assert "became leader" in standby.output()
