@@ -257,7 +257,12 @@ def test_a_serving_replica_that_cannot_run_is_degraded_and_stalled(
     pod = serving_pod(cluster, ns, "support")
     name = pod["metadata"]["name"]
     cluster.hold_pod(ns, name, reason, said, last=last)
-    stuck = wait_ad(cluster, ns, "support", lambda o: cond(o, "Stalled").get("reason") == reason, f"Stalled ({reason})")
+
+    # Both: the pod's diagnosis, and the Deployment controller's count of ready replicas (it may lag).
+    def stalled_and_unavailable(o):
+        return cond(o, "Stalled").get("reason") == reason and cond(o, "Available").get("status") == "False"
+
+    stuck = wait_ad(cluster, ns, "support", stalled_and_unavailable, f"Stalled ({reason}), not Available")
     assert three(stuck, "Available", "Degraded", "Stalled", "Reconciling") == {
         "Available": ("False", reason), "Degraded": ("True", reason), "Stalled": ("True", reason),
         "Reconciling": ("False", "Stalled"),
