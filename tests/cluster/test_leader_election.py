@@ -9,7 +9,8 @@ exactly one leads (the Lease says which), the standby answers its liveness URL m
 * a leader that finds the Lease held by another exits at once (code 3), reconciling no more.
 
 Short election timings (lease 8 s, renew deadline 6 s, retry 1 s) keep the test quick while
-leaving a leader on two busy cores room to renew; the defaults are client-go's 15/10/2. Every process is killed in teardown, every wait is bounded.
+leaving a leader on two busy cores room to renew; the defaults are client-go's 15/10/2. Every
+process is killed in teardown, every wait is bounded.
 """
 
 from __future__ import annotations
