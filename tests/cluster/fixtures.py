@@ -96,22 +96,28 @@ def crds(cluster):
     return names
 
 
-@pytest.fixture
-def helm(cluster, tmp_path):
+def helm_runner(cluster, home: Path):
+    """`run(*args, timeout=60)`: the cluster's helm binary with its caches under `home` and the
+    cluster's kubeconfig; skipped (NOT RUN, with the fix) where no helm was built."""
     binary = cluster.bin_dir / "helm"
     if not os.access(binary, os.X_OK):
         pytest.skip(f"cluster tier NOT RUN: no helm in {cluster.bin_dir}; run `bash scripts/k8s-build.sh`")
     env = dict(
         os.environ,
-        HELM_CACHE_HOME=str(tmp_path / "cache"),
-        HELM_CONFIG_HOME=str(tmp_path / "config"),
-        HELM_DATA_HOME=str(tmp_path / "data"),
+        HELM_CACHE_HOME=str(home / "cache"),
+        HELM_CONFIG_HOME=str(home / "config"),
+        HELM_DATA_HOME=str(home / "data"),
         KUBECONFIG=str(cluster.kubeconfig),
     )
 
-    def run(*args: str) -> subprocess.CompletedProcess:
+    def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [str(binary), *args], capture_output=True, text=True, env=env, cwd=harness.REPO, timeout=60
+            [str(binary), *args], capture_output=True, text=True, env=env, cwd=harness.REPO, timeout=timeout
         )
 
     return run
+
+
+@pytest.fixture
+def helm(cluster, tmp_path):
+    return helm_runner(cluster, tmp_path)

@@ -4,8 +4,6 @@ what the operator does and nothing more (`kubectl auth can-i` against the instal
 
 import base64
 import json
-import os
-import subprocess
 import uuid
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import pytest
 import yaml
 
 from kubetune_operator.config import OperatorConfig
+from tests.cluster.fixtures import helm_runner
 
 pytestmark = pytest.mark.cluster
 
@@ -403,24 +402,11 @@ class Installed:
         return result.stdout.strip() == "yes"
 
 
-def _helm_runner(cluster, home):
-    env = dict(os.environ, HELM_CACHE_HOME=str(home / "cache"), HELM_CONFIG_HOME=str(home / "config"),
-               HELM_DATA_HOME=str(home / "data"), KUBECONFIG=str(cluster.kubeconfig))  # fmt: skip
-    binary = cluster.bin_dir / "helm"
-    if not os.access(binary, os.X_OK):
-        pytest.skip(f"cluster tier NOT RUN: no helm in {cluster.bin_dir}; run `bash scripts/k8s-build.sh`")
-
-    def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run([str(binary), *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
-
-    return run
-
-
 @pytest.fixture(scope="module", params=["watch-namespaces", "cluster-wide"])
 def installed(request, cluster, crds, tmp_path_factory):
     """`helm install` of the chart with its defaults (two replicas, leader election), the CRDs being
     there already (Helm skips them); uninstalled, and its namespaces deleted, afterwards."""
-    run = _helm_runner(cluster, tmp_path_factory.mktemp("helm"))
+    run = helm_runner(cluster, tmp_path_factory.mktemp("helm"))
     namespaces = [cluster.create_namespace("kt-rel-"), cluster.create_namespace("kt-ml-"),
                   cluster.create_namespace("kt-other-")]  # fmt: skip
     release_ns, watched_ns, outside = namespaces
@@ -489,7 +475,7 @@ def test_an_upgrade_from_an_operator_without_election_replaces_it_before_startin
     """Chart 0.1.0 ran one replica without leader election: the upgrade's rollout must stop it before
     the electing replicas start (Recreate), or it would reconcile beside the new leader. The next
     rollout, from electing replicas, is a rolling one."""
-    run = _helm_runner(cluster, tmp_path)
+    run = helm_runner(cluster, tmp_path)
     namespace = cluster.create_namespace("kt-up-")
     release = f"kt{uuid.uuid4().hex[:8]}"
     common = [release, CHART, "--namespace", namespace, "--wait", "--timeout", "90s"]

@@ -186,7 +186,7 @@ def chart_version(chart_dir: Path) -> str:
     return yaml.safe_load((chart_dir / "Chart.yaml").read_text())["version"]
 
 
-def previous_chart(helm, tmp_path: Path) -> Path:
+def previous_chart(helm) -> Path:
     """The previous release's chart as it was published: `helm package` of helm/kubetune at
     PREVIOUS_CHART_COMMIT, kept in tests/cluster/charts/ so a shallow clone can run this too."""
     packaged = PREVIOUS_CHARTS / f"kubetune-{PREVIOUS_CHART_VERSION}.tgz"
@@ -229,7 +229,7 @@ def pod_uids(cluster, namespace: str, name: str) -> dict[str, int]:
 def test_helm_upgrade_from_the_previous_chart_keeps_a_running_job_running(
     cluster, namespace, helm, release, operator_env, tmp_path
 ):
-    old_chart = previous_chart(helm, tmp_path)
+    old_chart = previous_chart(helm)
     installed = helm("install", release, str(old_chart), "--namespace", namespace, "--wait", "--timeout", HELM_TIMEOUT)
     assert installed.returncode == 0, installed.stderr
     assert release_row(helm, release, namespace)["chart"] == f"kubetune-{PREVIOUS_CHART_VERSION}"
