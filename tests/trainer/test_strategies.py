@@ -44,6 +44,11 @@ def config_for(tiny_model, out, strategy="auto", offload="none", method=LORA, st
     return TrainerConfig.model_validate(wire)
 
 
+# A bound on one training subprocess, not a speed target: DeepSpeed builds its CPU ops on first use,
+# which takes minutes on two busy cores.
+RUN_TIMEOUT_S = 600
+
+
 def train_two_processes(config: TrainerConfig, path) -> subprocess.CompletedProcess:
     command = [
         sys.executable,
@@ -55,7 +60,7 @@ def train_two_processes(config: TrainerConfig, path) -> subprocess.CompletedProc
         "--nproc-per-node",
         "2",
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -189,7 +194,7 @@ def test_fsdp_sigterm_checkpoints_shards_and_the_rerun_ends_where_an_unbroken_ru
         ],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=RUN_TIMEOUT_S,
     )
     assert one.returncode == 0, one.stderr[-3000:]
 
