@@ -79,7 +79,13 @@ COMPLETE_MARKER = "_COMPLETE"  # written last into a published folder: the folde
 ADAPTER_DIR = "adapter"  # PEFT safetensors + tokenizer (the full weights for a full fine-tune)
 MERGED_DIR = "merged"  # base + adapter folded in, when spec.output.mergeWeights
 REPORT_FILE = "report.json"  # TrainerResult plus config, data, history, timings, versions
+GGUF_FILE = "model-{type}.gguf"  # the merged model for llama.cpp/Ollama, per spec.output.gguf.types
 CHECKPOINTS_DIR = "checkpoints"  # checkpoints/step-00000050, ...
+
+
+def gguf_file_name(gguf_type: str) -> str:
+    """The file a GGUF export of type `gguf_type` (f16, q8_0) is published as, under spec.output.uri."""
+    return GGUF_FILE.format(type=gguf_type)
 
 
 def adapter_uri(output_uri: str) -> str:
@@ -151,11 +157,44 @@ class _Result(BaseModel):
     model_config = ConfigDict(populate_by_name=True, extra="ignore", allow_inf_nan=False)
 
 
+MAX_EXPORTED_FILES = 4  # GGUF files read back from a result: more than the API can ask for
+
+
+class PublishedFile(_Result):
+    """One exported file (a GGUF of one type): where it is, how big, its digest."""
+
+    type: Annotated[str, Field(pattern=r"^[a-z0-9_]{1,16}$")]
+    uri: ResultUri
+    size_bytes: int | None = Field(default=None, alias="sizeBytes", ge=0, le=MAX_COUNT, strict=True)
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+
+
 class PublishedAdapter(_Result):
     uri: ResultUri | None = None
     size_bytes: int | None = Field(default=None, alias="sizeBytes", ge=0, le=MAX_COUNT, strict=True)
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     merged_uri: ResultUri | None = Field(default=None, alias="mergedUri")
+    gguf: list[PublishedFile] | None = Field(default=None, description="spec.output.export gguf: one per type.")
+
+    @field_validator("gguf", mode="before")
+    @classmethod
+    def _usable_files(cls, value: Any) -> Any:
+        """A pod's list: its first MAX_EXPORTED_FILES entries, less those that are not a usable file
+        description (dropped, as an unreadable metric is: no reason to distrust the adapter); None
+        when none is left."""
+        files = (
+            [file for file in map(_published_file, value[:MAX_EXPORTED_FILES]) if file]
+            if isinstance(value, list)
+            else []
+        )
+        return files or None
+
+
+def _published_file(value: Any) -> PublishedFile | None:
+    try:
+        return PublishedFile.model_validate(value)
+    except ValidationError:
+        return None
 
 
 class ResultMetrics(_Result):

@@ -9,9 +9,10 @@ the last gigabyte.
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from .api.finetunejob import FineTuneJobSpec
+from .api.finetunejob import FineTuneJobSpec, MethodSpec
 
 GIB = 2**30
 
@@ -227,3 +228,130 @@ def _advice(
     return (
         "; ".join(options) if options else "no configuration up to 64 GPUs fits; reduce maxSeqLength or microBatchSize"
     )
+
+
+# --- trainable parameters of the adapter methods counted from the layer shapes --------------------
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """The sizes adapter parameter counts depend on: a Llama/Qwen/Mistral-style decoder's widths
+    (kv_size: the key/value projections' width, narrower than hidden under grouped-query attention)."""
+
+    hidden_size: int
+    intermediate_size: int
+    kv_size: int
+    num_layers: int
+
+
+def linear_sizes(shape: DecoderShape) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each decoder-layer linear, Llama/Qwen/Mistral naming."""
+    h, i, kv = shape.hidden_size, shape.intermediate_size, shape.kv_size
+    return {
+        "q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+        "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+    }  # fmt: skip
+
+
+def adapted_linears(shape: DecoderShape, targets: list[str]) -> list[tuple[int, int]]:
+    """(in, out) of the linears one decoder layer adapts; names of other architectures count as
+    hidden x hidden (an estimate: their sizes are unknown here)."""
+    sizes = linear_sizes(shape)
+    if "all-linear" in targets:
+        return list(sizes.values())
+    square = (shape.hidden_size, shape.hidden_size)
+    return [sizes.get(name, square) for name in targets]
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """(m, n) with m * n = dimension and m <= n: m = factor when it divides, else the divisor pair
+    closest to the square root not above `factor`. PEFT's LoKr splits each layer's sizes this way."""
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    limit = dimension if factor == -1 else factor
+    m, n = 1, dimension
+    while m < n:
+        candidate = m + 1
+        while dimension % candidate:
+            candidate += 1
+        if candidate > limit:
+            break
+        m, n = candidate, dimension // candidate
+    return (m, n) if m <= n else (n, m)
+
+
+def nearest_divisor(size: int, wanted: int) -> int:
+    """The divisor of `size` nearest to `wanted` (the lower one on a tie; `size` itself when wanted
+    is not smaller): how PEFT's OFT fits a block size to a layer it does not divide."""
+    if wanted >= size:
+        return size
+    higher = wanted
+    while higher <= size and size % higher:
+        higher += 1
+    lower = wanted
+    while lower > 1 and size % lower:
+        lower -= 1
+    return lower if wanted - lower <= higher - wanted else higher
+
+
+def _loha(i: int, o: int, r: int) -> int:
+    return 2 * r * (i + o)  # two low-rank pairs, Hadamard-multiplied
+
+
+def _lokr(i: int, o: int, r: int, decompose_both: bool, factor: int) -> int:
+    in_m, in_n = factorization(i, factor)
+    out_l, out_k = factorization(o, factor)
+    small = (
+        out_l * in_m if not (decompose_both and r < max(out_l, in_m) / 2) else r * (out_l + in_m)
+    )  # the small Kronecker factor: whole, or itself low-rank
+    large = out_k * in_n if r >= max(out_k, in_n) / 2 else r * (out_k + in_n)
+    return small + large
+
+
+def _oft(i: int, block_size: int, block_share: bool) -> int:
+    block = nearest_divisor(i, block_size) if i % block_size or block_size > i else block_size
+    blocks = 1 if block_share else i // block
+    return blocks * block * (block - 1) // 2  # the strictly upper triangle of each skew-symmetric block
+
+
+def _norm_params(shape: DecoderShape, targets: list[str]) -> int:
+    """LayerNorm tuning: every named norm once per decoder layer, `norm` (the final one) once."""
+    per_layer = sum(1 for name in targets if name != "norm")
+    return shape.hidden_size * (per_layer * shape.num_layers + (1 if "norm" in targets else 0))
+
+
+def method_trainable_params(method: MethodSpec, shape: DecoderShape) -> int | None:
+    """Parameters that get gradients under one of the methods counted from the layer shapes alone
+    (loha, lokr, vera, oft, hra, fourierft, lnTuning), exactly as PEFT creates them for a
+    Llama/Qwen/Mistral decoder; None for the other methods (the operator counts those itself)."""
+    if method.type == "lnTuning":
+        return _norm_params(shape, method.effective_ln_tuning().target_modules)
+    per_linear = _per_linear_counter(method)
+    if per_linear is None:
+        return None
+    counter, targets = per_linear
+    return shape.num_layers * sum(counter(i, o) for i, o in adapted_linears(shape, targets))
+
+
+def _per_linear_counter(method: MethodSpec) -> tuple[Callable[[int, int], int], list[str]] | None:
+    """How many parameters the method adds to one (in, out) linear, and which linears it adapts."""
+    if method.type == "loha":
+        loha = method.effective_loha()
+        return (lambda i, o: _loha(i, o, loha.r)), loha.target_modules
+    if method.type == "lokr":
+        lokr = method.effective_lokr()
+        return (lambda i, o: _lokr(i, o, lokr.r, lokr.decompose_both, lokr.decompose_factor)), lokr.target_modules
+    if method.type == "vera":
+        vera = method.effective_vera()
+        # The random projections are shared and frozen: each layer trains two scaling vectors.
+        return (lambda i, o: vera.r + o), vera.target_modules
+    if method.type == "oft":
+        oft = method.effective_oft()
+        return (lambda i, o: _oft(i, oft.block_size, oft.block_share)), oft.target_modules
+    if method.type == "hra":
+        hra = method.effective_hra()
+        return (lambda i, o: i * hra.r), hra.target_modules  # r Householder vectors of the input's width
+    if method.type == "fourierft":
+        fourier = method.effective_fourierft()
+        return (lambda i, o: fourier.n_frequency), fourier.target_modules
+    return None

@@ -77,6 +77,7 @@ class Prepared:
     path: Path
     rank: int
     sha256: str | None
+    peft_type: str = "LORA"
 
 
 @dataclass
@@ -146,8 +147,14 @@ def adapter_rank(config: dict) -> int:
     return max([int(config.get("r") or 0), *(int(r) for r in (config.get("rank_pattern") or {}).values())])
 
 
+# PEFT types served besides LoRA: adapters whose layers PEFT injects into the base model (so the
+# model's own forward applies them), each served grouped by adapter, in forwards of its own.
+OTHER_SERVED_TYPES = ("LOHA", "LOKR", "VERA", "OFT", "HRA", "FOURIERFT", "LN_TUNING")
+
+
 def read_adapter_config(path: Path, uri: str, max_lora_rank: int) -> dict:
-    """adapter_config.json of a LoRA adapter whose rank fits `max_lora_rank`, or an EngineError."""
+    """adapter_config.json of a LoRA adapter whose rank fits `max_lora_rank` (or of one of the
+    OTHER_SERVED_TYPES, whose `r` is no LoRA rank: maxLoraRank does not apply), or an EngineError."""
     file = path / "adapter_config.json"
     if not file.is_file():
         raise invalid_adapter(f"{uri}: not a LoRA adapter (no adapter_config.json)")
@@ -155,9 +162,14 @@ def read_adapter_config(path: Path, uri: str, max_lora_rank: int) -> dict:
         config = json.loads(file.read_text())
     except (OSError, ValueError, RecursionError) as error:
         raise invalid_adapter(f"{uri}: unreadable adapter_config.json ({one_line(error, path, uri, 120)})") from None
-    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") not in ("LORA", *OTHER_SERVED_TYPES):
         kind = config.get("peft_type") if isinstance(config, dict) else None
-        raise invalid_adapter(f"{uri}: only LoRA adapters can be served, this is a {str(kind)[:40]} adapter")
+        raise invalid_adapter(
+            f"{uri}: only LoRA, {', '.join(OTHER_SERVED_TYPES)} adapters can be served, "
+            f"this is a {str(kind)[:40]} adapter"
+        )
+    if config.get("peft_type", "LORA") != "LORA":
+        return config
     try:
         rank = adapter_rank(config)
     except (TypeError, ValueError, AttributeError, OverflowError):
@@ -343,7 +355,8 @@ class Engine:
         except BaseException:
             shutil.rmtree(path, ignore_errors=True)
             raise
-        return Prepared(name, uri, path, adapter_rank(config), digest)
+        kind = str(config.get("peft_type", "LORA"))
+        return Prepared(name, uri, path, adapter_rank(config) if kind == "LORA" else 0, digest, kind)
 
     def attach(self, prepared: Prepared, *, replace: bool = False) -> Adapter:
         """The only step of a load under the lock: PEFT reads the staged (local) files into the model.
@@ -355,6 +368,7 @@ class Engine:
                     same = self._check_room(prepared.name, prepared.uri, replace)
                     if same is not None:
                         return same
+                    self._check_type(prepared)
                     adapter = Adapter(
                         prepared.name,
                         prepared.uri,
@@ -422,6 +436,21 @@ class Engine:
             )
         return None
 
+    def _check_type(self, prepared: Prepared) -> None:
+        """PEFT keeps adapters of one type in a model: an adapter of another type than the ones
+        loaded is refused (400: the operator marks it Failed with these words; the deployment mixes
+        types, which asking again cannot fix) until they are unloaded."""
+        if self._peft is None:
+            return
+        loaded = _peft_type(self._peft)
+        if prepared.peft_type != loaded:
+            raise EngineError(
+                f"cannot load adapter '{prepared.name}': it is a {prepared.peft_type} adapter and this server "
+                f"holds {loaded} adapters; a model serves one adapter type at a time: unload those, or serve "
+                "it from another deployment",
+                reason="conflict",
+            )
+
     def _attach(self, adapter: Adapter) -> None:
         from peft import PeftModel
 
@@ -436,7 +465,7 @@ class Engine:
             self._undo_attach(adapter)
             detail = one_line(f"{type(error).__name__}: {error}", adapter.path, adapter.uri, 200)
             raise invalid_adapter(f"adapter {adapter.name} could not be loaded from {adapter.uri}: {detail}") from None
-        problem = groupable_problem(self._peft, adapter.internal)
+        problem = _not_lora(self._peft, adapter.internal) or groupable_problem(self._peft, adapter.internal)
         if problem:
             adapter.lane, adapter.grouping = adapter.internal, f"by adapter ({problem})"
         self._attached[adapter.internal] = adapter
@@ -584,17 +613,29 @@ class Engine:
             else:
                 self._rows.set(True)  # the base model's rows only: no delta to add
         try:
-            output = self.base(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+            with self._adapters_off(lane):
+                output = self.base(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
         finally:
             self._rows.set(False)
         return output.logits[:, -1]
+
+    @contextmanager
+    def _adapters_off(self, lane: str | None) -> Iterator[None]:
+        """The base model's rows (lane None) with non-LoRA adapters loaded: their layers apply PEFT's
+        active adapter to every row, so they are switched off (LoRA layers take the grouped path, which
+        adds only the rows' own deltas)."""
+        if lane is not None or self._peft is None or _peft_type(self._peft) == "LORA":
+            yield
+            return
+        with self._peft.disable_adapter():
+            yield
 
     @contextmanager
     def _in_progress(self) -> Iterator[None]:
@@ -610,6 +651,18 @@ class Engine:
         now = time.monotonic()
         marks = [t for t in (self._progress_at, self._attaching_since) if t is not None]
         return max((now - t for t in marks), default=0.0)
+
+
+def _peft_type(peft_model) -> str:
+    kind = peft_model.peft_type
+    return str(getattr(kind, "value", kind))
+
+
+def _not_lora(peft_model, internal: str) -> str:
+    """Why the adapter `internal` is not for the grouped path because it is no LoRA adapter ("" if it is)."""
+    kind = peft_model.peft_config[internal].peft_type
+    name = str(getattr(kind, "value", kind))
+    return "" if name == "LORA" else f"a {name} adapter: only LoRA adapters are grouped"
 
 
 def _pick_device(name: str) -> str:

@@ -1,8 +1,8 @@
 """The data pipeline: a dataset file already on local disk → tokenized training and evaluation examples.
 
     read_records   file or folder (.jsonl, .json, .csv, .parquet) → raw rows
-    build_datasets rows → Example / PreferenceExample lists for train and eval, plus a DataReport
-    collate, collate_preference   examples → right-padded tensors for one step
+    build_datasets rows → Example / PreferenceExample / UnpairedExample lists for train and eval, plus a DataReport
+    collate, collate_preference, collate_unpaired   examples → right-padded tensors for one step
 
 Real datasets have broken rows. A broken row is counted and reported ("row N: reason"), never a
 crash, so one bad line in a million does not kill a multi-hour job. A dataset whose broken rows are
@@ -90,6 +90,24 @@ class PreferenceExample:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+
+
+@dataclass
+class UnpairedExample(Example):
+    """One KTO example: a prompt and a single reply labelled good (`desirable`) or bad, with no pair.
+
+    As an Example it is prompt + reply with the prompt's labels masked, so whatever reads examples
+    (token counts, the evaluation's prompts and references) reads it too. `mismatched_ids` is another
+    example's reply, fitted after this prompt: KTO estimates the policy's KL from the reference on
+    such mismatched (prompt, reply) pairs (`pair_mismatched`)."""
+
+    desirable: bool = True
+    prompt_length: int = 0
+    mismatched_ids: list[int] = field(default_factory=list)
+
+
+PREFERENCE_FORMATS = ("preference", "unpaired-preference")  # never packed: their losses are per example
+_LABELS = {"true": True, "false": False, "1": True, "0": False}
 
 
 @dataclass
@@ -424,7 +442,7 @@ class _Encoder:
         self._renderer: _ChatRenderer | None = None
         if self.format in ("chat", "instruction"):
             self._renderer = _ChatRenderer(tokenizer, spec.chat_template)  # a missing template fails the job now
-        if self.format in ("completion", "text", "preference") and tokenizer.eos_token_id is None:
+        if self.format in ("completion", "text", *PREFERENCE_FORMATS) and tokenizer.eos_token_id is None:
             raise ValueError(f"format {self.format} appends the EOS token, but the tokenizer has none")
 
     @property
@@ -439,6 +457,8 @@ class _Encoder:
     def __call__(self, row: dict) -> tuple[Example | PreferenceExample, bool]:
         if self.format == "preference":
             return self._preference(row)
+        if self.format == "unpaired-preference":
+            return self._unpaired(row)
         ids, labels = getattr(self, f"_format_{self.format}")(row)
         truncated = len(ids) > self.max_len
         ids, labels = ids[: self.max_len], labels[: self.max_len]
@@ -501,6 +521,49 @@ class _Encoder:
             if chosen == rejected:
                 raise _BadRow(f"chosen and rejected are identical after truncation to maxSeqLength {budget}")
         return PreferenceExample(prompt, chosen, rejected), truncated
+
+    def _unpaired(self, row) -> tuple[UnpairedExample, bool]:
+        """{prompt, completion, label}: the prompt as in preference data (text, or a list of messages
+        rendered up to the assistant header), the completion as one reply, truncated as a pair is."""
+        completion, desirable = _text(row, "completion"), _label(row)
+        prompt = _maybe_json_list(row.get("prompt"))
+        if isinstance(prompt, list):
+            prompt_ids, reply_ids = self.chat.prompt_and_reply(_messages(prompt, "prompt"), completion)
+        else:
+            prompt_ids = self._encode(_text(row, "prompt"), special=True)
+            reply_ids = self._encode(completion, special=False) + [self.tokenizer.eos_token_id]
+        if not reply_ids:
+            raise _BadRow("the completion renders to no tokens")
+        fitted, truncated = self._truncate_pair(prompt_ids, reply_ids, [])
+        ids = fitted.prompt_ids + fitted.chosen_ids
+        labels = [IGNORE] * len(fitted.prompt_ids) + fitted.chosen_ids
+        example = UnpairedExample(ids, labels, list(range(len(ids))), desirable, len(fitted.prompt_ids))
+        return example, truncated
+
+
+def _label(row: dict) -> bool:
+    """KTO's label: a JSON boolean, or (CSV cells are strings) true/false/1/0."""
+    value = row.get("label")
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _LABELS:
+        return _LABELS[value.strip().lower()]
+    if value is None:
+        raise _BadRow("missing 'label'")
+    shown = repr(value) if isinstance(value, str | int | float) else type(value).__name__
+    raise _BadRow(f"'label' must be true or false, not {_clip(shown, 40)}")
+
+
+def pair_mismatched(examples: list[UnpairedExample], max_len: int) -> None:
+    """Give each example the reply of the next one (the last gets the first's), cut to fit after its
+    own prompt in `max_len` tokens: the mismatched pairs of KTO's KL estimate. Done once on the
+    shuffled list, so it is fixed for a seed and works whatever the micro-batch size (a batch of one
+    has no other reply to mismatch with)."""
+    for i, example in enumerate(examples):
+        other = examples[(i + 1) % len(examples)]
+        example.mismatched_ids = other.input_ids[other.prompt_length :][: max_len - example.prompt_length]
 
 
 # --- the whole dataset --------------------------------------------------------------------------
@@ -622,7 +685,7 @@ def build_datasets(
     `spec` is a DatasetSpec. Evaluation data is `validation_path` (a file in the same format, for
     validation.uri), else a seeded random `validation.fraction` of the usable examples, else None.
     The training list is shuffled with `seed` (before packing, so packs mix examples); the same
-    seed gives the same split and order. Preference data is never packed.
+    seed gives the same split and order. Preference data (paired or not) is never packed.
     """
     if spec.validation is not None and spec.validation.uri and validation_path is None:
         raise ValueError("dataset.validation.uri is set but no validation file was given")
@@ -640,7 +703,10 @@ def build_datasets(
         k = _eval_size(len(train), spec.validation.fraction)
         evaluation, train = train[:k], train[k:]
     train_examples, eval_examples = len(train), len(evaluation or [])
-    if spec.packing and spec.format != "preference":
+    if spec.format == "unpaired-preference":
+        pair_mismatched(train, spec.max_seq_length)
+        pair_mismatched(evaluation or [], spec.max_seq_length)
+    if spec.packing and spec.format not in PREFERENCE_FORMATS:
         train = pack(train, spec.max_seq_length)
         evaluation = pack(evaluation, spec.max_seq_length) if evaluation is not None else None
     report = DataReport(
@@ -703,3 +769,23 @@ def collate_preference(batch: list[PreferenceExample], pad_id: int) -> dict[str,
         out[f"{side}_labels"] = torch.tensor(_pad(labels, width, IGNORE), dtype=torch.long)
         out[f"{side}_attention_mask"] = torch.tensor(_pad([[1] * len(r) for r in ids], width, 0), dtype=torch.long)
     return out
+
+
+def collate_unpaired(batch: list[UnpairedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """KTO's batch: input_ids, labels, attention_mask of prompt + reply; the same three prefixed
+    kl_ for prompt + mismatched reply; and `desirable` (bool, one per example). Both halves are
+    padded to one width, so a reference pass can run them as one batch."""
+    if not batch:
+        raise ValueError("cannot collate an empty batch")
+    mismatched = [e.input_ids[: e.prompt_length] + e.mismatched_ids for e in batch]
+    width = max(max(len(e.input_ids) for e in batch), max(len(ids) for ids in mismatched))
+    kl_labels = [[IGNORE] * e.prompt_length + e.mismatched_ids for e in batch]
+    return {
+        "input_ids": torch.tensor(_pad([e.input_ids for e in batch], width, pad_id), dtype=torch.long),
+        "labels": torch.tensor(_pad([e.labels for e in batch], width, IGNORE), dtype=torch.long),
+        "attention_mask": torch.tensor(_pad([[1] * len(e.input_ids) for e in batch], width, 0), dtype=torch.long),
+        "kl_input_ids": torch.tensor(_pad(mismatched, width, pad_id), dtype=torch.long),
+        "kl_labels": torch.tensor(_pad(kl_labels, width, IGNORE), dtype=torch.long),
+        "kl_attention_mask": torch.tensor(_pad([[1] * len(ids) for ids in mismatched], width, 0), dtype=torch.long),
+        "desirable": torch.tensor([e.desirable for e in batch], dtype=torch.bool),
+    }

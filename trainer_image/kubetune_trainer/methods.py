@@ -145,7 +145,94 @@ def peft_config(method: MethodSpec, total_steps: int, tokenizer_dir: Path):
                 tokenizer_name_or_path=str(tokenizer_dir),
             )
         return peft.PromptTuningConfig(task_type=causal, num_virtual_tokens=tokens.num_virtual_tokens)
+    return _more_methods_config(method)
+
+
+def _more_methods_config(method: MethodSpec):
+    """The PEFT configuration of loha, lokr, vera, oft, hra, fourierft and lnTuning (None otherwise)."""
+    import peft
+
+    causal = peft.TaskType.CAUSAL_LM
+    if method.type == "loha":
+        loha = method.effective_loha()
+        return peft.LoHaConfig(
+            task_type=causal,
+            r=loha.r,
+            alpha=loha.alpha,
+            rank_dropout=loha.rank_dropout,
+            module_dropout=loha.module_dropout,
+            target_modules=_targets(loha.target_modules),
+        )
+    if method.type == "lokr":
+        lokr = method.effective_lokr()
+        return peft.LoKrConfig(
+            task_type=causal,
+            r=lokr.r,
+            alpha=lokr.alpha,
+            rank_dropout=lokr.rank_dropout,
+            module_dropout=lokr.module_dropout,
+            decompose_both=lokr.decompose_both,
+            decompose_factor=lokr.decompose_factor,
+            target_modules=_targets(lokr.target_modules),
+        )
+    if method.type == "vera":
+        vera = method.effective_vera()
+        return peft.VeraConfig(
+            task_type=causal,
+            r=vera.r,
+            d_initial=vera.d_initial,
+            vera_dropout=vera.dropout,
+            projection_prng_key=vera.projection_seed,
+            save_projection=True,  # the adapter then loads without regenerating the projections
+            target_modules=_targets(vera.target_modules),
+        )
+    if method.type == "oft":
+        oft = method.effective_oft()
+        return peft.OFTConfig(
+            task_type=causal,
+            r=0,  # the block size decides the number of blocks
+            oft_block_size=oft.block_size,
+            block_share=oft.block_share,
+            coft=oft.coft,
+            module_dropout=oft.module_dropout,
+            target_modules=_targets(oft.target_modules),
+        )
+    if method.type == "hra":
+        hra = method.effective_hra()
+        return peft.HRAConfig(
+            task_type=causal, r=hra.r, apply_GS=hra.apply_gs, target_modules=_targets(hra.target_modules)
+        )
+    if method.type == "fourierft":
+        fourier = method.effective_fourierft()
+        return peft.FourierFTConfig(
+            task_type=causal,
+            n_frequency=fourier.n_frequency,
+            scaling=fourier.scaling,
+            random_loc_seed=fourier.frequency_seed,
+            target_modules=_targets(fourier.target_modules),
+        )
+    if method.type == "lnTuning":
+        return peft.LNTuningConfig(task_type=causal, target_modules=list(method.effective_ln_tuning().target_modules))
     return None
+
+
+def parameter_groups(model, parameters: list, method: MethodSpec, learning_rate: float) -> list:
+    """What the optimizer gets: `parameters` unchanged, or with LoRA+ (method.lora.loraplusLrRatio)
+    two groups: the B matrices at learning_rate x ratio, everything else at learning_rate.
+
+    LoRA+ (Hayou et al., 2024): A and B play different roles, and B learning faster speeds up
+    training and improves the result at no cost. B is told apart by its parameter name in `model`
+    (PEFT's lora_B / lora_embedding_B), looked up when the strategy builds the optimizer, after
+    sharding, so the parameters are the ones the strategy trains."""
+    ratio = method.effective_lora().loraplus_lr_ratio if method.type in ("lora", "qlora", "dora") else None
+    if ratio is None:
+        return parameters
+    b_matrices = {id(p) for name, p in model.named_parameters() if ".lora_B." in name or ".lora_embedding_B." in name}
+    fast = [p for p in parameters if id(p) in b_matrices]
+    if not fast:
+        raise ValueError("method.lora.loraplusLrRatio: the adapter has no LoRA B matrices to give a learning rate")
+    slow = [p for p in parameters if id(p) not in b_matrices]
+    return [{"params": slow, "lr": learning_rate}, {"params": fast, "lr": learning_rate * ratio}]
 
 
 def apply_method(model, spec: FineTuneJobSpec, total_steps: int, tokenizer_dir: Path):

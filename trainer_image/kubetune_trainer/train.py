@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from kubetune import storage
-from kubetune.api.finetunejob import DpoSettings
+from kubetune.api.finetunejob import DpoSettings, KtoSettings, OrpoSettings, SimpoSettings
 from kubetune.contract import (
     ADAPTER_DIR,
     EXIT_INVALID_INPUT,
@@ -35,7 +35,7 @@ from kubetune.contract import (
 from kubetune.logs import log
 from kubetune.planning import ModelShape, Plan, plan_for_spec
 
-from . import acceleration, checkpoint, data, dpo, evaluation, methods, strategies, tracking
+from . import acceleration, checkpoint, data, dpo, evaluation, methods, preference, strategies, tracking
 from .distributed import DistEnv
 from .metrics import MetricsExporter
 from .outcome import first_line, record_failure
@@ -124,7 +124,12 @@ def setup(config: TrainerConfig, env: DistEnv) -> Run:
         log("kernels", summary=accelerated.summary(), **accelerated.to_wire())
 
     strategy = strategies.build(plan.strategy, spec, env, device)  # places, wraps or shards the model
-    model, optimizer = strategy.prepare(model, lambda parameters: _optimizer(parameters, spec.hyperparameters))
+    model, optimizer = strategy.prepare(
+        model,
+        lambda parameters: _optimizer(
+            methods.parameter_groups(model, parameters, spec.method, spec.hyperparameters.lr), spec.hyperparameters
+        ),
+    )
     scheduler = _scheduler(optimizer, spec.hyperparameters, total_steps)
     state = checkpoint.TrainerState(
         step=0, fingerprint=data_report.fingerprint, global_batch_size=spec.hyperparameters.global_batch_size
@@ -285,16 +290,24 @@ def token_loss_sum(model, batch: dict, packed: bool = False) -> tuple[torch.Tens
     return loss, int((shifted != -100).sum())
 
 
+PAIRED_OBJECTIVES = ("dpo", "orpo", "simpo")  # trained on preference pairs (collate_preference)
+
+
 def collate(run: Run, examples: list) -> dict:
-    if run.config.spec.objective == "dpo":
+    if run.config.spec.objective in PAIRED_OBJECTIVES:
         return data.collate_preference(examples, run.tokenizer.pad_token_id)
+    if run.config.spec.objective == "kto":
+        return data.collate_unpaired(examples, run.tokenizer.pad_token_id)
     return data.collate(examples, run.tokenizer.pad_token_id)
 
 
 def loss_units(run: Run, batch: dict) -> int:
-    """What the loss is a mean over: trainable tokens (sft) or preference pairs (dpo)."""
-    if run.config.spec.objective == "dpo":
+    """What the loss is a mean over: trainable tokens (sft), preference pairs (dpo, orpo, simpo) or
+    labelled replies (kto)."""
+    if run.config.spec.objective in PAIRED_OBJECTIVES:
         return int(batch["chosen_input_ids"].shape[0])
+    if run.config.spec.objective == "kto":
+        return int(batch["desirable"].shape[0])
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
@@ -304,7 +317,21 @@ def loss_sum(run: Run, model, batch: dict) -> tuple[torch.Tensor, int]:
         settings = spec.dpo or DpoSettings()
         total, pairs, _ = dpo.dpo_loss_sum(model, batch, settings.beta, settings.loss_type)
         return total, pairs
+    if spec.objective in ("orpo", "simpo", "kto"):
+        total, count, _ = preference_loss_sum(spec, model, batch)
+        return total, count
     return token_loss_sum(model, batch, packed=spec.dataset.packing)
+
+
+def preference_loss_sum(spec, model, batch: dict) -> tuple[torch.Tensor, int, dict]:
+    """ORPO, SimPO or KTO (preference.py) with the spec's settings, or their defaults."""
+    if spec.objective == "orpo":
+        return preference.orpo_loss_sum(model, batch, (spec.orpo or OrpoSettings()).beta)
+    if spec.objective == "simpo":
+        simpo = spec.simpo or SimpoSettings()
+        return preference.simpo_loss_sum(model, batch, simpo.beta, simpo.gamma_beta_ratio)
+    kto = spec.kto or KtoSettings()
+    return preference.kto_loss_sum(model, batch, kto.beta, kto.desirable_weight, kto.undesirable_weight)
 
 
 def input_tokens(batch: dict) -> int:
@@ -510,14 +537,35 @@ def save_outputs(run: Run) -> dict | None:
     artifact = {"uri": None, "sizeBytes": weights.stat().st_size, "sha256": storage.sha256_of(weights)}
     artifact["uri"] = run.output.publish_dir(staging, ADAPTER_DIR)
     run.trackers.artifacts(staging)  # before the staging folder goes
-    if spec.output.merge_weights and spec.method.is_adapter:
-        merged_dir = Path(tempfile.mkdtemp(prefix="merged-", dir=run.config.runtime.cache_dir))
-        _merged_model(run, staging).save_pretrained(merged_dir, safe_serialization=True)
-        run.tokenizer.save_pretrained(merged_dir)
-        artifact["mergedUri"] = run.output.publish_dir(merged_dir, MERGED_DIR)
-        shutil.rmtree(merged_dir, ignore_errors=True)
+    if spec.output.exports:
+        _publish_exports(run, staging, artifact)
     shutil.rmtree(staging, ignore_errors=True)
     return artifact
+
+
+def _publish_exports(run: Run, staging: Path, artifact: dict) -> None:
+    """spec.output.export (mergeWeights is `merged`): the merged model under merged/, and GGUF files
+    written from it beside the adapter. A full fine-tune's weights are already the whole model:
+    there is nothing to merge, and its GGUF files are written from the adapter folder itself."""
+    from . import export
+
+    spec, cache = run.config.spec, Path(run.config.runtime.cache_dir)
+    if not spec.method.is_adapter:
+        source, merged_dir = staging, None
+    else:
+        merged_dir = Path(tempfile.mkdtemp(prefix="merged-", dir=cache))
+        _merged_model(run, staging).save_pretrained(merged_dir, safe_serialization=True)
+        run.tokenizer.save_pretrained(merged_dir)
+        source = merged_dir
+    try:
+        if "gguf" in spec.output.exports:
+            types = spec.output.gguf_types()
+            artifact["gguf"] = export.publish_gguf(source, types, run.output, cache, run.config.runtime.job_name)
+        if merged_dir is not None and "merged" in spec.output.exports:
+            artifact["mergedUri"] = run.output.publish_dir(merged_dir, MERGED_DIR)
+    finally:
+        if merged_dir is not None:
+            shutil.rmtree(merged_dir, ignore_errors=True)
 
 
 def _merged_model(run: Run, adapter_dir: Path):

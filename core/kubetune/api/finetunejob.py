@@ -24,9 +24,25 @@ from .common import (
 from .evaluation import EvaluationResult
 from .uris import uri_rules
 
-MethodType = Literal["full", "lora", "qlora", "dora", "ia3", "prefixTuning", "promptTuning", "adalora"]
+MethodType = Literal[
+    "full",
+    "lora",
+    "qlora",
+    "dora",
+    "ia3",
+    "prefixTuning",
+    "promptTuning",
+    "adalora",
+    "loha",
+    "lokr",
+    "vera",
+    "oft",
+    "hra",
+    "fourierft",
+    "lnTuning",
+]
 LORA_FAMILY = ("lora", "qlora", "dora")
-DatasetFormat = Literal["chat", "instruction", "completion", "text", "preference"]
+DatasetFormat = Literal["chat", "instruction", "completion", "text", "preference", "unpaired-preference"]
 StrategyName = Literal["auto", "ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"]
 Precision = Literal["bf16", "fp16", "fp32"]
 
@@ -65,7 +81,9 @@ class DatasetSpec(ApiModel):
         description=(
             "chat: {messages:[{role,content}]}; instruction: alpaca {instruction,input,output}; "
             "completion: {prompt,completion}; text: {text} (continued pre-training); "
-            "preference: {prompt,chosen,rejected} (objective dpo)."
+            "preference: {prompt,chosen,rejected} (objective dpo, orpo or simpo); "
+            "unpaired-preference: {prompt,completion,label} with label true for a good reply, false for a bad "
+            "one (objective kto)."
         )
     )
     validation: ValidationSplit | None = Field(default=None, description="Evaluation split; none by default.")
@@ -113,7 +131,19 @@ class LoraSettings(ApiModel):
         ),
         json_schema_extra={"default": ["all-linear"], "items": {"type": "string", "maxLength": MAX_SHORT}},
     )
-    rslora: bool = Field(default=False, description="Rank-stabilised scaling alpha / sqrt(r).")
+    rslora: bool = Field(
+        default=False,
+        description="rsLoRA: scale by alpha / sqrt(r) instead of alpha / r, so high ranks (64 and up) still learn.",
+    )
+    loraplus_lr_ratio: float | None = Field(
+        default=None,
+        ge=1,
+        le=1000,
+        description=(
+            "LoRA+: the B matrices learn this many times faster than the A matrices (their own optimizer "
+            "parameter group, learningRate x ratio); 16 is the paper's choice. Unset: one learning rate."
+        ),
+    )
 
 
 class QuantizationSettings(ApiModel):
@@ -196,6 +226,156 @@ class VirtualTokenSettings(ApiModel):
     )
 
 
+def _targets_field(default: list[str], description: str) -> Any:
+    return Field(
+        default_factory=lambda: list(default),
+        min_length=1,
+        max_length=64,
+        description=description,
+        json_schema_extra={"default": list(default), "items": {"type": "string", "maxLength": MAX_SHORT}},
+    )
+
+
+def _all_linear_alone(block: str) -> Rule:
+    return Rule(
+        cel="!('all-linear' in self.targetModules) || size(self.targetModules) == 1",
+        message=f"method.{block}.targetModules: all-linear already covers every linear layer; list it alone",
+        check=lambda s: "all-linear" not in s.target_modules or len(s.target_modules) == 1,
+    )
+
+
+_LINEAR_TARGETS = (
+    "Module names to adapt (q_proj, v_proj, ...), or all-linear for every linear layer but the output head."
+)
+
+
+class LohaSettings(ApiModel):
+    """LoHa: the update is the Hadamard (element-wise) product of two low-rank products, so rank r
+    reaches an effective rank up to r², at twice LoRA's parameters for the same r."""
+
+    r: int = Field(default=8, ge=1, le=1024, description="Rank of each of the two low-rank factors.")
+    alpha: int = Field(default=8, ge=1, le=4096, description="Scaling numerator (scale = alpha / r).")
+    rank_dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the update's rank dimension.")
+    module_dropout: float = Field(
+        default=0.0, ge=0, lt=1, description="Probability of skipping a layer's whole update in a training step."
+    )
+    target_modules: list[str] = _targets_field(["all-linear"], _LINEAR_TARGETS)
+
+    cel_rules: ClassVar[tuple[Rule, ...]] = (_all_linear_alone("loha"),)
+
+
+class LokrSettings(LohaSettings):
+    """LoKr: the update is the Kronecker product of a small matrix and a (low-rank) one: the fewest
+    parameters of the LoRA-like methods for a full-rank update."""
+
+    decompose_both: bool = Field(
+        default=False, description="Also decompose the small Kronecker factor into a low-rank product."
+    )
+    decompose_factor: int = Field(
+        default=-1,
+        ge=-1,
+        le=65536,
+        description="Size of the small factor's dimensions (a divisor of the layer's sizes); -1: near the square root.",
+    )
+
+    cel_rules: ClassVar[tuple[Rule, ...]] = (
+        _all_linear_alone("lokr"),
+        Rule(
+            cel="self.decomposeFactor != 0",
+            message="method.lokr.decomposeFactor must be -1 (automatic) or a positive size",
+            check=lambda s: s.decompose_factor != 0,
+        ),
+    )
+
+
+class VeraSettings(ApiModel):
+    """VeRA: one pair of frozen random projections shared by every adapted layer; each layer learns
+    only two scaling vectors, so the adapter is ~10x smaller than LoRA's at a similar quality."""
+
+    r: int = Field(default=256, ge=1, le=8192, description="Rank of the shared random projections.")
+    d_initial: float = Field(default=0.1, gt=0, le=10, description="Initial value of the per-rank scaling vector.")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    projection_seed: int = Field(
+        default=0, ge=0, le=2**31 - 1, description="Seed of the shared random projections (saved with the adapter)."
+    )
+    target_modules: list[str] = _targets_field(
+        ["q_proj", "v_proj"], "Module names to adapt, or all-linear (every linear layer but the output head)."
+    )
+
+    cel_rules: ClassVar = (_all_linear_alone("vera"),)
+
+
+class OftSettings(ApiModel):
+    """OFT: each adapted layer's input is rotated by a learned block-diagonal orthogonal matrix,
+    which keeps the angles between neurons (less forgetting of the base model's knowledge)."""
+
+    block_size: int = Field(
+        default=32,
+        ge=2,
+        le=1024,
+        description="Size of each orthogonal block (a layer whose width it does not divide gets the nearest divisor).",
+    )
+    block_share: bool = Field(default=False, description="One block shared by all the blocks of a layer.")
+    coft: bool = Field(default=False, description="Constrained OFT: keep the rotation within a small radius.")
+    module_dropout: float = Field(
+        default=0.0, ge=0, lt=1, description="Multiplicative dropout of whole blocks (replaced by the identity)."
+    )
+    target_modules: list[str] = _targets_field(["all-linear"], _LINEAR_TARGETS)
+
+    cel_rules: ClassVar = (_all_linear_alone("oft"),)
+
+
+class HraSettings(ApiModel):
+    """HRA: the update is a chain of r Householder reflections of the input (orthogonal, like OFT,
+    at LoRA-like cost)."""
+
+    r: int = Field(default=8, ge=2, le=1024, description="Number of Householder reflections (an even number).")
+    apply_gs: bool = Field(
+        default=False, description="Gram-Schmidt-orthogonalise the reflection vectors (slower, stricter)."
+    )
+    target_modules: list[str] = _targets_field(["all-linear"], _LINEAR_TARGETS)
+
+    cel_rules: ClassVar = (
+        _all_linear_alone("hra"),
+        Rule(
+            cel="self.r % 2 == 0",
+            message="method.hra.r must be even (the reflections are initialised in pairs)",
+            check=lambda s: s.r % 2 == 0,
+        ),
+    )
+
+
+class FourierFtSettings(ApiModel):
+    """FourierFT: each layer learns nFrequency coefficients of its update's 2-D Fourier spectrum, at
+    fixed random frequencies: the smallest adapters of all (a few thousand parameters per layer)."""
+
+    n_frequency: int = Field(
+        default=1000,
+        ge=1,
+        le=1_000_000,
+        description="Spectral coefficients learned per layer (at most the layer's in x out features).",
+    )
+    scaling: float = Field(default=150.0, gt=0, le=100000, description="Scale of the update (the paper's alpha).")
+    frequency_seed: int = Field(
+        default=777, ge=0, le=2**31 - 1, description="Seed that picks the frequencies (saved with the adapter)."
+    )
+    target_modules: list[str] = _targets_field(
+        ["q_proj", "v_proj"], "Module names to adapt, or all-linear (every linear layer but the output head)."
+    )
+
+    cel_rules: ClassVar = (_all_linear_alone("fourierft"),)
+
+
+class LnTuningSettings(ApiModel):
+    """LayerNorm tuning: only the normalisation layers' weights are trained (a few hundred thousand
+    parameters for a 7B model): the cheapest way to adapt style and format."""
+
+    target_modules: list[str] = _targets_field(
+        ["input_layernorm", "post_attention_layernorm", "norm"],
+        "Normalisation layers to train (Llama/Qwen/Mistral names; norm is the final one).",
+    )
+
+
 def _only_with(block: str, methods: tuple[str, ...]) -> Rule:
     allowed = " || ".join(f"self.type == '{m}'" for m in methods)
     names = ", ".join(methods)
@@ -216,15 +396,53 @@ class MethodSpec(ApiModel):
 
     type: MethodType = Field(
         default="lora",
-        description="full, lora, qlora (4/8-bit base + LoRA), dora, ia3, prefixTuning, promptTuning or adalora.",
+        description=(
+            "full: every weight (most capacity, most memory); lora: low-rank updates, the default; qlora: LoRA on "
+            "a 4/8-bit base (least memory); dora: LoRA plus learned magnitudes (closer to full fine-tuning); "
+            "ia3: rescaling vectors (tiny adapters); prefixTuning / promptTuning: learned virtual tokens; "
+            "adalora: LoRA whose ranks are pruned to where they matter; loha / lokr: Hadamard / Kronecker "
+            "products (higher effective rank per parameter); vera: shared random projections (10x smaller "
+            "than LoRA); oft / hra: orthogonal updates (keep more of the base's knowledge); fourierft: a few "
+            "spectral coefficients per layer (smallest adapters); lnTuning: the normalisation layers only. "
+            "Only lora, qlora and dora adapters can be served by vLLM."
+        ),
     )
-    lora: LoraSettings | None = Field(default=None, description="Settings for lora, qlora and dora.")
+    lora: LoraSettings | None = Field(
+        default=None, description="lora, qlora and dora: rank, scaling (rsLoRA), LoRA+ learning-rate ratio."
+    )
     quantization: QuantizationSettings | None = Field(
-        default=None, description="qlora only: how the base is quantised."
+        default=None, description="qlora only: how the base is quantised (no other method trains on a quantised base)."
     )
-    adalora: AdaLoraSettings | None = Field(default=None, description="adalora only.")
-    ia3: IA3Settings | None = Field(default=None, description="ia3 only.")
-    virtual_tokens: VirtualTokenSettings | None = Field(default=None, description="prefixTuning and promptTuning only.")
+    adalora: AdaLoraSettings | None = Field(
+        default=None, description="adalora only: pick it when a rank budget should go where it helps most."
+    )
+    ia3: IA3Settings | None = Field(
+        default=None, description="ia3 only: pick it for the smallest adapters that still rescale activations."
+    )
+    virtual_tokens: VirtualTokenSettings | None = Field(
+        default=None, description="prefixTuning and promptTuning only: pick them to steer a task without new weights."
+    )
+    loha: LohaSettings | None = Field(
+        default=None, description="loha only: pick it for a higher-rank update than LoRA's at the same rank."
+    )
+    lokr: LokrSettings | None = Field(
+        default=None, description="lokr only: pick it for a full-rank update with very few parameters."
+    )
+    vera: VeraSettings | None = Field(
+        default=None, description="vera only: pick it when many adapters must be stored or served (tiny files)."
+    )
+    oft: OftSettings | None = Field(
+        default=None, description="oft only: pick it to adapt while keeping the base's knowledge (orthogonal)."
+    )
+    hra: HraSettings | None = Field(
+        default=None, description="hra only: pick it for an orthogonal update at LoRA-like cost."
+    )
+    fourierft: FourierFtSettings | None = Field(
+        default=None, description="fourierft only: pick it for the fewest trainable parameters per layer."
+    )
+    ln_tuning: LnTuningSettings | None = Field(
+        default=None, description="lnTuning only: pick it for style or format changes at the lowest cost."
+    )
 
     cel_rules: ClassVar = (
         _only_with("quantization", ("qlora",)),
@@ -232,6 +450,13 @@ class MethodSpec(ApiModel):
         _only_with("adalora", ("adalora",)),
         _only_with("ia3", ("ia3",)),
         _only_with("virtualTokens", ("prefixTuning", "promptTuning")),
+        _only_with("loha", ("loha",)),
+        _only_with("lokr", ("lokr",)),
+        _only_with("vera", ("vera",)),
+        _only_with("oft", ("oft",)),
+        _only_with("hra", ("hra",)),
+        _only_with("fourierft", ("fourierft",)),
+        _only_with("lnTuning", ("lnTuning",)),
     )
 
     def effective_lora(self) -> LoraSettings:
@@ -240,9 +465,39 @@ class MethodSpec(ApiModel):
     def effective_quantization(self) -> QuantizationSettings:
         return self.quantization or QuantizationSettings()
 
+    def effective_loha(self) -> LohaSettings:
+        return self.loha or LohaSettings()
+
+    def effective_lokr(self) -> LokrSettings:
+        return self.lokr or LokrSettings()
+
+    def effective_vera(self) -> VeraSettings:
+        return self.vera or VeraSettings()
+
+    def effective_oft(self) -> OftSettings:
+        return self.oft or OftSettings()
+
+    def effective_hra(self) -> HraSettings:
+        return self.hra or HraSettings()
+
+    def effective_fourierft(self) -> FourierFtSettings:
+        return self.fourierft or FourierFtSettings()
+
+    def effective_ln_tuning(self) -> LnTuningSettings:
+        return self.ln_tuning or LnTuningSettings()
+
     @property
     def is_adapter(self) -> bool:
         return self.type != "full"
+
+    def vllm_problem(self) -> str:
+        """Why vLLM cannot serve what this method trains ("" when it can): vLLM loads plain LoRA
+        adapters only (it refuses DoRA's magnitudes and every other PEFT type); the builtin runtime
+        serves them (by adapter, besides grouped LoRA)."""
+        if self.type in ("lora", "qlora"):
+            return ""
+        what = "a whole model, not an adapter" if self.type == "full" else f"a {self.type} adapter"
+        return f"runtime vllm serves LoRA adapters (lora, qlora) only, and this is {what}; use runtime builtin"
 
 
 # --- spec.dpo, spec.hyperparameters --------------------------------------------------------------
@@ -253,6 +508,45 @@ class DpoSettings(ApiModel):
 
     beta: float = Field(default=0.1, gt=0, le=10, description="Strength of the KL penalty towards the reference.")
     loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(default="sigmoid", description="Preference loss.")
+
+
+class OrpoSettings(ApiModel):
+    """Odds Ratio Preference Optimisation (Hong et al., 2024): supervised loss on the chosen reply plus an
+    odds-ratio term that pushes the rejected one down. No reference model: SFT and alignment in one pass."""
+
+    beta: float = Field(
+        default=0.1,
+        gt=0,
+        le=10,
+        description="Weight (the paper's lambda) of the odds-ratio term against the chosen reply's NLL.",
+    )
+
+
+class SimpoSettings(ApiModel):
+    """Simple Preference Optimisation (Meng et al., 2024): DPO's sigmoid loss on length-normalised
+    log-probabilities, with a target margin and no reference model. Defaults from the paper's code."""
+
+    beta: float = Field(default=2.0, gt=0, le=100, description="Scale of the length-normalised reward.")
+    gamma_beta_ratio: float = Field(
+        default=0.25,
+        ge=0,
+        le=10,
+        description="Target reward margin gamma, as a fraction of beta (gamma = beta x gammaBetaRatio).",
+    )
+
+
+class KtoSettings(ApiModel):
+    """Kahneman-Tversky Optimisation (Ethayarajh et al., 2024) on unpaired good/bad replies, against a
+    frozen reference (the base model). Balance the weights so that desirableWeight x good examples over
+    undesirableWeight x bad examples lies between 1 and 4/3, as the paper advises."""
+
+    beta: float = Field(default=0.1, gt=0, le=10, description="Strength of the KL penalty towards the reference.")
+    desirable_weight: float = Field(
+        default=1.0, gt=0, le=100, description="Weight of the loss on replies labelled true."
+    )
+    undesirable_weight: float = Field(
+        default=1.0, gt=0, le=100, description="Weight of the loss on replies labelled false."
+    )
 
 
 LEARNING_RATE_PATTERN = r"^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$"
@@ -502,17 +796,132 @@ class TrackingSpec(ApiModel):
     wandb: WandbTracking | None = Field(default=None, description="Weights & Biases.")
 
 
+ExportFormat = Literal["merged", "gguf"]
+GgufType = Literal["f16", "q8_0"]
+# Methods whose training leaves no weight delta: soft prompts live beside the model, not in it, so
+# there is nothing to fold into the base (PEFT has no merge for them) and nothing a GGUF file holds.
+UNMERGEABLE_METHODS = ("prefixTuning", "promptTuning")
+# Hugging Face architectures the trainer writes as llama.cpp's `llama` (same tensors, same rope).
+GGUF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+# Fragments of hf:// model names of families llama.cpp reads under another architecture (other
+# tensors, biases, rope or experts): refused at validation, before a download or any training.
+_NOT_LLAMA_NAMES = ("qwen", "gemma", "phi-", "phi3", "gpt2", "gpt-neox", "pythia", "falcon", "mixtral", "bloom")
+
+
+def _listed_once(field: str, label: str) -> Rule:
+    """A list of enum values given at most once each: the API server's `exists_one` and its twin
+    (`field` is a one-word name, the same on the wire and in Python)."""
+    return Rule(
+        cel=f"self.{field}.all(x, self.{field}.exists_one(y, y == x))",
+        message=f"{label} lists an entry twice",
+        check=lambda obj: len(set(getattr(obj, field))) == len(getattr(obj, field)),
+        field_path=f".{field}",
+    )
+
+
+class GgufSettings(ApiModel):
+    """How the GGUF files (llama.cpp, Ollama, LM Studio) are written: one file per type."""
+
+    types: list[GgufType] = Field(
+        default_factory=lambda: list[GgufType](["f16"]),
+        min_length=1,
+        max_length=2,
+        description="f16 (2 bytes a weight, what llama.cpp computes in) and/or q8_0 (8-bit blocks of 32 with "
+        "one scale, about half the size, near-lossless); each is written as model-TYPE.gguf.",
+        json_schema_extra={"default": ["f16"]},
+    )
+
+    cel_rules: ClassVar = (_listed_once("types", "output.gguf.types"),)
+
+
 class OutputSpec(ApiModel):
-    """Where the adapter, report.json and checkpoints are written."""
+    """Where the adapter, report.json and checkpoints are written, and what is exported beside them."""
 
     uri: str = Field(
         min_length=1,
         max_length=MAX_URI,
         description="pvc://CLAIM/PATH, s3://BUCKET/PATH or file:///PATH (local runs only).",
     )
-    merge_weights: bool = Field(default=False, description="Also write the base model with the adapter merged in.")
+    merge_weights: bool = Field(
+        default=False,
+        description="Deprecated alias of export [merged]: also write the base with the adapter merged in.",
+    )
+    export: list[ExportFormat] = Field(
+        default_factory=list,
+        max_length=2,
+        description="Also write, beside the adapter: merged (the base with the adapter folded in, safetensors, "
+        "under merged/) and/or gguf (that merged model as GGUF files for llama.cpp and Ollama; Llama-family "
+        "models). Not for prefixTuning or promptTuning, which leave no weights to merge.",
+        json_schema_extra={"default": []},
+    )
+    gguf: GgufSettings | None = Field(default=None, description="export gguf only: the GGUF types written.")
 
-    cel_rules: ClassVar = uri_rules("uri", "uri")
+    cel_rules: ClassVar = (
+        *uri_rules("uri", "uri"),
+        _listed_once("export", "output.export"),
+        Rule(
+            cel="!has(self.gguf) || 'gguf' in self.export",
+            message="output.gguf is only allowed when output.export lists gguf",
+            check=lambda o: o.gguf is None or "gguf" in o.export,
+            field_path=".gguf",
+        ),
+    )
+
+    @property
+    def exports(self) -> tuple[str, ...]:
+        """What is exported, in the order it is written (merged first: gguf reads the merged weights);
+        mergeWeights counts as merged."""
+        wanted = set(self.export) | ({"merged"} if self.merge_weights else set())
+        return tuple(name for name in ("merged", "gguf") if name in wanted)
+
+    def gguf_types(self) -> list[str]:
+        """The GGUF types to write ([] when gguf is not exported)."""
+        return list((self.gguf or GgufSettings()).types) if "gguf" in self.export else []
+
+
+def _exports_merge(spec: "FineTuneJobSpec") -> bool:
+    return bool(spec.output.exports)
+
+
+EXPORT_METHOD_RULE = Rule(
+    cel=(
+        "!(self.output.mergeWeights || (has(self.output.export) && size(self.output.export) > 0)) || "
+        f"!(self.method.type in {list(UNMERGEABLE_METHODS)})"
+    ),
+    message="output.export and output.mergeWeights need weights to merge into the base; prefixTuning and "
+    "promptTuning train soft prompts, which stay a separate adapter",
+    check=lambda s: not (_exports_merge(s) and s.method.type in UNMERGEABLE_METHODS),
+    field_path=".output",
+)
+"""A FineTuneJobSpec rule (it reads method and output): listed in FineTuneJobSpec.cel_rules."""
+
+
+def gguf_model_problem(model_uri: str) -> str | None:
+    """Why a GGUF export of this model would fail, when its hf:// name already says so (validation
+    has no weights: the trainer checks config.json's architecture before it trains); else None."""
+    if not model_uri.startswith("hf://"):
+        return None
+    name = model_uri.removeprefix("hf://").split("/")[-1].lower()
+    family = next((fragment for fragment in _NOT_LLAMA_NAMES if fragment in name), None)
+    if family is None:
+        return None
+    return (
+        f"GGUF export writes Llama-family models ({', '.join(GGUF_ARCHITECTURES)}); {model_uri!r} looks like "
+        f"{family.strip('-')}, which llama.cpp reads under another architecture: export merged and convert it "
+        "with llama.cpp's convert_hf_to_gguf.py"
+    )
+
+
+def gguf_architecture_problem(architectures: list[str] | None) -> str | None:
+    """Why the model whose config.json lists `architectures` cannot be exported as GGUF, or None."""
+    found = [name for name in architectures or [] if isinstance(name, str)]
+    if any(name in GGUF_ARCHITECTURES for name in found):
+        return None
+    shown = ", ".join(found[:3]) or "no architecture in config.json"
+    return (
+        f"GGUF export writes Llama-family models ({', '.join(GGUF_ARCHITECTURES)}), not {shown}: "
+        "export merged and convert it with llama.cpp's convert_hf_to_gguf.py"
+    )
 
 
 class RunPolicy(ApiModel):
@@ -534,7 +943,37 @@ class RunPolicy(ApiModel):
     )
 
 
-Objective = Literal["sft", "dpo"]
+Objective = Literal["sft", "dpo", "orpo", "simpo", "kto"]
+# The dataset format each preference objective learns from (sft takes every other format).
+OBJECTIVE_FORMATS = {"dpo": "preference", "orpo": "preference", "simpo": "preference", "kto": "unpaired-preference"}
+
+
+def _objective_needs_format(objective: str, data_format: str) -> Rule:
+    return Rule(
+        cel=f"self.objective != '{objective}' || self.dataset.format == '{data_format}'",
+        message=f"objective {objective} needs dataset.format {data_format}",
+        check=lambda s: s.objective != objective or s.dataset.format == data_format,
+    )
+
+
+def _format_needs_objective(data_format: str) -> Rule:
+    objectives = [o for o, f in OBJECTIVE_FORMATS.items() if f == data_format]
+    listed = ", ".join(f"'{o}'" for o in objectives)
+    names = " or ".join([", ".join(objectives[:-1]), objectives[-1]] if len(objectives) > 1 else objectives)
+    return Rule(
+        cel=f"self.dataset.format != '{data_format}' || self.objective in [{listed}]",
+        message=f"{data_format} data needs objective {names}",
+        check=lambda s: s.dataset.format != data_format or s.objective in objectives,
+    )
+
+
+def _settings_only_with(objective: str) -> Rule:
+    return Rule(
+        cel=f"!has(self.{objective}) || self.objective == '{objective}'",
+        message=f"spec.{objective} is only allowed with objective {objective}",
+        check=lambda s: getattr(s, objective) is None or s.objective == objective,
+        field_path=f".{objective}",
+    )
 
 
 def _batch_divides(spec: "FineTuneJobSpec") -> bool:
@@ -566,9 +1005,17 @@ class FineTuneJobSpec(ApiModel):
     dataset: DatasetSpec = Field(description="The training data.")
     method: MethodSpec = section(MethodSpec, "Which weights are trained (LoRA by default).")
     objective: Objective = Field(
-        default="sft", description="sft (supervised) or dpo (needs dataset.format preference)."
+        default="sft",
+        description=(
+            "sft (supervised); on dataset.format preference: dpo (against the base as reference), orpo (SFT and "
+            "preference in one loss, no reference) or simpo (length-normalised, no reference); on "
+            "unpaired-preference data (good/bad replies, no pairs): kto."
+        ),
     )
     dpo: DpoSettings | None = Field(default=None, description="objective dpo only.")
+    orpo: OrpoSettings | None = Field(default=None, description="objective orpo only.")
+    simpo: SimpoSettings | None = Field(default=None, description="objective simpo only.")
+    kto: KtoSettings | None = Field(default=None, description="objective kto only.")
     hyperparameters: Hyperparameters = section(Hyperparameters, "Optimisation settings (every field has a default).")
     distributed: DistributedSpec = section(DistributedSpec, "Parallelism strategy.")
     resources: ResourcesSpec = section(ResourcesSpec, "Pods, GPUs and placement.")
@@ -584,16 +1031,17 @@ class FineTuneJobSpec(ApiModel):
     )
 
     cel_rules: ClassVar = (
+        *(_objective_needs_format(o, f) for o, f in OBJECTIVE_FORMATS.items()),
+        *(_format_needs_objective(f) for f in dict.fromkeys(OBJECTIVE_FORMATS.values())),
+        *(_settings_only_with(o) for o in OBJECTIVE_FORMATS),
         Rule(
-            cel="(self.objective == 'dpo') == (self.dataset.format == 'preference')",
-            message="objective dpo needs dataset.format preference, and preference data needs objective dpo",
-            check=lambda s: (s.objective == "dpo") == (s.dataset.format == "preference"),
-        ),
-        Rule(
-            cel="!has(self.dpo) || self.objective == 'dpo'",
-            message="spec.dpo is only allowed with objective dpo",
-            check=lambda s: s.dpo is None or s.objective == "dpo",
-            field_path=".dpo",
+            cel="self.objective != 'kto' || self.method.type != 'full'",
+            message=(
+                "objective kto uses the base model as its frozen reference, so it needs an adapter method "
+                "(lora, qlora, dora, ...), not full"
+            ),
+            check=lambda s: s.objective != "kto" or s.method.type != "full",
+            field_path=".method.type",
         ),
         Rule(
             cel=(
