@@ -9,10 +9,12 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import get_args
 
 import yaml
 
 from . import __version__
+from .api.finetunejob import DatasetFormat
 from .logs import quiet_libraries
 from .storage import StorageError
 
@@ -278,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--format",
         default="chat",
-        choices=["chat", "instruction", "completion", "text", "preference"],
+        choices=list(get_args(DatasetFormat)),
         help="format of --data, as a FineTuneJob's dataset.format (default chat)",
     )
     evaluate.add_argument(

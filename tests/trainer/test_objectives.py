@@ -199,6 +199,26 @@ def test_unpaired_rows_become_masked_examples_with_mismatched_replies(tok, tmp_p
     assert report.train_tokens == sum(len(r) for r in replies)
 
 
+def test_evaluating_on_unpaired_data_compares_answers_with_the_thumbs_up_replies_only(tok, tmp_path):
+    from kubetune_trainer.evaluation import task_for
+
+    rows = [
+        {"prompt": "Is the sky blue?", "completion": " Yes.", "label": True},
+        {"prompt": "Greet me.", "completion": " Go away.", "label": False},
+        {"prompt": "Q?", "completion": " A.", "label": True},
+    ]
+    path = tmp_path / "feedback.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples, _, _ = build_datasets(unpaired_spec(), path, tok, seed=0)
+    reference = tmp_path / "reference.txt"
+    reference.write_text("Some plain English text to measure perplexity on.")
+    task = task_for(
+        "unpaired-preference", examples, tok, reference=reference, max_examples=8, max_new_tokens=4,
+        context=64, source="train split",
+    )  # fmt: skip
+    assert sorted(item.reference for item in task.items) == ["A.", "Yes."]
+
+
 def test_unpaired_bad_rows_say_why(tok, tmp_path):
     rows = [
         {"prompt": "A?", "completion": "B.", "label": "maybe"},

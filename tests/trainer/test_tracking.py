@@ -592,3 +592,20 @@ def test_a_short_training_run_reports_to_the_mlflow_server(mlflow_server, patien
     assert sorted(m.step for m in c.get_metric_history(run.info.run_id, "eval_loss")) == [3, 6]
     assert "rougeL.delta" in run.data.metrics and "forgettingRatio" in run.data.metrics
     assert "adapter/adapter_model.safetensors" in [a.path for a in c.list_artifacts(run.info.run_id, "adapter")]
+
+
+@pytest.mark.parametrize(
+    ("objective", "settings", "expected"),
+    [
+        ("orpo", {}, "orpo.beta"),
+        ("simpo", {"gammaBetaRatio": 0.5}, "simpo.gammaBetaRatio"),
+        ("kto", {"desirableWeight": 1.3}, "kto.desirableWeight"),
+    ],
+)
+def test_a_preference_objectives_settings_are_run_params(tmp_path, objective, settings, expected):
+    wire = make_config(tmp_path / "no-model", tmp_path).to_wire()
+    data_format = "unpaired-preference" if objective == "kto" else "preference"
+    wire["spec"] |= {"objective": objective, objective: {"beta": 0.2, **settings}}
+    wire["spec"]["dataset"]["format"] = data_format
+    params = tracking.job_params(TrainerConfig.model_validate(wire).spec)
+    assert params["objective"] == objective and params[f"{objective}.beta"] == "0.2" and expected in params

@@ -5,6 +5,7 @@ fine-tune on one GPU is refused as InsufficientGpuMemory with advice."""
 import pytest
 
 from kubetune.api import FineTuneJob, check_file
+from kubetune.planning import method_trainable_params
 from kubetune_operator.config import OperatorConfig
 from kubetune_operator.finetunejob import admission as a
 from kubetune_operator.finetunejob.render import render_finetunejob
@@ -136,6 +137,16 @@ def test_adapter_methods_train_a_small_fraction(method):
     job = minimal(model="hf://meta-llama/Llama-3.1-8B", method=method)
     arch = a.known_architecture(job.spec.model.uri)
     assert 0 < a.trainable_params(job, arch) < arch.shape.total_params / 20
+
+
+@pytest.mark.parametrize("method", ["loha", "lokr", "vera", "oft", "hra", "fourierft", "lnTuning"])
+def test_the_newer_adapter_methods_are_counted_by_the_planners_exact_formulas(method):
+    job = minimal(model="hf://meta-llama/Llama-3.1-8B", method=method)
+    arch = a.known_architecture(job.spec.model.uri)
+    counted = a.trainable_params(job, arch)
+    assert counted == method_trainable_params(job.spec.method, arch.decoder)
+    assert 0 < counted < arch.shape.total_params / 20
+    assert a.admit(job).plan.trainable_params == counted
 
 
 # --- hostile annotations -------------------------------------------------------------------------

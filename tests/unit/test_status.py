@@ -203,7 +203,12 @@ def test_success_reads_rank_zero_termination_message():
     st = complete(json.dumps(RESULT))
     assert st["phase"] == "Succeeded" and cond(st, c.SUCCEEDED)["status"] == "True"
     assert cond(st, c.RUNNING)["status"] == "False" and cond(st, c.RUNNING)["reason"] == "Completed"
-    assert st["adapter"] == {"uri": OUTPUT + "/adapter", "sizeBytes": 19302911, "sha256": "ab" * 32}
+    assert st["adapter"] == {
+        "uri": OUTPUT + "/adapter",
+        "sizeBytes": 19302911,
+        "sha256": "ab" * 32,
+        "mergedUri": OUTPUT + "/merged",
+    }
     assert st["metrics"] == {"trainLoss": 1.21, "evalLoss": 1.34, "tokensPerSecond": 5310.0, "learningRate": 1e-5}
     assert st["progress"] == {"step": 100, "totalSteps": 100, "percent": 100}
     assert st["completionTime"] == "2026-01-02T04:00:00Z" and st["startTime"] == "2026-01-02T03:00:00Z"
@@ -389,6 +394,24 @@ def test_a_merged_uri_outside_the_output_is_untrusted_too():
     adapter = {**RESULT["adapter"], "mergedUri": "pvc://payroll-db-data/merged"}
     st = complete(json.dumps({**RESULT, "adapter": adapter}))
     assert st["phase"] == "Failed" and cond(st, c.FAILED)["reason"] == "UntrustedResult"
+
+
+GGUF = [{"type": "q8_0", "uri": OUTPUT + "/model-q8_0.gguf", "sizeBytes": 7_200_000_000, "sha256": "cd" * 32}]
+
+
+def test_the_exports_reach_the_status_beside_the_adapter():
+    st = complete(json.dumps({**RESULT, "adapter": {**RESULT["adapter"], "gguf": GGUF}}))
+    assert st["phase"] == "Succeeded", st
+    assert st["adapter"]["mergedUri"] == OUTPUT + "/merged" and st["adapter"]["gguf"] == GGUF
+    assert_patchable(st)
+
+
+def test_a_gguf_file_outside_the_output_is_untrusted():
+    gguf = [GGUF[0], {**GGUF[0], "type": "f16", "uri": "s3://somebody-elses-bucket/model.gguf"}]
+    st = complete(json.dumps({**RESULT, "adapter": {**RESULT["adapter"], "gguf": gguf}}))
+    failed = cond(st, c.FAILED)
+    assert st["phase"] == "Failed" and failed["reason"] == "UntrustedResult"
+    assert "adapter.gguf[1].uri" in failed["message"]
 
 
 def test_an_adapter_under_the_output_is_trusted():

@@ -457,6 +457,9 @@ def task_for(
         task.pairs = list(examples[:max_examples])
     elif data_format == "text":
         task.notes.append("text data has no reference answers: task metrics skipped, only perplexity measured")
+    elif data_format == "unpaired-preference":
+        # A thumbs-down reply is what not to say: only the thumbs-up ones are references to match.
+        task.items = generation_items([e for e in examples if e.desirable], tokenizer, max_examples)
     else:
         task.items = generation_items(examples, tokenizer, max_examples)
     if data_format != "text" and not task.examples and source is not None:

@@ -69,7 +69,10 @@ WANDB_FINISH_TIMEOUT_S = 600.0
 WANDB_OUTPUT = "wandb"  # where an offline run is published in the job's output
 
 # The spec's parts a run is compared by; output, run policy, placement and the trackers are not.
-PARAM_SECTIONS = ("model", "dataset", "method", "objective", "hyperparameters", "dpo", "distributed", "evaluation")
+PARAM_SECTIONS = (
+    "model", "dataset", "method", "objective", "hyperparameters", "dpo", "orpo", "simpo", "kto", "distributed",
+    "evaluation",
+)  # fmt: skip
 
 Publish = Callable[[Path, str], str]
 

@@ -95,6 +95,12 @@ def setup(config: TrainerConfig, env: DistEnv) -> Run:
         ),
     )
     methods.model_folder(spec.model.uri, model_dir)
+    if "gguf" in spec.output.exports:
+        from . import export
+
+        # before training: an export that cannot be written would fail the job after the whole run
+        if why := export.gguf_problem(model_dir):
+            raise ValueError(f"spec.output.export gguf: {why}")
     data_path = _on_main_first(
         env, lambda: storage.resolve_input(spec.dataset.uri, cache_dir=cache, local=runtime.local)
     )

@@ -1075,6 +1075,7 @@ class FineTuneJobSpec(ApiModel):
                 )
             ),
         ),
+        EXPORT_METHOD_RULE,
         _immutable("model", "create a new FineTuneJob to train another base model"),
         _immutable("method", "create a new FineTuneJob to train with another method"),
         _immutable("dataset", "create a new FineTuneJob to train on other data"),
@@ -1130,12 +1131,27 @@ class TrainingMetrics(ApiModel):
     )
 
 
+class ExportedFile(ApiModel):
+    """One exported file (spec.output.export gguf: one per GGUF type)."""
+
+    type: str = Field(max_length=16, description="The GGUF type (f16, q8_0).")
+    uri: str = Field(max_length=MAX_URI, description="Where the file was written.")
+    size_bytes: int | None = Field(default=None, description="Its size.")
+    sha256: str | None = Field(default=None, max_length=64, description="Its digest.")
+
+
 class AdapterArtifact(ApiModel):
     """The trained result."""
 
     uri: str = Field(max_length=MAX_URI, description="Where the adapter was written.")
     size_bytes: int | None = Field(default=None, description="Size of the adapter weights.")
     sha256: str | None = Field(default=None, max_length=64, description="Digest of the adapter weights.")
+    merged_uri: str | None = Field(
+        default=None, max_length=MAX_URI, description="spec.output.export merged: the base with the adapter merged in."
+    )
+    gguf: list[ExportedFile] | None = Field(
+        default=None, max_length=4, description="spec.output.export gguf: the GGUF files written, one per type."
+    )
 
 
 class FineTuneJobStatus(ApiModel):

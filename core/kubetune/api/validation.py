@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .adapterdeployment import AdapterDeployment
-from .finetunejob import FineTuneJob, FineTuneJobSpec
+from .finetunejob import FineTuneJob, FineTuneJobSpec, MethodSpec, gguf_model_problem
 from .names import name_problems
 from .uris import node_local_host, uri_problem
 
@@ -75,6 +75,30 @@ KNOWN_TARGET_MODULES = frozenset(
     }
 )
 
+# Normalisation layers' names in the common families (Llama/Qwen/Mistral, Gemma, GPT-2, Falcon, Qwen3's
+# per-head q/k norms): lnTuning targets these, never linear layers.
+KNOWN_NORM_MODULES = frozenset(
+    {
+        "input_layernorm",
+        "post_attention_layernorm",
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm",
+        "norm",
+        "final_layernorm",
+        "layernorm",
+        "ln_1",
+        "ln_2",
+        "ln_f",
+        "ln_attn",
+        "ln_mlp",
+        "attention_norm",
+        "ffn_norm",
+        "q_norm",
+        "k_norm",
+    }
+)
+NORM_HINT = "input_layernorm, post_attention_layernorm, norm"
+
 
 def validate(obj: FineTuneJob | AdapterDeployment, local: bool = False) -> list[Problem]:
     """Problems with an already-parsed object. `local` is True for `kubetune train` on this
@@ -93,6 +117,8 @@ def validate_finetunejob(spec: FineTuneJobSpec, local: bool = False) -> list[Pro
     if spec.dataset.validation and spec.dataset.validation.uri:
         problems += check_uri("spec.dataset.validation.uri", spec.dataset.validation.uri, DATASET_SCHEMES, local)
     problems += check_evaluation(spec, local)
+    if "gguf" in spec.output.exports and (why := gguf_model_problem(spec.model.uri)):
+        problems.append(Problem("spec.output.export", why))
     method = spec.method
     if method.type in ("lora", "qlora", "dora"):
         problems += check_target_modules("spec.method.lora.targetModules", method.effective_lora().target_modules)
@@ -100,6 +126,10 @@ def validate_finetunejob(spec: FineTuneJobSpec, local: bool = False) -> list[Pro
         problems += check_target_modules("spec.method.adalora.targetModules", method.adalora.target_modules)
     if method.ia3:
         problems += check_target_modules("spec.method.ia3.targetModules", method.ia3.target_modules)
+    for block, settings in method_target_blocks(method):
+        problems += check_target_modules(f"spec.method.{block}.targetModules", settings.target_modules)
+    if method.ln_tuning:
+        problems += check_norm_modules("spec.method.lnTuning.targetModules", method.ln_tuning.target_modules)
     if method.type == "prefixTuning" and method.virtual_tokens and method.virtual_tokens.init_text:
         problems.append(
             Problem(
@@ -226,6 +256,34 @@ def check_uri(path: str, uri: str, schemes: tuple[str, ...], local: bool) -> lis
         ]
     problem = uri_problem(uri, schemes)
     return [Problem(path, problem)] if problem else []
+
+
+def method_target_blocks(method: MethodSpec) -> list[tuple[str, Any]]:
+    """The linear-layer adapter blocks the spec sets (loha, lokr, vera, oft, hra, fourierft), by API name."""
+    blocks = {
+        "loha": method.loha,
+        "lokr": method.lokr,
+        "vera": method.vera,
+        "oft": method.oft,
+        "hra": method.hra,
+        "fourierft": method.fourierft,
+    }
+    return [(name, settings) for name, settings in blocks.items() if settings is not None]
+
+
+def check_norm_modules(path: str, modules: list[str]) -> list[Problem]:
+    """lnTuning trains normalisation layers: a linear layer's name there is a mistake worth one line."""
+    problems = []
+    for name in modules:
+        if name in KNOWN_TARGET_MODULES:
+            problems.append(
+                Problem(path, f"{name!r} is not a normalisation layer; lnTuning trains layers such as {NORM_HINT}")
+            )
+        elif name not in KNOWN_NORM_MODULES:
+            close = difflib.get_close_matches(name, sorted(KNOWN_NORM_MODULES), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            problems.append(Problem(path, f"unknown normalisation layer {name!r}; {hint}use names like {NORM_HINT}"))
+    return problems
 
 
 def check_target_modules(path: str, modules: list[str]) -> list[Problem]:

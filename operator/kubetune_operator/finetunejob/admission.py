@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 
 from kubetune.api.finetunejob import FineTuneJob, TrainingPlan
 from kubetune.api.validation import validate
-from kubetune.planning import ModelShape, Plan, plan_for_spec
+from kubetune.planning import DecoderShape, ModelShape, Plan, adapted_linears, method_trainable_params, plan_for_spec
 
 from ..config import OperatorConfig
 from ..render_common import gpu_resource_problem
@@ -49,6 +49,10 @@ class Architecture:
     shape: ModelShape
     intermediate_size: int
     kv_size: int  # key/value projection width (grouped-query attention makes it narrower than hidden)
+
+    @property
+    def decoder(self) -> DecoderShape:
+        return DecoderShape(self.shape.hidden_size, self.intermediate_size, self.kv_size, self.shape.num_layers)
 
 
 def _arch(total: int, hidden: int, layers: int, vocab: int, intermediate: int, kv: int) -> Architecture:
@@ -149,42 +153,29 @@ def model_architecture(job: FineTuneJob) -> tuple[Architecture | None, str]:
 # --- trainable parameters ------------------------------------------------------------------------
 
 
-def linear_sizes(arch: Architecture) -> dict[str, tuple[int, int]]:
-    """(in, out) features of each decoder-layer linear, Llama/Qwen/Mistral naming."""
-    h, i, kv = arch.shape.hidden_size, arch.intermediate_size, arch.kv_size
-    return {
-        "q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-        "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
-    }  # fmt: skip
-
-
-def adapted_modules(arch: Architecture, targets: list[str]) -> list[tuple[int, int]]:
-    sizes = linear_sizes(arch)
-    if "all-linear" in targets:
-        return list(sizes.values())
-    square = (arch.shape.hidden_size, arch.shape.hidden_size)  # other architectures' names: about h x h
-    return [sizes.get(name, square) for name in targets]
-
-
 def trainable_params(job: FineTuneJob, arch: Architecture) -> int:
-    """Parameters that get gradients under the job's method (an estimate, as PEFT would count)."""
+    """Parameters that get gradients under the job's method (as PEFT counts them; names outside the
+    Llama/Qwen/Mistral family are estimated as hidden x hidden)."""
     method, layers, hidden = job.spec.method, arch.shape.num_layers, arch.shape.hidden_size
     if method.type == "full":
         return arch.shape.total_params
+    counted = method_trainable_params(method, arch.decoder)
+    if counted is not None:  # loha, lokr, vera, oft, hra, fourierft, lnTuning
+        return counted
     if method.type in ("lora", "qlora", "dora"):
         lora = method.effective_lora()
-        modules = adapted_modules(arch, lora.target_modules)
+        modules = adapted_linears(arch.decoder, lora.target_modules)
         extra = sum(out for _, out in modules) if method.type == "dora" else 0  # DoRA's magnitude vectors
         return layers * (lora.r * sum(i + o for i, o in modules) + extra)
     if method.type == "adalora":
         adalora = method.adalora
-        modules = adapted_modules(arch, adalora.target_modules if adalora else ["all-linear"])
+        modules = adapted_linears(arch.decoder, adalora.target_modules if adalora else ["all-linear"])
         return layers * (adalora.init_r if adalora else 12) * sum(i + o for i, o in modules)
     if method.type == "ia3":
         ia3 = method.ia3
         targets = ia3.target_modules if ia3 else ["k_proj", "v_proj", "down_proj"]
         feedforward = set(ia3.feedforward_modules if ia3 else ["down_proj"])
-        sizes = dict(zip(targets, adapted_modules(arch, targets), strict=True))
+        sizes = dict(zip(targets, adapted_linears(arch.decoder, targets), strict=True))
         return layers * sum(i if name in feedforward else o for name, (i, o) in sizes.items())
     tokens = method.virtual_tokens.num_virtual_tokens if method.virtual_tokens else 20
     if method.type == "prefixTuning":

@@ -226,7 +226,9 @@ def result_problem(result: ReportedResult, output_uri: str) -> str | None:
     artifact = result.result.adapter if result.result else None
     if artifact is None:
         return None
-    for field, uri in (("adapter.uri", artifact.uri), ("adapter.mergedUri", artifact.merged_uri)):
+    reported = [("adapter.uri", artifact.uri), ("adapter.mergedUri", artifact.merged_uri)]
+    reported += [(f"adapter.gguf[{i}].uri", file.uri) for i, file in enumerate(artifact.gguf or [])]
+    for field, uri in reported:
         problem = untrusted_uri(uri, output_uri) if uri is not None else None
         if problem:
             return f"rank 0 reported {field} {problem}"
@@ -236,7 +238,7 @@ def result_problem(result: ReportedResult, output_uri: str) -> str | None:
 def adapter_artifact(result: ReportedResult, output_uri: str) -> dict[str, Any]:
     """status.adapter: the trainer's word, else where the trainer always writes it."""
     artifact = {"uri": result.adapter.get("uri") or adapter_uri(output_uri)}
-    for key in ("sizeBytes", "sha256"):
+    for key in ("sizeBytes", "sha256", "mergedUri", "gguf"):
         if key in result.adapter:
             artifact[key] = result.adapter[key]
     return artifact
