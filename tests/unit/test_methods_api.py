@@ -176,3 +176,35 @@ def test_vllm_refuses_every_other_adapter_with_the_reason(method):
 
 def test_vllm_refuses_a_full_fine_tune_as_no_adapter():
     assert "this is a whole model, not an adapter" in MethodSpec(type="full").vllm_problem()
+
+
+@pytest.mark.parametrize(
+    ("method", "modules", "message"),
+    [
+        ("loha", ["q_prj"], "spec.method.loha.targetModules: unknown module 'q_prj'; did you mean 'q_proj'?"),
+        ("vera", ["all-linear", "v_proj"], "spec.method.vera.targetModules: all-linear already covers"),
+        ("fourierft", ["qkv"], "spec.method.fourierft.targetModules: unknown module 'qkv'"),
+        ("lnTuning", ["q_proj"], "'q_proj' is not a normalisation layer; lnTuning trains layers such as"),
+        ("lnTuning", ["input_layernom"], "unknown normalisation layer 'input_layernom'; did you mean 'input_layernorm'?"),
+    ],
+)
+def test_module_names_are_checked_for_every_method(method, modules, message):
+    from kubetune.api.validation import validate_finetunejob
+
+    block = BLOCKS[method][0]
+    raw = spec(**{"method": {"type": method, block: {"targetModules": modules}}})
+    try:
+        parsed = FineTuneJobSpec.model_validate(raw)
+    except ValidationError as refused:  # a CEL-backed rule caught it first (all-linear alone)
+        assert message.split(": ", 1)[1] in str(refused)
+        return
+    problems = [str(p) for p in validate_finetunejob(parsed)]
+    assert any(message in p for p in problems), problems
+
+
+def test_norm_names_of_common_families_are_accepted():
+    from kubetune.api.validation import validate_finetunejob
+
+    names = ["input_layernorm", "post_attention_layernorm", "norm", "ln_1", "ln_f", "q_norm"]
+    parsed = FineTuneJobSpec.model_validate(spec(**{"method": {"type": "lnTuning", "lnTuning": {"targetModules": names}}}))
+    assert [p for p in validate_finetunejob(parsed) if "lnTuning" in p.path] == []
