@@ -209,3 +209,17 @@ def test_norm_names_of_common_families_are_accepted():
     raw = spec(**{"method": {"type": "lnTuning", "lnTuning": {"targetModules": names}}})
     parsed = FineTuneJobSpec.model_validate(raw)
     assert [p for p in validate_finetunejob(parsed) if "lnTuning" in p.path] == []
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "dora"])
+@pytest.mark.parametrize("init", ["default", "gaussian", "pissa", "olora"])
+def test_base_changing_inits_are_for_lora_only_in_cel_and_python(method, init):
+    raw = {"type": method, "lora": {"init": init}}
+    [rule] = [r for r in MethodSpec.cel_rules if "lora.init pissa and olora" in r.message]
+    by_cel = cel.evaluate(rule.cel, {"self": raw}) is True
+    try:
+        MethodSpec.model_validate(raw)
+        parsed = True
+    except ValidationError:
+        parsed = False
+    assert by_cel == parsed == (method == "lora" or init in ("default", "gaussian"))

@@ -1,10 +1,12 @@
 """Loading the base model and applying the fine-tuning method (PEFT for every adapter method)."""
 
+import json
 from pathlib import Path
 
 import torch
 
 from kubetune.api.finetunejob import (
+    BASE_CHANGING_INITS,
     AdaLoraSettings,
     FineTuneJobSpec,
     IA3Settings,
@@ -112,6 +114,7 @@ def peft_config(method: MethodSpec, total_steps: int, tokenizer_dir: Path):
             target_modules=_targets(lora.target_modules),
             use_rslora=lora.rslora,
             use_dora=method.type == "dora",
+            init_lora_weights=LORA_INITS[lora.init],
         )
     if method.type == "adalora":
         a = method.adalora or AdaLoraSettings()
@@ -253,6 +256,58 @@ def apply_method(model, spec: FineTuneJobSpec, total_steps: int, tokenizer_dir: 
             model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph
     config = peft_config(spec.method, total_steps, tokenizer_dir)
     return model if config is None else peft.get_peft_model(model, config)
+
+
+# spec.method.lora.init → PEFT's init_lora_weights. PiSSA by randomized SVD (16 power iterations, as
+# PEFT advises for large models: seconds instead of minutes per 7B model, near the exact factors).
+LORA_INITS: dict[str, bool | str] = {
+    "default": True,
+    "gaussian": "gaussian",
+    "pissa": "pissa_niter_16",
+    "olora": "olora",
+}
+
+
+def initial_adapter_state(model, method: MethodSpec) -> dict | None:
+    """PiSSA and OLoRA: the adapter's weights as initialised (CPU copies), which saving needs to
+    convert the trained adapter for the unchanged base; None for every other method. Called right
+    after `apply_method`, before any step (a resumed run initialises the same way: the same base,
+    the same seed)."""
+    if method.type != "lora" or method.effective_lora().init not in BASE_CHANGING_INITS:
+        return None
+    from peft import get_peft_model_state_dict
+
+    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in get_peft_model_state_dict(model).items()}
+
+
+def to_plain_lora(config: dict, trained: dict, initial: dict) -> tuple[dict, dict]:
+    """A PiSSA/OLoRA adapter as an ordinary LoRA adapter of the base it was made from.
+
+    Training ran on W_res = W - s B0 A0 (the init moved s B0 A0 into the adapter), so the tuned weight
+    is W_res + s B A = W + s (B A - B0 A0) = W + s [B | -B0] [A ; A0]: a LoRA of rank 2r with A' = [A ; A0]
+    and B' = [B | -B0]. Doubling alpha with r keeps s = alpha / r (with rsLoRA, alpha / sqrt(r): alpha
+    times sqrt 2); the config says the default init, so loading it changes no base weight."""
+    state = {}
+    for name, tensor in trained.items():
+        if ".lora_A." in name:
+            state[name] = torch.cat([tensor, initial[name].to(tensor.dtype)], dim=0)
+        elif ".lora_B." in name:
+            state[name] = torch.cat([tensor, -initial[name].to(tensor.dtype)], dim=1)
+        else:
+            state[name] = tensor
+    converted = dict(config, r=2 * config["r"], init_lora_weights=True)
+    converted["lora_alpha"] = config["lora_alpha"] * (2**0.5 if config.get("use_rslora") else 2)
+    return converted, state
+
+
+def convert_saved_adapter(folder: Path, initial: dict) -> None:
+    """Rewrite the adapter saved in `folder` (a staging folder, not yet published) with `to_plain_lora`."""
+    from safetensors.torch import load_file, save_file
+
+    weights, config_file = folder / "adapter_model.safetensors", folder / "adapter_config.json"
+    config, state = to_plain_lora(json.loads(config_file.read_text()), load_file(weights), initial)
+    save_file({k: v.contiguous() for k, v in state.items()}, weights, metadata={"format": "pt"})
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def count_parameters(model) -> tuple[int, int]:

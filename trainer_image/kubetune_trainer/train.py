@@ -72,6 +72,7 @@ class Run:
     stop_requested: bool = False
     timings: dict = field(default_factory=dict)
     trackers: tracking.Trackers = field(default_factory=tracking.Trackers)  # MLflow, W&B: rank 0 only
+    initial_adapter: dict | None = None  # PiSSA/OLoRA's initial weights, rank 0: the saved adapter is converted
 
 
 # --- set-up ------------------------------------------------------------------------------------
@@ -123,6 +124,7 @@ def setup(config: TrainerConfig, env: DistEnv) -> Run:
         spec.model.uri, model_dir, lambda: methods.load_base_model(model_dir, spec, on_gpu=on_gpu)
     )
     model = methods.apply_method(base, spec, total_steps, model_dir)
+    initial_adapter = methods.initial_adapter_state(model, spec.method) if env.is_main else None
     trainable, total = methods.count_parameters(model)
     plan = _plan(config, env, base.config, trainable, total)
     accelerated = acceleration.accelerate(model, spec, device, plan.strategy)
@@ -160,6 +162,7 @@ def setup(config: TrainerConfig, env: DistEnv) -> Run:
         steps_per_epoch,
         state,
         accelerated,
+        initial_adapter=initial_adapter,
     )
 
 
@@ -538,6 +541,8 @@ def save_outputs(run: Run) -> dict | None:
     run.strategy.save_pretrained(staging)
     if staging is None:
         return None
+    if run.initial_adapter is not None:  # trained on a changed base: an ordinary LoRA for the real one
+        methods.convert_saved_adapter(staging, run.initial_adapter)
     run.tokenizer.save_pretrained(staging)
     weights = next(iter(sorted(staging.glob("*.safetensors"))))
     artifact = {"uri": None, "sizeBytes": weights.stat().st_size, "sha256": storage.sha256_of(weights)}

@@ -42,6 +42,8 @@ MethodType = Literal[
     "lnTuning",
 ]
 LORA_FAMILY = ("lora", "qlora", "dora")
+LoraInit = Literal["default", "gaussian", "pissa", "olora"]
+BASE_CHANGING_INITS = ("pissa", "olora")  # trained on a changed base: the adapter is converted when saved
 DatasetFormat = Literal["chat", "instruction", "completion", "text", "preference", "unpaired-preference"]
 StrategyName = Literal["auto", "ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"]
 Precision = Literal["bf16", "fp16", "fp32"]
@@ -142,6 +144,16 @@ class LoraSettings(ApiModel):
         description=(
             "LoRA+: the B matrices learn this many times faster than the A matrices (their own optimizer "
             "parameter group, learningRate x ratio); 16 is the paper's choice. Unset: one learning rate."
+        ),
+    )
+    init: LoraInit = Field(
+        default="default",
+        description=(
+            "How the adapter starts. default: A random, B zero (the update starts at zero); gaussian: A "
+            "Gaussian; pissa: A and B from each weight's top-r singular vectors, the rest left in the base "
+            "(converges faster); olora: from a QR decomposition of each weight. pissa and olora (method "
+            "lora only) change the base while training, so the saved adapter is converted to an ordinary "
+            "LoRA of rank 2r for the unchanged base (serve it with maxLoraRank >= 2r)."
         ),
     )
 
@@ -447,6 +459,14 @@ class MethodSpec(ApiModel):
     cel_rules: ClassVar = (
         _only_with("quantization", ("qlora",)),
         _only_with("lora", LORA_FAMILY),
+        Rule(
+            cel="!has(self.lora) || !has(self.lora.init) || self.lora.init in ['default', 'gaussian'] || "
+            "self.type == 'lora'",
+            message="lora.init pissa and olora are for method lora: they move part of each weight into the "
+            "adapter, which a quantised (qlora) base cannot take back exactly and DoRA's magnitudes do not model",
+            check=lambda m: m.lora is None or m.lora.init not in BASE_CHANGING_INITS or m.type == "lora",
+            field_path=".lora.init",
+        ),
         _only_with("adalora", ("adalora",)),
         _only_with("ia3", ("ia3",)),
         _only_with("virtualTokens", ("prefixTuning", "promptTuning")),
