@@ -15,6 +15,7 @@ import yaml
 
 from . import __version__
 from .api.finetunejob import DatasetFormat
+from .api.merging import MergeMethod
 from .logs import quiet_libraries
 from .storage import StorageError
 
@@ -29,6 +30,7 @@ EXTRA_OF = {
     "generate": "trainer",
     "eval": "trainer",
     "tiny-model": "trainer",
+    "merge": "serve",
     "serve": "serve",
     "operator": "operator",
 }
@@ -157,6 +159,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
         cache_dir=local_cache() / "inputs",
     )
     print(json.dumps(result, indent=1) if args.json else render_table(result))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from kubetune_serve.merging import merge_to_folder
+
+    from .storage import local_cache, local_input
+
+    quiet_libraries()
+    cache = local_cache() / "inputs"
+    model_dir = local_input(args.model, cache, "--model")
+    sources = [local_input(adapter, cache, "--adapter") for adapter in args.adapter]
+    out = merge_to_folder(
+        model_dir,
+        sources,
+        args.weight,
+        args.method,
+        args.density,
+        Path(args.out),
+        labels=[f"--adapter {adapter}" for adapter in args.adapter],
+    )
+    print(f"wrote the {args.method} merge of {len(sources)} adapters to {out}")
     return 0
 
 
@@ -292,6 +316,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON (status.evaluation's shape)")
     evaluate.set_defaults(func=cmd_eval)
+
+    merge = sub.add_parser(
+        "merge",
+        help="merge LoRA adapters of one base model into one adapter (linear, cat, ties, dare_linear, dare_ties)",
+        description="Combine adapters trained on different tasks into one, with PEFT's add_weighted_adapter, on "
+        "the CPU. cat puts the adapters' factors side by side: the exact weighted sum of their updates, of rank "
+        "the sum of theirs. linear sums their factors (same rank; exact only for adapters trained from the same "
+        "initialisation, i.e. the same seed). ties and dare_ties keep each adapter's --density share of entries "
+        "and resolve sign conflicts; dare_linear and dare_ties drop a random share (seeded, reproducible). The "
+        "output is an ordinary adapter folder, for `kubetune generate --adapter`, `kubetune serve` or PEFT.",
+    )
+    merge.add_argument("--model", required=True, help="the adapters' base model: URI (file://, pvc://, hf://) or path")
+    merge.add_argument(
+        "--adapter", action="append", required=True, help="source adapter folder, URI or path (repeat: 2 or more)"
+    )
+    merge.add_argument(
+        "--weight",
+        action="append",
+        type=float,
+        help="one per --adapter, in order. Default: 1.0 each for cat, ties and dare_ties (each adapter at full "
+        "strength), 1/N each for linear and dare_linear (their summed A factors already count each adapter N "
+        "times when the adapters share their initialisation)",
+    )
+    merge.add_argument("--method", required=True, choices=list(get_args(MergeMethod)), help="how to combine")
+    merge.add_argument(
+        "--density", type=float, help="ties, dare_linear, dare_ties: share of each adapter's entries kept, in (0, 1]"
+    )
+    merge.add_argument("-o", "--out", required=True, help="folder for the merged adapter (replaced whole)")
+    merge.set_defaults(func=cmd_merge)
 
     serve = sub.add_parser(
         "serve",

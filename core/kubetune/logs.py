@@ -18,6 +18,14 @@ def log(event: str, **fields: Any) -> None:
     sys.stdout.flush()
 
 
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """`Type: first line of the message`, clipped: enough to recognise the failure in a condition,
+    never a page of text (the whole story is in the log)."""
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def quiet_libraries() -> None:
     """Keep kubetune's own JSON log lines readable: libraries' progress bars and notices that do
     not apply here (bitsandbytes' optional CPU kernels, DeepSpeed's accelerator probe) go. Only

@@ -62,6 +62,21 @@ class OutputNotWritable(StorageError):
 # --- Inputs ------------------------------------------------------------------------------------
 
 
+def local_input(uri: str, cache_dir: Path, what: str) -> Path:
+    """A local path for a URI (file://, pvc://, s3://, hf://, https://) or a plain path, as the CLI's
+    commands and a local `kubetune serve` take them; a missing one is a StorageError that names
+    `what` (the option) and what was written."""
+    if "://" not in uri:
+        path = Path(uri).expanduser()
+        if not path.exists():
+            raise StorageError(f"{what} {uri}: no such file or folder")
+        return path
+    try:
+        return resolve_input(uri, cache_dir=cache_dir, local=True)
+    except StorageError as error:
+        raise StorageError(f"{what} {error}") from None
+
+
 def resolve_input(uri: str, *, cache_dir: Path, revision: str | None = None, local: bool = False) -> Path:
     """A local path (file or directory) holding the content of `uri`.
 

@@ -8,7 +8,7 @@ import pytest
 
 from tests.examples import invalid_examples
 
-COMMANDS = ["crds", "validate", "tiny-model", "train", "plan", "generate", "serve", "operator", "upload"]
+COMMANDS = ["crds", "validate", "tiny-model", "train", "plan", "generate", "merge", "serve", "operator", "upload"]
 
 
 def kubetune(*args):

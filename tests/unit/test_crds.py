@@ -123,7 +123,7 @@ def test_descriptions_teach_the_api():
 
 URI_FIELDS = {
     "FineTuneJob": ["spec.model", "spec.dataset", "spec.dataset.validation", "spec.output", "spec.evaluation"],
-    "AdapterDeployment": ["spec.baseModel", "spec.adapters[]"],
+    "AdapterDeployment": ["spec.baseModel", "spec.adapters[]", "spec.adapters[].merge.sources[]"],
 }
 
 

@@ -226,8 +226,9 @@ def test_every_uri_field_of_both_kinds_is_validated():
     from kubetune.api.adapterdeployment import AdapterRef
     from kubetune.api.common import ModelSource
     from kubetune.api.finetunejob import DatasetSpec, OutputSpec, ValidationSplit
+    from kubetune.api.merging import MergeSource
 
-    checked = {ModelSource, DatasetSpec, ValidationSplit, OutputSpec, AdapterRef}
+    checked = {ModelSource, DatasetSpec, ValidationSplit, OutputSpec, AdapterRef, MergeSource}
     for model in checked:
         assert any(r.field_path == ".uri" and r.check for r in model.cel_rules), model.__name__
     assert set(ADAPTER_SCHEMES) <= {"hf", "pvc", "s3", "file"}
@@ -308,3 +309,26 @@ def test_two_adapters_of_the_same_name_are_refused_as_the_api_server_does():
         message.startswith('Duplicate value: {"name":"a"}: adapter names must be unique')
         and "spec.adapters[0]" in message
     )
+
+
+def test_merge_sources_are_checked_like_adapters():
+    raw = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "AdapterDeployment",
+        "metadata": {"name": "merged", "namespace": "ml"},
+        "spec": {
+            "baseModel": {"uri": "hf://Qwen/Qwen2.5-0.5B-Instruct"},
+            "adapters": [
+                {
+                    "name": "both",
+                    "merge": {
+                        "method": "linear",
+                        "sources": [{"uri": "ftp://adapters/a"}, {"fromJob": "Not_A_Name"}],
+                    },
+                }
+            ],
+        },
+    }
+    problems = [str(p) for p in validate(AdapterDeployment.model_validate(raw))]
+    assert any(p.startswith("spec.adapters[0].merge.sources[0].uri:") for p in problems), problems
+    assert any(p.startswith("spec.adapters[0].merge.sources[1].fromJob:") for p in problems), problems

@@ -17,6 +17,10 @@ message (`failed`) and not retried until the file changes that adapter.
 The file is the deployment's own configuration, so its paths skip the runtime allow-list
 (`--allow-source`), but not the URI rule nor the size cap: a path the API would refuse as a URI is
 reported as failed here too.
+
+A merged adapter's entry (a `merge` block: method, source URIs, weights, density) reads as its
+`merge:` path, so it is followed like any other: built when it appears, rebuilt in place when its
+sources or weights change, and a merge the engine refuses is in `failed` with the engine's one line.
 """
 
 from __future__ import annotations

@@ -19,6 +19,16 @@ folder within the size cap, check config and weights) and `attach` (under the lo
 staged, local files). So a slow or hostile source never holds up generation, and the weights hashed
 are the weights served. Content that can never load (not LoRA, too wide, another base, unreadable
 weights) is a 422. `stalled_for` tells /health whether the work holding the lock still moves.
+
+A merged adapter (a `merge:` path, `kubetune.api.merging`: an AdapterDeployment adapter with `merge`)
+loads the same way: `prepare_adapter` checks every source against the allow-list before fetching any,
+stages each within one shared size cap and checks it as an ordinary adapter (config, maxLoraRank,
+fit to the base), then asks `merging.merge_problem` whether they merge that way (the
+merged rank within maxLoraRank too). `attach` loads the sources under temporary internal names,
+builds the merged adapter with PEFT's add_weighted_adapter (`add_merged_adapter`) and deletes the
+sources, all under the lock: the merge is then an ordinary LoRA adapter (grouped per row, served by
+name), and a failure leaves no temporary adapter behind. Its `uri` is the merge path, so another
+merge under the same name (other sources or weights) replaces it like another URI.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,11 +44,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kubetune.storage import StorageError, resolve_input, sha256_of
+from kubetune.api.merging import MergePlan, is_merge_path, parse_merge_path
+from kubetune.storage import local_input, sha256_of
 
 from .batching import Batcher, Row
 from .errors import EngineError
 from .grouped import Rows, groupable_problem, rebuild
+from .merging import add_merged_adapter, merge_problem, merged_rank
 from .sources import check_source, fetch
 from .text import TextTracker
 
@@ -78,6 +91,8 @@ class Prepared:
     rank: int
     sha256: str | None
     peft_type: str = "LORA"
+    merge: MergePlan | None = None  # a merged adapter: its plan, and its sources staged under `path`
+    parts: tuple[Path, ...] = ()
 
 
 @dataclass
@@ -119,16 +134,6 @@ class Pending:
         return Generation(
             tracker.text, row.finish or "length", len(row.prompt), len(tracker.token_ids), row.queued, row.first_token
         )
-
-
-def resolve(uri: str, cache_dir: Path) -> Path:
-    """A local folder for the base model given as a URI (hf://, pvc://, s3://, file://) or a plain path."""
-    if "://" not in uri:
-        path = Path(uri).expanduser()
-        if not path.exists():
-            raise StorageError(f"{uri}: does not exist on this machine")
-        return path
-    return resolve_input(uri, cache_dir=cache_dir, local=True)
 
 
 def invalid_adapter(message: str) -> EngineError:
@@ -289,7 +294,7 @@ class Engine:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        path = resolve(self.model_uri, self.cache_dir)
+        path = local_input(self.model_uri, self.cache_dir, "--model")
         self.device = torch.device(_pick_device(self.device_name))
         dtype = _pick_dtype(self.dtype_name, self.device)
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -339,6 +344,8 @@ class Engine:
         same = self._check_room(name, uri, replace)  # fail fast, before any download (checked again in attach)
         if same is not None:
             return same
+        if is_merge_path(uri):
+            return self._prepare_merge(name, uri, allowed, cancelled)
         prefix = check_source(uri, allowed)
         path = fetch(uri, self.staging_dir, self.max_adapter_bytes, cancelled, within=prefix)
         try:
@@ -357,6 +364,41 @@ class Engine:
             raise
         kind = str(config.get("peft_type", "LORA"))
         return Prepared(name, uri, path, adapter_rank(config) if kind == "LORA" else 0, digest, kind)
+
+    def _prepare_merge(
+        self, name: str, uri: str, allowed: tuple[str, ...] | None, cancelled: Callable[[], bool] | None
+    ) -> Prepared:
+        """`prepare_adapter` for a merge path: every source allowed, staged (one size cap for all) and
+        checked as an adapter of its own, then the merge itself (`merge_problem`)."""
+        try:
+            plan = parse_merge_path(uri)
+        except ValueError as error:
+            raise EngineError(f"adapter {name}: {error}", 400, "InvalidUserInput") from None
+        prefixes = [check_source(source, allowed) for source in plan.uris]  # all, before any download
+        self.staging_dir.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix="merge-", dir=self.staging_dir))
+        try:
+            parts, configs, left = [], [], self.max_adapter_bytes
+            for source, prefix in zip(plan.uris, prefixes, strict=True):
+                part = fetch(source, folder, left, cancelled, within=prefix)
+                left -= _size(part)
+                configs.append(read_adapter_config(part, source, self.max_lora_rank))
+                problems = weight_mismatches(self.base, part, source)
+                if problems:
+                    raise invalid_adapter(
+                        f"adapter {name}: merge source {source} does not fit base model {self.served_name}: "
+                        + "; ".join(problems[:3])
+                    )
+                parts.append(part)
+            weights = list(plan.weights) if plan.weights is not None else None
+            problem = merge_problem(configs, weights, plan.method, plan.density, max_rank=self.max_lora_rank)
+            if problem:
+                raise invalid_adapter(f"adapter {name} cannot be merged ({plan.method}): {problem}")
+            rank = merged_rank(configs, plan.method)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return Prepared(name, uri, folder, rank, None, "LORA", merge=plan, parts=tuple(parts))
 
     def attach(self, prepared: Prepared, *, replace: bool = False) -> Adapter:
         """The only step of a load under the lock: PEFT reads the staged (local) files into the model.
@@ -377,7 +419,10 @@ class Engine:
                         f"kubetune_adapter_{next(self._ids)}",
                         prepared.sha256,
                     )
-                    self._attach(adapter)
+                    if prepared.merge is not None:
+                        self._attach_merged(adapter, prepared)
+                    else:
+                        self._attach(adapter)
                     old = self._adapters.pop(prepared.name, None)
                     self._adapters[prepared.name] = adapter
                 finally:
@@ -470,6 +515,52 @@ class Engine:
             adapter.lane, adapter.grouping = adapter.internal, f"by adapter ({problem})"
         self._attached[adapter.internal] = adapter
         self._regroup()
+
+    def _attach_merged(self, adapter: Adapter, prepared: Prepared) -> None:
+        """Load the staged sources under temporary names, add the merge as `adapter.internal`, delete
+        the sources (whatever happened): the model ends with the merged adapter or as it was."""
+        from peft import PeftModel
+
+        plan = prepared.merge
+        assert plan is not None
+        temporary = [f"{adapter.internal}_source_{i}" for i in range(len(prepared.parts))]
+        loaded: list[str] = []
+        try:
+            for part, internal in zip(prepared.parts, temporary, strict=True):
+                if self._peft is None:
+                    self._peft = PeftModel.from_pretrained(
+                        self.base, str(part), adapter_name=internal, is_trainable=False
+                    ).eval()
+                else:
+                    self._peft.load_adapter(str(part), adapter_name=internal, is_trainable=False)
+                loaded.append(internal)
+            weights = list(plan.weights) if plan.weights is not None else None
+            add_merged_adapter(self._peft, adapter.internal, temporary, weights, plan.method, plan.density)
+        except Exception as error:
+            self._drop_internal([*temporary, adapter.internal], first_failed=not loaded)
+            self._regroup()
+            detail = one_line(f"{type(error).__name__}: {error}", prepared.path, "the merge", 200)
+            raise invalid_adapter(f"adapter {adapter.name} could not be merged ({plan.method}): {detail}") from None
+        self._drop_internal(temporary)
+        problem = groupable_problem(self._peft, adapter.internal)
+        if problem:
+            adapter.lane, adapter.grouping = adapter.internal, f"by adapter ({problem})"
+        self._attached[adapter.internal] = adapter
+        self._regroup()
+
+    def _drop_internal(self, internals: list[str], first_failed: bool = False) -> None:
+        """Delete these PEFT adapters where they are in the model; back to the plain model when none
+        is left (or, `first_failed`, when the very first load failed halfway into the base)."""
+        if self._peft is None:
+            if first_failed:
+                _strip_adapter_layers(self.base)
+            return
+        for internal in internals:
+            if internal in self._peft.peft_config:
+                self._peft.delete_adapter(internal)
+        if not self._peft.peft_config:
+            self.base = self._peft.unload()
+            self._peft = None
 
     def _regroup(self) -> None:
         """Slots for the attached plain-LoRA adapters, and every LoRA layer's stack of them."""
@@ -651,6 +742,11 @@ class Engine:
         now = time.monotonic()
         marks = [t for t in (self._progress_at, self._attaching_since) if t is not None]
         return max((now - t for t in marks), default=0.0)
+
+
+def _size(folder: Path) -> int:
+    """Bytes of the regular files under a staged folder (what `fetch` took of the size cap)."""
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
 
 
 def _peft_type(peft_model) -> str:

@@ -8,6 +8,10 @@ in a small pool of its own threads, never in the threads that serve inference:
 * each load has a total deadline: past it the client gets 504, the load is told to stop at its next
   chunk, and whatever it fetched is thrown away, even if it finishes later;
 * only the final attach takes the engine's lock, after every byte is local and checked.
+
+A merged adapter (`lora_path` a `merge:` path, see `kubetune.api.merging`) is one load: every source
+is checked against the allow-list before any is fetched, all are fetched within the one deadline and
+the one size cap, and the merge is built in the attach.
 """
 
 from __future__ import annotations

@@ -249,7 +249,7 @@ def run_benchmarks(
     except BenchmarkError as error:
         scores, notes = {}, [f"benchmarks skipped: {error}"]
     except Exception as error:  # noqa: BLE001 - a benchmark must never cost the other metrics
-        from .outcome import first_line
+        from kubetune.logs import first_line
 
         scores, notes = {}, [f"benchmarks failed: {first_line(error)}"]
     seconds = round(time.monotonic() - started, 2)

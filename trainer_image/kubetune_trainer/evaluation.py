@@ -494,7 +494,7 @@ def evaluate_after_training(
     try:
         result = _evaluate_job(spec, model_dir, tuned_dir, tokenizer, eval_set, device, cache_dir, local)
     except Exception as error:  # noqa: BLE001 - an evaluation must never fail a finished training
-        from .outcome import first_line
+        from kubetune.logs import first_line
 
         _release_memory()
         message = first_line(error)
@@ -617,25 +617,9 @@ def _positions(model_dir: Path) -> int | None:
 _LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, EOFError)
 
 
-def local_path(uri: str, cache_dir: Path, what: str) -> Path:
-    """A local path for a URI (file://, pvc://, s3://, hf://, https://) or a plain path; a missing
-    one is a StorageError that names `what` (the option) and what was written."""
-    from kubetune import storage
-
-    if "://" not in uri:
-        path = Path(uri).expanduser()
-        if not path.exists():
-            raise storage.StorageError(f"{what} {uri}: no such file or folder")
-        return path
-    try:
-        return storage.resolve_input(uri, cache_dir=cache_dir, local=True)
-    except storage.StorageError as error:
-        raise storage.StorageError(f"{what} {error}") from None
-
-
 def _loaded(what: str, uri: str, load: Callable[[], Any]) -> Any:
     """`load()`, with a folder transformers or PEFT cannot read turned into one line naming it."""
-    from .outcome import first_line
+    from kubetune.logs import first_line
 
     try:
         return load()
@@ -661,23 +645,24 @@ def evaluate_local(
     are missing or unusable raise StorageError or ValueError with one line naming the option."""
     import torch
 
+    from kubetune import storage
     from kubetune.api.finetunejob import DatasetSpec
 
     from . import methods
 
     if max_examples < 1 or max_new_tokens < 1:
         raise ValueError("--max-examples and --max-new-tokens must be at least 1")
-    model_dir = local_path(model, cache_dir, "--model")
+    model_dir = storage.local_input(model, cache_dir, "--model")
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"--model {model}: not a model folder (no config.json)")
-    adapter_dir = local_path(adapter, cache_dir, "--adapter") if adapter else None
+    adapter_dir = storage.local_input(adapter, cache_dir, "--adapter") if adapter else None
     full = adapter_dir is not None and not (adapter_dir / "adapter_config.json").is_file()
     if adapter_dir is not None and full and not (adapter_dir / "config.json").is_file():
         raise ValueError(
             f"--adapter {adapter}: neither an adapter folder (adapter_config.json) nor a model folder (config.json)"
         )
-    reference_path = local_path(reference, cache_dir, "--reference") if reference else REFERENCE_TEXT
-    data_path = local_path(data, cache_dir, "--data") if data else None
+    reference_path = storage.local_input(reference, cache_dir, "--reference") if reference else REFERENCE_TEXT
+    data_path = storage.local_input(data, cache_dir, "--data") if data else None
     tokenizer = _loaded("--model", model, lambda: methods.load_tokenizer(model_dir))
     context = min(2048, _positions(model_dir) or 2048)
     examples: list = []

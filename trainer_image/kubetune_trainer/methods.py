@@ -13,8 +13,7 @@ from kubetune.api.finetunejob import (
     MethodSpec,
     VirtualTokenSettings,
 )
-
-from .outcome import first_line
+from kubetune.logs import first_line
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

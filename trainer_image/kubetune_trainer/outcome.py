@@ -83,11 +83,3 @@ def launcher_exit(torchrun_code: int, preempted: bool, failures: list[Failure]) 
     if chosen is not None:
         return chosen.code or torchrun_code, chosen
     return torchrun_code, None
-
-
-def first_line(error: BaseException, limit: int = 300) -> str:
-    """`Type: first line of the message`, clipped: enough to recognise the failure in a condition,
-    never a page of text (the whole story is in the log)."""
-    lines = str(error).strip().splitlines()
-    text = f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -44,9 +44,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from kubetune.api.uris import node_local_host, uri_problem
-from kubetune.logs import log
-
-from .outcome import first_line
+from kubetune.logs import first_line, log
 
 # Bounds on what is sent: a tracker is a side channel, never a reason for a large request.
 MAX_PARAMS = 200

@@ -32,13 +32,13 @@ from kubetune.contract import (
     TrainerConfig,
     TrainerResult,
 )
-from kubetune.logs import log
+from kubetune.logs import first_line, log
 from kubetune.planning import ModelShape, Plan, plan_for_spec
 
 from . import acceleration, checkpoint, data, dpo, evaluation, methods, preference, strategies, tracking
 from .distributed import DistEnv
 from .metrics import MetricsExporter
-from .outcome import first_line, record_failure
+from .outcome import record_failure
 from .preemption import mark_preempted
 
 

@@ -19,6 +19,7 @@ from .common import (
 )
 from .evaluation import Requirement
 from .finetunejob import ObjectMeta
+from .merging import AdapterMerge
 from .subresources import ScaleSubresource
 from .uris import uri_rules
 
@@ -29,7 +30,7 @@ IN_FLIGHT_METRIC = "kubetune_serve_requests_in_flight"
 
 
 class AdapterRef(ApiModel):
-    """One adapter to serve: from a FineTuneJob in this namespace, or from a URI."""
+    """One adapter to serve: from a FineTuneJob in this namespace, from a URI, or merged from others."""
 
     name: str = Field(
         pattern=DNS_LABEL,
@@ -49,19 +50,27 @@ class AdapterRef(ApiModel):
         max_length=16,
         description="Promotion rules for a fromJob adapter: what its FineTuneJob's evaluation must show "
         "(e.g. {metric: rougeL.delta, min: 0.05}, {metric: forgettingRatio, max: 1.15}). An adapter that "
-        "fails one is not loaded: its state is Rejected, with the metric, its value and the rule.",
+        "fails one is not loaded: its state is Rejected, with the metric, its value and the rule. On a "
+        "merge, every fromJob source must pass them.",
+    )
+    merge: AdapterMerge | None = Field(
+        default=None,
+        description="Build this adapter on each replica by merging others (linear, cat, ties, dare_linear, "
+        "dare_ties; PEFT's add_weighted_adapter): each source a fromJob (gated by this adapter's require) or a uri. "
+        "Pending until every source is ready; a change of its sources or weights replaces it without a "
+        "restart. Builtin runtime only.",
     )
 
     cel_rules: ClassVar = (
         Rule(
-            cel="!has(self.require) || size(self.require) == 0 || has(self.fromJob)",
-            message="require applies to fromJob adapters only: a uri has no evaluation to check",
-            check=lambda a: not a.require or a.from_job is not None,
+            cel="!has(self.require) || size(self.require) == 0 || has(self.fromJob) || has(self.merge)",
+            message="require applies to fromJob adapters and merges only: a uri has no evaluation to check",
+            check=lambda a: not a.require or a.from_job is not None or a.merge is not None,
         ),
         Rule(
-            cel="has(self.fromJob) != has(self.uri)",
-            message="each adapter needs exactly one of fromJob or uri",
-            check=lambda a: (a.from_job is None) != (a.uri is None),
+            cel="(has(self.fromJob) ? 1 : 0) + (has(self.uri) ? 1 : 0) + (has(self.merge) ? 1 : 0) == 1",
+            message="each adapter needs exactly one of fromJob or uri or merge",
+            check=lambda a: [a.from_job, a.uri, a.merge].count(None) == 2,
         ),
         *uri_rules("uri", "uri", optional=True),
     )
@@ -175,6 +184,12 @@ class AdapterDeploymentSpec(ApiModel):
             cel="self.runtime != 'vllm' || self.resources.gpusPerReplica >= 1",
             message="runtime vllm needs resources.gpusPerReplica of at least 1; use runtime builtin on CPU",
             check=lambda s: s.runtime != "vllm" or s.resources.gpus_per_replica >= 1,
+        ),
+        Rule(
+            cel="self.runtime != 'vllm' || self.adapters.all(a, !has(a.merge))",
+            message="runtime vllm cannot serve merged adapters: vLLM has no adapter merging; use runtime builtin",
+            check=lambda s: s.runtime != "vllm" or all(a.merge is None for a in s.adapters),
+            field_path=".adapters",
         ),
         Rule(
             cel="self.baseModel == oldSelf.baseModel",

@@ -7,9 +7,21 @@ changes, and vLLM's start-up command turns it into `--lora-modules`. One JSON ob
     {"adapters": [{"name": "support-v1", "path": "pvc://adapters/run-1/adapter"}]}
 
 `path` is what the runtime loads: the URI for the builtin runtime, a local path or Hub id for vLLM.
+
+A merged adapter (builtin runtime only) has a `merge` block instead of a `path`: the method, the
+resolved source URIs, one weight per source and the density, as the replica hands them to PEFT:
+
+    {"name": "both", "merge": {"method": "ties", "sources": ["pvc://a/x", "pvc://a/y"],
+                               "weights": [1.0, 0.5], "density": 0.5}}
+
+`parse_adapters_file` gives it as the merge's canonical `merge:` path (`kubetune.api.merging`), the
+string the replica loads and reports back, so the replica follows it as it follows any other path.
 """
 
 import json
+from typing import Any
+
+from .merging import is_merge_path, parse_merge_path, plan_from_wire
 
 CONFIGMAP_KEY = "adapters.json"
 MOUNT_DIR = "/etc/kubetune/adapters"
@@ -25,8 +37,8 @@ MAX_BYTES = 1 << 20
 
 
 def parse_adapters_file(text: str) -> dict[str, str]:
-    """name → path of the adapters the file lists; ValueError says what is wrong with it (also
-    for a file too large or nested too deep to be one the operator wrote)."""
+    """name → path of the adapters the file lists (a merge's `merge:` path); ValueError says what is
+    wrong with it (also for a file too large or nested too deep to be one the operator wrote)."""
     if not text.strip():
         return {}
     if len(text) > MAX_BYTES:
@@ -44,8 +56,13 @@ def parse_adapters_file(text: str) -> dict[str, str]:
     for index, entry in enumerate(entries):
         name = entry.get("name") if isinstance(entry, dict) else None
         path = entry.get("path") if isinstance(entry, dict) else None
+        if isinstance(entry, dict) and "merge" in entry and "path" not in entry:
+            try:
+                path = plan_from_wire(entry["merge"]).path
+            except ValueError as error:
+                raise ValueError(f"adapters[{index}].merge: {error}") from None
         if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
-            raise ValueError(f"adapters[{index}]: needs a non-empty name and path")
+            raise ValueError(f"adapters[{index}]: needs a non-empty name and path (or a merge)")
         if name in adapters:
             raise ValueError(f"adapters[{index}]: {name} is listed twice")
         adapters[name] = path
@@ -53,5 +70,12 @@ def parse_adapters_file(text: str) -> dict[str, str]:
 
 
 def render_adapters_file(adapters: list[tuple[str, str]]) -> str:
-    """The file's text for (name, path) pairs, as the operator writes it (stable: sorted keys)."""
-    return json.dumps({"adapters": [{"name": n, "path": p} for n, p in adapters]}, indent=2, sort_keys=True) + "\n"
+    """The file's text for (name, path) pairs, as the operator writes it (stable: sorted keys); a
+    `merge:` path is written as its merge block."""
+    return json.dumps({"adapters": [file_entry(n, p) for n, p in adapters]}, indent=2, sort_keys=True) + "\n"
+
+
+def file_entry(name: str, path: str) -> dict[str, Any]:
+    if is_merge_path(path):
+        return {"name": name, "merge": parse_merge_path(path).wire()}
+    return {"name": name, "path": path}

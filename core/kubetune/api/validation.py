@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from .adapterdeployment import AdapterDeployment
+from .adapterdeployment import AdapterDeployment, AdapterRef
 from .finetunejob import FineTuneJob, FineTuneJobSpec, MethodSpec, gguf_model_problem
+from .merging import MergeSource
 from .names import name_problems
 from .uris import node_local_host, uri_problem
 
@@ -181,12 +182,14 @@ def validate_adapterdeployment(obj: AdapterDeployment, local: bool = False) -> l
                 )
             )
         seen.setdefault(adapter.name, index)
-        if adapter.uri:
-            problems += check_uri(f"spec.adapters[{index}].uri", adapter.uri, ADAPTER_SCHEMES, local)
-        if adapter.from_job and name_problems("FineTuneJob", adapter.from_job):
-            problems.append(
-                Problem(f"spec.adapters[{index}].fromJob", f"{adapter.from_job!r} is not a FineTuneJob name")
-            )
+        sources: list[tuple[str, AdapterRef | MergeSource]] = [(f"spec.adapters[{index}]", adapter)]
+        if adapter.merge is not None:
+            sources += [(f"spec.adapters[{index}].merge.sources[{j}]", s) for j, s in enumerate(adapter.merge.sources)]
+        for at, source in sources:
+            if source.uri:
+                problems += check_uri(f"{at}.uri", source.uri, ADAPTER_SCHEMES, local)
+            if source.from_job and name_problems("FineTuneJob", source.from_job):
+                problems.append(Problem(f"{at}.fromJob", f"{source.from_job!r} is not a FineTuneJob name"))
     return problems
 
 

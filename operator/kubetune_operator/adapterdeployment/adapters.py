@@ -19,6 +19,20 @@ added after the load), left out of the replicas' adapters file, and its status s
 failed, with the value and the bound. A job still running is waited for as without rules: its
 measurements are not final until it has Succeeded.
 
+Merged adapters: an adapter with `merge` is built by the replica from its sources (PEFT's
+add_weighted_adapter; the builtin runtime only, admission refuses one for vLLM). Each source is
+resolved exactly as an adapter of its own (`resolve_ref`: a `fromJob` source waits for its job, is
+checked against where that job publishes and gated by its own `require` rules). While a source is
+not ready the merged adapter is Pending, and a source that is untrusted or rejected makes it Failed
+or Rejected, each with a message naming the source. Once all are ready its `uri` is the merge's
+canonical `merge:` path (`kubetune.api.merging.MergePlan`), which names the resolved sources: it is
+what the adapters file and the operator's load carry and what the replica reports back, so a change
+of sources or weights replaces the adapter like a changed URI.
+
+vLLM serves LoRA adapters only: with runtime vllm, a `fromJob` adapter whose FineTuneJob trains
+anything else (`MethodSpec.vllm_problem`) is Failed (reason UNSERVABLE) as soon as its job exists,
+instead of failing on every replica after the job has run.
+
 Testing hook: with the operator's --allow-metrics-url-annotation switch
 (KUBETUNE_OPERATOR_ALLOW_METRICS_URL_ANNOTATION=1), the annotation `kubetune.io/replica-urls`
 (comma-separated base URLs) replaces the pod IPs of the ready replicas, in pod-name order.
@@ -33,6 +47,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from kubetune.api.evaluation import Requirement, unmet
+from kubetune.api.finetunejob import MethodSpec
+from kubetune.api.merging import AdapterMerge, MergePlan
 from kubetune.contract import adapter_uri
 
 from .. import conditions as c
@@ -51,6 +67,8 @@ WAITING_FOR_JOB, JOB_FAILED = "WaitingForJob", "JobFailed"
 UNTRUSTED = "UntrustedAdapterSource"
 # Why an adapter is not loaded although its job Succeeded: the job's evaluation fails a `require` rule.
 ADAPTER_REJECTED = "AdapterRejected"
+# Why a `fromJob` adapter is Failed on runtime vllm: its FineTuneJob trains what vLLM cannot serve.
+UNSERVABLE = "RuntimeCannotServe"
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -59,7 +77,7 @@ class Wanted:
     """An adapter of the spec: its URI once known, else why not (`reason`, `pending` in words).
     `problem`: why it will not be loaded at all (reason UNTRUSTED); its `uri` is then None.
     `rejected`: why its job's measurements keep it out (reason ADAPTER_REJECTED): its `uri` is then
-    None and wherever it is loaded it is unloaded."""
+    None and wherever it is loaded it is unloaded. A merged adapter's `uri` is its `merge:` path."""
 
     name: str
     uri: str | None = None
@@ -149,11 +167,28 @@ def job_sources(
     and has an acceptable output: the builtin runtime's allow-list entry for that adapter."""
     out: dict[str, str] = {}
     for adapter in spec_adapters:
-        job = jobs.get(adapter.get("fromJob") or "") if adapter.get("fromJob") else None
-        source = job_source(job) if job is not None else None
-        if source:
-            out[adapter["name"]] = source
+        for key, ref in [(adapter["name"], adapter), *merge_sources(adapter)]:
+            job = jobs.get(ref.get("fromJob") or "") if ref.get("fromJob") else None
+            source = job_source(job) if job is not None else None
+            if source:
+                out[key] = source
     return out
+
+
+def merge_sources(adapter: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """(key, source) of a merged adapter's sources (wire form), keyed `NAME.merge.sources[I]`: what
+    `job_sources` lists them under; [] for any other adapter."""
+    merge = adapter.get("merge")
+    sources = merge.get("sources") if isinstance(merge, Mapping) else None
+    if not isinstance(sources, list):
+        return []
+    return [(f"{adapter['name']}.merge.sources[{i}]", s) for i, s in enumerate(sources) if isinstance(s, Mapping)]
+
+
+def job_names(spec_adapters: Iterable[Mapping[str, Any]]) -> set[str]:
+    """The FineTuneJobs the adapters name, their merge sources' too."""
+    refs = [ref for adapter in spec_adapters for ref in [adapter, *(s for _, s in merge_sources(adapter))]]
+    return {ref["fromJob"] for ref in refs if isinstance(ref.get("fromJob"), str) and ref["fromJob"]}
 
 
 def untrusted_result(job_name: str, job: Mapping[str, Any], uri: Any) -> str:
@@ -205,51 +240,106 @@ def promotion_problem(job_name: str, adapter: Mapping[str, Any], job_status: Map
     return f"FineTuneJob {job_name} fails require: " + "; ".join(failures) + f"; not loaded: {advice}"
 
 
-def resolve(spec_adapters: Iterable[Mapping[str, Any]], jobs: Mapping[str, Mapping[str, Any] | None]) -> list[Wanted]:
+def resolve(
+    spec_adapters: Iterable[Mapping[str, Any]],
+    jobs: Mapping[str, Mapping[str, Any] | None],
+    runtime: str = "builtin",
+) -> list[Wanted]:
     """spec.adapters (wire form) → Wanted; `jobs`: FineTuneJob name → the object (None: absent)."""
     out = []
     for adapter in spec_adapters:
-        name = adapter["name"]
-        if adapter.get("uri"):
-            problem = adapter_uri_problem(adapter["uri"])
-            if problem:
-                out.append(Wanted(name, reason=UNTRUSTED, problem=f"spec uri {problem}; not loaded"))
-            else:
-                out.append(Wanted(name, adapter["uri"]))
-            continue
-        job_name = adapter.get("fromJob") or ""
-        job = jobs.get(job_name)
-        if job is None:
-            out.append(
-                Wanted(name, pending=f"waiting for FineTuneJob {job_name} to exist and succeed", reason=WAITING_FOR_JOB)
-            )
-            continue
-        status = job.get("status") or {}
-        result = status.get("adapter") or {}
-        if not isinstance(result, Mapping):
-            result = {}
-        if c.is_true(status.get("conditions"), c.SUCCEEDED) and result.get("uri"):
-            problem = untrusted_result(job_name, job, result["uri"])
-            digest = result.get("sha256")
-            rejected = "" if problem else promotion_problem(job_name, adapter, status)
-            if problem:
-                out.append(Wanted(name, reason=UNTRUSTED, problem=problem))
-            elif rejected:
-                out.append(Wanted(name, reason=ADAPTER_REJECTED, rejected=rejected))
-            else:
-                out.append(Wanted(name, result["uri"], valid_sha256(digest)))
-        elif c.is_true(status.get("conditions"), c.FAILED):
-            failed = c.find(status.get("conditions"), c.FAILED) or {}
-            out.append(
-                Wanted(
-                    name,
-                    pending=f"FineTuneJob {job_name} failed: {failed.get('message', '')}".strip(),
-                    reason=JOB_FAILED,
-                )
-            )
+        if adapter.get("merge") is not None:
+            out.append(resolve_merge(adapter, jobs, runtime))
         else:
-            out.append(Wanted(name, pending=f"waiting for FineTuneJob {job_name} to succeed", reason=WAITING_FOR_JOB))
+            out.append(resolve_ref(adapter["name"], adapter, jobs, runtime))
     return out
+
+
+def resolve_ref(
+    name: str, adapter: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any] | None], runtime: str = "builtin"
+) -> Wanted:
+    """One adapter given by `uri` or `fromJob` (an adapter, or a merge's source) → Wanted."""
+    if adapter.get("uri"):
+        problem = adapter_uri_problem(adapter["uri"])
+        if problem:
+            return Wanted(name, reason=UNTRUSTED, problem=f"spec uri {problem}; not loaded")
+        return Wanted(name, adapter["uri"])
+    job_name = adapter.get("fromJob") or ""
+    job = jobs.get(job_name)
+    if job is None:
+        return Wanted(name, pending=f"waiting for FineTuneJob {job_name} to exist and succeed", reason=WAITING_FOR_JOB)
+    unservable = runtime_problem(job_name, job, runtime)
+    if unservable:
+        return Wanted(name, reason=UNSERVABLE, problem=unservable)
+    status = job.get("status") or {}
+    result = status.get("adapter") or {}
+    if not isinstance(result, Mapping):
+        result = {}
+    if c.is_true(status.get("conditions"), c.SUCCEEDED) and result.get("uri"):
+        problem = untrusted_result(job_name, job, result["uri"])
+        if problem:
+            return Wanted(name, reason=UNTRUSTED, problem=problem)
+        rejected = promotion_problem(job_name, adapter, status)
+        if rejected:
+            return Wanted(name, reason=ADAPTER_REJECTED, rejected=rejected)
+        return Wanted(name, result["uri"], valid_sha256(result.get("sha256")))
+    if c.is_true(status.get("conditions"), c.FAILED):
+        failed = c.find(status.get("conditions"), c.FAILED) or {}
+        pending = f"FineTuneJob {job_name} failed: {failed.get('message', '')}".strip()
+        return Wanted(name, pending=pending, reason=JOB_FAILED)
+    return Wanted(name, pending=f"waiting for FineTuneJob {job_name} to succeed", reason=WAITING_FOR_JOB)
+
+
+def runtime_problem(job_name: str, job: Mapping[str, Any], runtime: str) -> str:
+    """Why `runtime` cannot serve what the FineTuneJob trains ("" when it can, or cannot tell): vLLM
+    serves LoRA adapters only (`MethodSpec.vllm_problem`). A method that does not parse (admission
+    refuses those) is left to the runtime's own refusal."""
+    if runtime != "vllm":
+        return ""
+    method = (job.get("spec") or {}).get("method")
+    try:
+        spec = MethodSpec.model_validate(method if isinstance(method, Mapping) else {})
+    except ValidationError:
+        return ""
+    problem = spec.vllm_problem()
+    return f"FineTuneJob {job_name}: {problem}; not loaded" if problem else ""
+
+
+def resolve_merge(adapter: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any] | None], runtime: str) -> Wanted:
+    """A merged adapter: each source resolved as an adapter (`resolve_ref`); its `merge:` path once
+    every source is ready, else the first source's problem (Failed), rejection (Rejected) or wait
+    (Pending), in that order, each naming the source."""
+    name = adapter["name"]
+    try:
+        merge = AdapterMerge.model_validate(adapter["merge"])
+    except ValidationError as error:
+        first = error.errors()[0].get("msg", "invalid") if error.errors() else "invalid"
+        return Wanted(name, reason=UNTRUSTED, problem=f"spec merge is not valid ({str(first)[:200]}); not loaded")
+    if runtime != "builtin":
+        return Wanted(name, reason=UNSERVABLE, problem=f"runtime {runtime} cannot merge adapters; use runtime builtin")
+    gates = {"require": adapter.get("require") or []}  # the merge's rules, on each fromJob source
+    sources = [
+        (source_label(i, s), resolve_ref(name, s.to_wire() | gates, jobs, runtime)) for i, s in enumerate(merge.sources)
+    ]
+    for label, source in sources:
+        if source.problem:
+            return Wanted(name, reason=source.reason, problem=f"{label}: {source.problem}")
+    for label, source in sources:
+        if source.rejected:
+            return Wanted(name, reason=ADAPTER_REJECTED, rejected=f"{label}: {source.rejected}")
+    for label, source in sources:
+        if source.uri is None:
+            return Wanted(name, pending=f"{label}: {source.pending}", reason=source.reason)
+    uris = tuple(source.uri for _, source in sources if source.uri)
+    weights = tuple(merge.weights) if merge.weights is not None else None
+    plan = MergePlan(merge.method, uris, weights, merge.density)
+    return Wanted(name, plan.path)
+
+
+def source_label(index: int, source: Any) -> str:
+    """How a status message names a merge source: its place and what it is."""
+    what = f"FineTuneJob {source.from_job}" if source.from_job else repr(str(source.uri)[:80])
+    return f"merge.sources[{index}] ({what})"
 
 
 def plan_actions(wanted: list[Wanted], replicas: list[Replica]) -> list[Action]:

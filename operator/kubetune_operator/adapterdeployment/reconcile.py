@@ -1,6 +1,7 @@
 """AdapterDeployment reconcile: read, call the pure core (adapters, render, status), write.
 
-One pass, the same from a handler and from the resync loop: resolve the `fromJob` adapters, apply
+One pass, the same from a handler and from the resync loop: resolve the `fromJob` and merged adapters
+(a merge's sources are resolved like adapters; see adapters.py), apply
 the admin-key Secret, the NetworkPolicy, the adapters ConfigMap, the Service and the Deployment
 (server-side apply: an unchanged object is left as it is, so the replicas do not restart), the
 HorizontalPodAutoscaler and PodDisruptionBudget where they apply (deleted where they no longer do),
@@ -51,6 +52,7 @@ from .adapters import (
     Wanted,
     adapters_from_models,
     digests_from_models,
+    job_names,
     job_sources,
     plan_actions,
     replica_urls,
@@ -106,8 +108,8 @@ def parse(body: dict[str, Any]) -> AdapterDeployment | None:
 
 
 def fetch_jobs(client: k8s.Client, namespace: str, spec: dict[str, Any]) -> dict[str, dict[str, Any] | None]:
-    """The FineTuneJobs the `fromJob` adapters name (None: absent)."""
-    names = {a["fromJob"] for a in spec.get("adapters") or [] if a.get("fromJob")}
+    """The FineTuneJobs the `fromJob` adapters and merge sources name (None: absent)."""
+    names = job_names(spec.get("adapters") or [])
     return {name: client.get(k8s.kubetune_path(FINETUNEJOB.kind, namespace, name)) for name in sorted(names)}
 
 
@@ -127,8 +129,8 @@ def reconcile(state: OperatorState, key: Key) -> None:
     spec_wire = body.get("spec") or {}
     spec_adapters = spec_wire.get("adapters") or []
     jobs = fetch_jobs(client, namespace, spec_wire)
-    wanted = [with_runtime_path(w, obj.spec.runtime) for w in resolve(spec_adapters, jobs)]
-    from_jobs = {a["name"] for a in spec_adapters if a.get("fromJob")}
+    wanted = [with_runtime_path(w, obj.spec.runtime) for w in resolve(spec_adapters, jobs, obj.spec.runtime)]
+    from_jobs = {a["name"] for a in spec_adapters if a.get("fromJob") or a.get("merge") is not None}
     try:
         objects = render_adapterdeployment(
             obj,

@@ -40,6 +40,10 @@ opens nothing there: adapters come only from the adapters file when a replica st
 status says the replicas refuse the operator. vLLM leaves endpoints outside /v1 (e.g.
 /invocations, /tokenize) unauthenticated: the NetworkPolicy is what limits who reaches them.
 
+A merged adapter (`merge`, builtin runtime only) is written to the adapters file as its merge block,
+with its sources' resolved URIs (`api.merging`); its sources' places are allowed and their claims
+mounted as those of adapters of their own.
+
 Every URI is checked again here (`uris.uri_problem`) before it reaches the adapters file, a mount or
 the allow-list, though the spec's were checked at admission: a URI that fails is left out.
 
@@ -66,6 +70,7 @@ from kubetune.api import adaptersfile
 from kubetune.api.adapterdeployment import IN_FLIGHT_METRIC, AdapterDeployment, AdapterDeploymentSpec
 from kubetune.api.common import API_VERSION
 from kubetune.api.kinds import ADAPTERDEPLOYMENT
+from kubetune.api.merging import is_merge_path, parse_merge_path
 from kubetune.api.names import name_problems
 from kubetune.api.uris import uri_problem
 from kubetune.contract import PVC_ROOT, PVC_ROOT_ENV, SCRATCH, TMP_DIR
@@ -169,6 +174,17 @@ def adapter_uri_problem(uri: str) -> str | None:
     return uri_problem(uri, ADAPTER_SCHEMES)
 
 
+def servable_problem(uri: str) -> str | None:
+    """`adapter_uri_problem`, also for a merged adapter's `merge:` path: a plan whose every source passes it."""
+    if not is_merge_path(uri):
+        return adapter_uri_problem(uri)
+    try:
+        plan = parse_merge_path(uri)
+    except ValueError as error:
+        return str(error)
+    return next((f"merge source {u[:80]!r}: {p}" for u in plan.uris if (p := adapter_uri_problem(u))), None)
+
+
 def acceptable(uris: Iterable[str | None]) -> list[str]:
     """The URIs that pass `adapter_uri_problem`, in order; the others are dropped (the reconciler
     reports them, see adapters.resolve)."""
@@ -187,11 +203,18 @@ def allowed_sources(spec: AdapterDeploymentSpec, job_sources: Mapping[str, str])
     given by `uri` declare (`pvc://CLAIM/`, `s3://BUCKET/`: a new adapter in a declared place loads
     at once, without waiting for the kubelet to refresh this list in the replicas; hf:// ids exactly),
     and for a `fromJob` adapter exactly the place its FineTuneJob publishes to (`job_sources`,
-    adapter name → contract.adapter_uri(job.spec.output.uri)); none that fails the URI rules, and
-    none with a comma (the runtime splits the list on commas)."""
-    declared = [source_prefix(a.uri) for a in spec.adapters if a.uri]
-    from_jobs = [job_sources.get(a.name) for a in spec.adapters if not a.uri]
-    return sorted({u for u in acceptable([*declared, *from_jobs]) if "," not in u})
+    adapter name (or `NAME.merge.sources[I]`, `adapters.merge_sources`) → contract.adapter_uri of its
+    job's spec.output.uri); none that fails the URI rules, and none with a comma (the runtime splits
+    the list on commas). Merge sources count as adapters of their own."""
+    declared = [source_prefix(uri) for uri in declared_uris(spec)]
+    return sorted({u for u in acceptable([*declared, *job_sources.values()]) if "," not in u})
+
+
+def declared_uris(spec: AdapterDeploymentSpec) -> list[str]:
+    """The URIs the spec names: adapters' `uri`, and their merge sources' (a merge reads them as
+    adapters of their own)."""
+    sources = [s.uri for a in spec.adapters if a.merge is not None for s in a.merge.sources]
+    return [u for u in [*(a.uri for a in spec.adapters), *sources] if u]
 
 
 def source_prefix(uri: str) -> str:
@@ -220,8 +243,13 @@ def local_path(uri: str) -> str:
 
 def adapter_path(runtime: str, uri: str) -> str:
     """The `lora_path` sent to /v1/load_lora_adapter: the URI itself for the builtin runtime (it
-    resolves pvc://, s3:// and hf:// itself), a local path or Hub id for vLLM."""
-    return uri if runtime == "builtin" else local_path(uri)
+    resolves pvc://, s3:// and hf:// itself, and builds a merge from its `merge:` path), a local
+    path or Hub id for vLLM, which has no merging."""
+    if runtime == "builtin":
+        return uri
+    if is_merge_path(uri):
+        raise RenderError(f"runtime {runtime} cannot serve merged adapters: it has no adapter merging")
+    return local_path(uri)
 
 
 def readable_path(runtime: str, uri: str) -> str | None:
@@ -237,7 +265,7 @@ def claims(spec: AdapterDeploymentSpec, adapter_uris: Iterable[str] = ()) -> lis
     """The claims to mount (read-only): the base model's and those of adapters given by URI or
     resolved from a FineTuneJob (`adapter_uris`, e.g. the jobs' `allowed_sources`). A URI that
     fails the rules mounts nothing."""
-    uris = [spec.base_model.uri, *acceptable([*(a.uri for a in spec.adapters if a.uri), *adapter_uris])]
+    uris = [spec.base_model.uri, *acceptable([*declared_uris(spec), *adapter_uris])]
     return sorted({c for c in (claim_of(u) for u in uris) if c})
 
 
@@ -440,14 +468,21 @@ def resolved_adapters(
     """(name, URI), spec order, of the adapters whose URI is known and acceptable: given, or
     (`from_jobs`, name → URI) the adapter of a Succeeded FineTuneJob, under its job's source when
     `job_sources` names one. Adapters still waiting for their job, and URIs that fail the rules, are
-    left out."""
+    left out. A merged adapter's URI (`from_jobs` too) is its `merge:` path, once every source is
+    resolved: kept when each source passes the URI rules and lies under its job's source (keyed
+    `NAME.merge.sources[I]`)."""
     pairs = [(a.name, a.uri or from_jobs.get(a.name)) for a in spec.adapters]
     sources = job_sources or {}
-    return [
-        (name, uri)
-        for name, uri in pairs
-        if uri and adapter_uri_problem(uri) is None and (name not in sources or under(uri, sources[name]))
-    ]
+    return [(name, uri) for name, uri in pairs if uri and servable_problem(uri) is None and within(name, uri, sources)]
+
+
+def within(name: str, uri: str, job_sources: Mapping[str, str]) -> bool:
+    """Whether a resolved URI (a merge's: each source) lies under where its FineTuneJob publishes,
+    where `job_sources` names that place."""
+    if not is_merge_path(uri):
+        return name not in job_sources or under(uri, job_sources[name])
+    keyed = enumerate(parse_merge_path(uri).uris)
+    return all(under(u, job_sources[k]) for i, u in keyed if (k := f"{name}.merge.sources[{i}]") in job_sources)
 
 
 def adapters_file_entries(ad: AdapterDeployment, adapters: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from kubetune.api.merging import is_merge_path
+
 from .. import conditions as c
 from ..stuck import REASONS as STUCK_REASONS
 from ..stuck import Diagnosis
@@ -49,6 +51,7 @@ from .adapters import (
     PENDING,
     REJECTED,
     UNLOADING,
+    UNSERVABLE,
     UNTRUSTED,
     WAITING_FOR_JOB,
     Replica,
@@ -90,7 +93,8 @@ def adapter_statuses(wanted: list[Wanted], replicas: list[Replica]) -> list[dict
             entry.update(state=PENDING, loadedReplicas=0, message=want.pending)
             out.append(entry)
             continue
-        entry["uri"] = want.uri
+        if not is_merge_path(want.uri):  # a merge's path names all its sources: longer than the field holds
+            entry["uri"] = want.uri
         served = {r.digests[want.name] for r in answering if has(r, want) and want.name in r.digests}
         sha256 = want.sha256 or (min(served) if len(served) == 1 else None)
         if sha256:
@@ -220,7 +224,8 @@ def derive_status(current: Mapping[str, Any] | None, obs: Observed) -> dict[str,
     failed = [f"{a['name']}: {a.get('message', '')}" for a in adapters if a["state"] == FAILED]
     unreachable = [f"{r.name}: {r.error}" for r in obs.replica_views if r.loaded is None]
     if failed:
-        untrusted = any(w.problem for w in obs.wanted)
+        # a problem is an untrusted source, unless it is what the runtime cannot serve (a person's choice)
+        untrusted = any(w.problem and w.reason != UNSERVABLE for w in obs.wanted)
         put(DEGRADED, True, UNTRUSTED if untrusted else "AdapterFailed", "; ".join(failed + unreachable))
     elif obs.stuck is not None and obs.stuck.needs_person:
         put(DEGRADED, True, obs.stuck.reason, obs.stuck.message)
