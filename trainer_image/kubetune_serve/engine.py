@@ -50,7 +50,7 @@ from kubetune.storage import local_input, sha256_of
 from .batching import Batcher, Row
 from .errors import EngineError
 from .grouped import Rows, groupable_problem, rebuild
-from .merging import add_merged_adapter, merge_problem, merged_rank
+from .merging import adapter_rank, add_merged_adapter, merge_problem, merged_rank
 from .sources import check_source, fetch
 from .text import TextTracker
 
@@ -146,10 +146,6 @@ def one_line(text: str, path: Path, uri: str, limit: int = 300) -> str:
     """An error from a library as one line for a client: the staging folder shown as the URI it came from."""
     flat = " ".join(str(text).replace(str(path), uri).split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
-
-
-def adapter_rank(config: dict) -> int:
-    return max([int(config.get("r") or 0), *(int(r) for r in (config.get("rank_pattern") or {}).values())])
 
 
 # PEFT types served besides LoRA: adapters whose layers PEFT injects into the base model (so the
@@ -390,8 +386,7 @@ class Engine:
                         + "; ".join(problems[:3])
                     )
                 parts.append(part)
-            weights = list(plan.weights) if plan.weights is not None else None
-            problem = merge_problem(configs, weights, plan.method, plan.density, max_rank=self.max_lora_rank)
+            problem = merge_problem(configs, plan.weight_list, plan.method, plan.density, max_rank=self.max_lora_rank)
             if problem:
                 raise invalid_adapter(f"adapter {name} cannot be merged ({plan.method}): {problem}")
             rank = merged_rank(configs, plan.method)
@@ -497,19 +492,26 @@ class Engine:
             )
 
     def _attach(self, adapter: Adapter) -> None:
-        from peft import PeftModel
-
         try:
-            if self._peft is None:
-                self._peft = PeftModel.from_pretrained(
-                    self.base, str(adapter.path), adapter_name=adapter.internal, is_trainable=False
-                ).eval()
-            else:
-                self._peft.load_adapter(str(adapter.path), adapter_name=adapter.internal, is_trainable=False)
+            self._peft_load(adapter.path, adapter.internal)
         except Exception as error:
             self._undo_attach(adapter)
             detail = one_line(f"{type(error).__name__}: {error}", adapter.path, adapter.uri, 200)
             raise invalid_adapter(f"adapter {adapter.name} could not be loaded from {adapter.uri}: {detail}") from None
+        self._register(adapter)
+
+    def _peft_load(self, path: Path, internal: str) -> None:
+        """PEFT reads the adapter in `path` into the model as `internal` (the first one wraps the base)."""
+        from peft import PeftModel
+
+        if self._peft is None:
+            model = PeftModel.from_pretrained(self.base, str(path), adapter_name=internal, is_trainable=False)
+            self._peft = model.eval()
+        else:
+            self._peft.load_adapter(str(path), adapter_name=internal, is_trainable=False)
+
+    def _register(self, adapter: Adapter) -> None:
+        """An attached adapter joins the grouped path, or gets a lane of its own when it cannot."""
         problem = _not_lora(self._peft, adapter.internal) or groupable_problem(self._peft, adapter.internal)
         if problem:
             adapter.lane, adapter.grouping = adapter.internal, f"by adapter ({problem})"
@@ -519,34 +521,22 @@ class Engine:
     def _attach_merged(self, adapter: Adapter, prepared: Prepared) -> None:
         """Load the staged sources under temporary names, add the merge as `adapter.internal`, delete
         the sources (whatever happened): the model ends with the merged adapter or as it was."""
-        from peft import PeftModel
-
         plan = prepared.merge
         assert plan is not None
         temporary = [f"{adapter.internal}_source_{i}" for i in range(len(prepared.parts))]
         loaded: list[str] = []
         try:
             for part, internal in zip(prepared.parts, temporary, strict=True):
-                if self._peft is None:
-                    self._peft = PeftModel.from_pretrained(
-                        self.base, str(part), adapter_name=internal, is_trainable=False
-                    ).eval()
-                else:
-                    self._peft.load_adapter(str(part), adapter_name=internal, is_trainable=False)
+                self._peft_load(part, internal)
                 loaded.append(internal)
-            weights = list(plan.weights) if plan.weights is not None else None
-            add_merged_adapter(self._peft, adapter.internal, temporary, weights, plan.method, plan.density)
+            add_merged_adapter(self._peft, adapter.internal, temporary, plan.weight_list, plan.method, plan.density)
         except Exception as error:
             self._drop_internal([*temporary, adapter.internal], first_failed=not loaded)
             self._regroup()
             detail = one_line(f"{type(error).__name__}: {error}", prepared.path, "the merge", 200)
             raise invalid_adapter(f"adapter {adapter.name} could not be merged ({plan.method}): {detail}") from None
         self._drop_internal(temporary)
-        problem = groupable_problem(self._peft, adapter.internal)
-        if problem:
-            adapter.lane, adapter.grouping = adapter.internal, f"by adapter ({problem})"
-        self._attached[adapter.internal] = adapter
-        self._regroup()
+        self._register(adapter)
 
     def _drop_internal(self, internals: list[str], first_failed: bool = False) -> None:
         """Delete these PEFT adapters where they are in the model; back to the plain model when none
@@ -749,15 +739,18 @@ def _size(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
 
 
-def _peft_type(peft_model) -> str:
-    kind = peft_model.peft_type
+def _type_name(kind) -> str:
+    """PEFT's PeftType (a str enum) as its name: LORA, LOHA, ..."""
     return str(getattr(kind, "value", kind))
+
+
+def _peft_type(peft_model) -> str:
+    return _type_name(peft_model.peft_type)
 
 
 def _not_lora(peft_model, internal: str) -> str:
     """Why the adapter `internal` is not for the grouped path because it is no LoRA adapter ("" if it is)."""
-    kind = peft_model.peft_config[internal].peft_type
-    name = str(getattr(kind, "value", kind))
+    name = _type_name(peft_model.peft_config[internal].peft_type)
     return "" if name == "LORA" else f"a {name} adapter: only LoRA adapters are grouped"
 
 

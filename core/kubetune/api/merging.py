@@ -139,6 +139,11 @@ class MergePlan:
         return out
 
     @property
+    def weight_list(self) -> list[float] | None:
+        """The weights as the merge functions take them (None: their defaults)."""
+        return None if self.weights is None else list(self.weights)
+
+    @property
     def path(self) -> str:
         """The canonical `merge:` path: equal plans give equal strings, any change another one."""
         return MERGE_PREFIX + json.dumps(self.wire(), sort_keys=True, separators=(",", ":"))

@@ -22,7 +22,7 @@ measurements are not final until it has Succeeded.
 Merged adapters: an adapter with `merge` is built by the replica from its sources (PEFT's
 add_weighted_adapter; the builtin runtime only, admission refuses one for vLLM). Each source is
 resolved exactly as an adapter of its own (`resolve_ref`: a `fromJob` source waits for its job, is
-checked against where that job publishes and gated by its own `require` rules). While a source is
+checked against where that job publishes and gated by the merged adapter's `require` rules). While a source is
 not ready the merged adapter is Pending, and a source that is untrusted or rejected makes it Failed
 or Rejected, each with a message naming the source. Once all are ready its `uri` is the merge's
 canonical `merge:` path (`kubetune.api.merging.MergePlan`), which names the resolved sources: it is
