@@ -128,6 +128,9 @@ install_chart() {
     # The image's ID as a pod annotation: a rebuilt image under the same tag rolls the operator.
     local id
     id=$(docker image inspect -f '{{.Id}}' "$operator_image" | cut -c8-19)
+    # CRDs first (helm/kubetune/UPGRADING.md): Helm installs a chart's crds/ once and never updates
+    # them, so a cluster kept from an older version would refuse (and `kubectl explain` hide) new fields.
+    "${kubectl[@]}" apply --server-side --force-conflicts -f helm/kubetune/crds/
     "${helm[@]}" upgrade --install "$release" helm/kubetune --namespace "$release_ns" --create-namespace \
         --set-string "podAnnotations.kubetune\.io/image-id=$id" --wait --timeout 5m
     "${kubectl[@]}" -n "$release_ns" rollout status deployment/"$release"-operator --timeout=3m

@@ -416,7 +416,7 @@ class MethodSpec(ApiModel):
             "products (higher effective rank per parameter); vera: shared random projections (10x smaller "
             "than LoRA); oft / hra: orthogonal updates (keep more of the base's knowledge); fourierft: a few "
             "spectral coefficients per layer (smallest adapters); lnTuning: the normalisation layers only. "
-            "Only lora, qlora and dora adapters can be served by vLLM."
+            "Only lora and qlora adapters can be served by vLLM."
         ),
     )
     lora: LoraSettings | None = Field(
